@@ -1,0 +1,79 @@
+"""`python -m orchestrator [overrides...]`: compose -> validate -> launch -> close.
+
+    python -m orchestrator +experiment=sft_tiny
+    python -m orchestrator +experiment=sft_tiny method=lora train.max_steps=100
+    python -m orchestrator +experiment=sft_tiny --cfg job     # print the resolved config
+    python -m orchestrator --help                             # groups and their options
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from orchestrator.config.compose import compose, group_options, to_yaml
+from orchestrator.config.validate import validate
+from orchestrator.errors import OrchestratorError
+
+GROUPS = ["model", "method", "stage", "backend", "cluster", "data", "logger", "checkpoint",
+          "experiment", "debug"]
+
+
+def _help() -> str:
+    lines = [__doc__.strip(), "", "Config groups (choose with group=option; experiment and debug add a recipe):"]
+    lines += [f"  {g:<11} {', '.join(group_options(g))}" for g in GROUPS]
+    lines += ["", "Any field can be set with dotted keys, e.g. train.lr=1e-4 cluster.num_workers=8.",
+              "See the resolved config with --cfg job."]
+    return "\n".join(lines)
+
+
+def setup_logging(run_dir: Optional[Path]) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_orchestrator", False):
+            root.removeHandler(h)
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._orchestrator = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock", "ray", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(_help())
+        return 0
+    show_cfg = "--cfg" in args
+    if show_cfg:
+        i = args.index("--cfg")
+        del args[i: i + 2 if i + 1 < len(args) and args[i + 1] in ("job", "all") else i + 1]
+    try:
+        cfg, choices = compose(args)
+        if show_cfg:
+            print(to_yaml(cfg))
+            return 0
+        validate(cfg)
+        setup_logging(Path(cfg.run.output_dir))
+        from launchers import LAUNCHERS
+
+        LAUNCHERS[cfg.cluster.name](cfg, choices)
+        return 0
+    except OrchestratorError as exc:
+        logging.getLogger("orchestrator").error("error: %s", exc) if logging.getLogger().handlers \
+            else None
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Compose the Hydra config tree in ``conf/`` into a typed :class:`Config`.
+
+We use Hydra's compose API rather than ``@hydra.main`` so that the entry owns its error
+messages (a bad override names the key and lists the valid keys or options), can be
+called in-process by tests and launchers, and never changes the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from orchestrator.config.schema import GROUP_SCHEMAS, Config
+from orchestrator.errors import ConfigError
+
+_REGISTERED = False
+
+
+def conf_dir() -> Path:
+    """The config tree: $ORCHESTRATOR_CONF, else ``conf/`` beside the package."""
+    env = os.environ.get("ORCHESTRATOR_CONF")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(
+            f"config tree not found at {path} (no config.yaml). Install the project with "
+            "`pip install -e .` from its checkout, or set ORCHESTRATOR_CONF to its conf/ directory."
+        )
+    return path
+
+
+def register_schemas() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, options in GROUP_SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+    _REGISTERED = True
+
+
+def _order_overrides(overrides: Sequence[str]) -> List[str]:
+    """`debug=X` shrinks whatever experiment is selected, so it must merge after it.
+
+    Experiments are appended with `+experiment=`; a plain `debug=` would be merged
+    before them. We turn it into an append placed last, so the user can write either.
+    """
+    normal, debug = [], []
+    for item in overrides:
+        m = re.match(r"^\+?debug=(.*)$", item)
+        (debug if m else normal).append(f"+debug={m.group(1)}" if m else item)
+    return normal + debug
+
+
+def group_options(group: str) -> List[str]:
+    path = conf_dir() / group
+    return sorted(p.stem for p in path.glob("*.yaml")) if path.is_dir() else []
+
+
+def _explain(exc: Exception, overrides: Sequence[str]) -> str:
+    """Turn Hydra/OmegaConf errors into one message naming the key and the valid values."""
+    msg = str(exc).strip()
+    if exc.__cause__ is not None:  # Hydra wraps the OmegaConf error that names the key
+        msg = f"{msg}: {str(exc.__cause__).strip()}"
+    key_m = re.search(r"full_key:\s*(\S+)", msg)
+    missing_key = re.search(r"Key '([^']+)' (?:is )?not in", msg) or re.search(
+        r"Could not override '([^']+)'", msg
+    )
+    lines = [msg.splitlines()[0]]
+    full_key = key_m.group(1) if key_m else None
+    if missing_key and full_key is None:
+        full_key = missing_key.group(1)
+    if full_key and missing_key:
+        parent, _, leaf = full_key.rpartition(".")
+        valid = _valid_keys(parent, overrides)
+        if valid:
+            close = difflib.get_close_matches(leaf, valid, n=1)
+            hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+            lines.append(f"unknown key '{full_key}'.{hint} Valid keys under '{parent or '<root>'}': "
+                         + ", ".join(valid))
+            owners = [f"{parent}={name}" for name, node in GROUP_SCHEMAS.get(parent, {}).items()
+                      if leaf in getattr(node, "__dataclass_fields__", {})]
+            if owners:
+                lines.append(f"'{leaf}' belongs to {' / '.join(owners)}; select that option first.")
+    elif full_key:
+        lines = [f"bad value for '{full_key}': {msg.split(': ', 1)[-1].splitlines()[0]}"]
+    group_m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+    if group_m:
+        group, opt = group_m.groups()
+        opts = group_options(group)
+        close = difflib.get_close_matches(opt, opts, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        lines = [f"'{opt}' is not an option of config group '{group}'.{hint} "
+                 f"Valid options: {', '.join(opts)}"]
+    return "\n".join(lines)
+
+
+def _valid_keys(parent: str, overrides: Sequence[str]) -> List[str]:
+    """Keys of the node at `parent`, composed without the offending overrides."""
+    safe = [o for o in overrides if "=" in o and o.split("=")[0].lstrip("+~").split(".")[0]
+            in ("model", "method", "stage", "backend", "cluster", "experiment", "debug")
+            and "." not in o.split("=")[0]]
+    try:
+        cfg = _compose_raw(safe)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return sorted(node.keys()) if node is not None and hasattr(node, "keys") else []
+    except Exception:  # best effort: the original message is still shown
+        return []
+
+
+def _compose_raw(overrides: Sequence[str]):
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=_order_overrides(overrides),
+                             return_hydra_config=True)
+
+
+def compose(overrides: Sequence[str] = ()) -> Tuple[Config, Dict[str, str]]:
+    """Compose `overrides` into a typed Config and the chosen option of each group."""
+    overrides = list(overrides)
+    try:
+        raw = _compose_raw(overrides)
+        choices = {k: v for k, v in OmegaConf.to_container(raw.hydra.runtime.choices).items()
+                   if not k.startswith("hydra") and not k.startswith("schema")}
+        with open_dict(raw):
+            del raw["hydra"]
+            raw.pop("debug", None)  # the debug group is `@package _global_`; nothing lands here
+        cfg = OmegaConf.to_object(raw)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, Exception) as exc:  # Hydra raises several types
+        if type(exc).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+            raise
+        raise ConfigError(_explain(exc, overrides)) from exc
+    return cfg, choices
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

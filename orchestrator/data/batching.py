@@ -1,0 +1,131 @@
+"""Rows -> global batches -> per-rank micro-batches, with a resumable position.
+
+* `packed`: examples are concatenated (once, in a seeded order) into rows of at most
+  `max_seq_len` tokens; `position_ids` restart at 0 for each example, which `transformers`
+  turns into a block-diagonal causal mask, so packed examples never attend to each other.
+* `padded`: one example per row; with `group_by_length`, rows of similar length are
+  batched together (within mega-batches) to cut padding.
+
+Each epoch visits the rows in a permutation seeded by (seed, epoch). The position is
+(epoch, batch index), so a resumed run sees exactly the batches it would have seen.
+The last batch of an epoch may be partial; every rank still runs the same number of
+micro-batches (ranks without data get an all-masked one), because each forward and
+backward is a collective under FSDP and unequal counts would hang.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Dict, List, Sequence
+
+import torch
+
+from orchestrator.data.sft import IGNORE
+
+Row = Dict[str, List[int]]
+
+
+def pack(examples: Sequence[Row], max_len: int, seed: int) -> List[Row]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rows: List[Row] = []
+    cur: Row = {"input_ids": [], "labels": [], "position_ids": []}
+    for i in order:
+        ex = examples[i]
+        n = len(ex["input_ids"])
+        if cur["input_ids"] and len(cur["input_ids"]) + n > max_len:
+            rows.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += ex["input_ids"]
+        # The first token of each example is never a target for the previous example's last
+        # token: the shift in the loss would otherwise train across the boundary.
+        cur["labels"] += [IGNORE] + list(ex["labels"][1:])
+        cur["position_ids"] += list(range(n))
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows
+
+
+class BatchSource:
+    """Deterministic, resumable iterator over global batches of rows."""
+
+    def __init__(self, examples: Sequence[Row], batching: str, max_len: int, global_batch: int,
+                 seed: int, shuffle: bool, group_by_length: bool):
+        if batching == "packed":
+            self.rows = pack(examples, max_len, seed)
+        else:
+            self.rows = [dict(ex, position_ids=list(range(len(ex["input_ids"])))) for ex in examples]
+        self.global_batch = global_batch
+        self.seed, self.shuffle, self.group_by_length = seed, shuffle, group_by_length and batching == "padded"
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._batches = -1, []
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.rows) / self.global_batch)
+
+    def _epoch_batches(self, epoch: int) -> List[List[int]]:
+        if self._order_epoch != epoch:
+            order = list(range(len(self.rows)))
+            rng = random.Random(f"{self.seed}-{epoch}")
+            if self.shuffle:
+                rng.shuffle(order)
+            if self.group_by_length:
+                mega = self.global_batch * 16
+                order = [i for s in range(0, len(order), mega)
+                         for i in sorted(order[s:s + mega], key=lambda j: -len(self.rows[j]["input_ids"]))]
+            batches = [order[s:s + self.global_batch] for s in range(0, len(order), self.global_batch)]
+            if self.group_by_length and self.shuffle:
+                rng.shuffle(batches)
+            self._order_epoch, self._batches = epoch, batches
+        return self._batches
+
+    def next(self) -> List[Row]:
+        batches = self._epoch_batches(self.epoch)
+        batch = [self.rows[i] for i in batches[self.index]]
+        self.index += 1
+        if self.index >= len(batches):
+            self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        if self.index >= len(self._epoch_batches(self.epoch)):  # saved with a different batch size
+            self.epoch, self.index = self.epoch + 1, 0
+
+
+def collate(rows: Sequence[Row], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest row. No attention mask is needed: with causal attention and
+    right padding, real tokens never see pads, and pads carry no loss."""
+    length = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    pos = torch.arange(length).repeat(len(rows), 1)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[b, :n] = torch.tensor(r["input_ids"])
+        labels[b, :n] = torch.tensor(r["labels"])
+        pos[b, :n] = torch.tensor(r["position_ids"])
+        pos[b, n:] = torch.arange(length - n)  # pads form their own (ignored) sequence
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def shard(batch: Sequence[Row], world: int, micro: int, pad_id: int) -> List[List[Dict[str, torch.Tensor]]]:
+    """Split a global batch into `world` equal-count lists of collated micro-batches."""
+    per_rank = [list(batch[r::world]) for r in range(world)]  # strided: balances a partial batch
+    n_micro = max(1, max(math.ceil(len(p) / micro) for p in per_rank))
+    dummy = {"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}
+    out = []
+    for rows in per_rank:
+        mbs = [rows[s:s + micro] for s in range(0, len(rows), micro)]
+        mbs += [[dummy]] * (n_micro - len(mbs))
+        out.append([collate(mb, pad_id) for mb in mbs])
+    return out
+
+
+def count_targets(batch: Sequence[Row]) -> int:
+    return sum(sum(1 for t in r["labels"][1:] if t != IGNORE) for r in batch)

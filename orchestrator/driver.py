@@ -1,0 +1,179 @@
+"""The driver: the single controller of a run.
+
+It owns the data position, the checkpoint directory and the logs; worker actors own
+model shards. The loop: next batch -> train step on every rank -> log -> checkpoint.
+Stages and methods plug in as objects; the loop has no per-stage branches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from omegaconf import OmegaConf
+
+from orchestrator.checkpoint import CheckpointManager
+from orchestrator.errors import CheckpointError, OrchestratorError
+from orchestrator.models import build_tokenizer, model_config
+from orchestrator.stages import STAGES
+from orchestrator.tracking import Tracker
+from orchestrator.workers.group import WorkerGroup
+from orchestrator.workers.train_worker import TrainWorker
+
+log = logging.getLogger("orchestrator")
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers treat it as "killed by signal", requeue-able
+
+
+class NonFiniteError(OrchestratorError):
+    pass
+
+
+class Preempted(OrchestratorError):
+    exit_code = PREEMPTED_EXIT
+
+
+def load_callbacks(paths: List[str], cfg) -> List[Any]:
+    out = []
+    for path in paths:
+        mod, _, attr = path.partition(":")
+        try:
+            obj = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as exc:
+            raise OrchestratorError(f"run.callbacks: cannot import {path!r} ({exc})") from exc
+        out.append(obj(cfg) if isinstance(obj, type) else obj)
+    return out
+
+
+class Driver:
+    def __init__(self, cfg, choices: Dict[str, str] | None = None):
+        self.cfg = cfg
+        self.choices = choices or {}
+        self.run_dir = Path(cfg.run.output_dir).resolve()
+        self.ckpt_dir = Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _on_signal(self, signum, _frame) -> None:
+        log.warning("received %s: checkpointing after the current step, then exiting",
+                    signal.Signals(signum).name)
+        self._stop_signal = signum
+
+    def _resume_point(self, ckpts: CheckpointManager):
+        latest = ckpts.latest()
+        mode = self.cfg.checkpoint.resume
+        if mode == "must" and latest is None:
+            raise CheckpointError(f"checkpoint.resume=must but no complete checkpoint in {self.ckpt_dir}. "
+                                  "Use checkpoint.resume=auto to start fresh when none exists.")
+        if mode == "never" and latest is not None:
+            raise CheckpointError(
+                f"checkpoint.resume=never but {self.ckpt_dir} already holds checkpoints (latest: step "
+                f"{latest.step}); refusing to overwrite them. Use another run.output_dir / run.name, or "
+                "checkpoint.resume=auto to continue.")
+        return latest
+
+    def _save(self, ckpts: CheckpointManager, workers: WorkerGroup, stage, step: int) -> Path:
+        t = time.time()
+        path = ckpts.save(step, lambda d: workers.call("save", d),
+                          {"stage": stage.state_dict(), "world_size": workers.world_size,
+                           "choices": self.choices})
+        log.info("checkpoint step %d -> %s (%.1fs)", step, path, time.time() - t)
+        return path
+
+    # ---------------------------------------------------------------------- run
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_dict))
+
+        tokenizer = build_tokenizer(cfg.model)
+        model_config(cfg.model)  # fail here, not in every worker, if the model is unreachable
+        stage = STAGES[cfg.stage.name](cfg, tokenizer)
+        total = stage.total_steps
+        ckpts = CheckpointManager(self.ckpt_dir, cfg.checkpoint.keep_last)
+        latest = self._resume_point(ckpts)
+        callbacks = load_callbacks(cfg.run.callbacks, cfg)
+
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        workers = WorkerGroup(TrainWorker, cfg)
+        tracker = None
+        try:
+            counts = workers.call("build", total)[0]
+            log.info("model %s, method %s: %s trainable of %s parameters (%.2f%%)", cfg.model.name,
+                     cfg.method.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
+                     100 * counts["params_trainable"] / counts["params_total"])
+            start = 0
+            if latest is not None:
+                workers.call("load", str(latest.path))
+                stage.load_state_dict(latest.meta["stage"])
+                start = latest.step
+                log.info("resumed from %s (step %d of %d)", latest.path, start, total)
+            tracker = Tracker(cfg, self.run_dir, config_dict, total, start)
+            last_ckpt = latest.path if latest else None
+            metrics: Dict[str, Any] = {}
+            for step in range(start + 1, total + 1):
+                metrics = self._train_step(workers, stage)
+                tracker.log_step(step, metrics)
+                for cb in callbacks:
+                    cb.on_step_end(step, metrics)
+                every = cfg.checkpoint.every_steps
+                if (self._stop_signal is not None or (every and step % every == 0)
+                        or (step == total and cfg.checkpoint.save_final)):
+                    last_ckpt = self._save(ckpts, workers, stage, step)
+                if self._stop_signal is not None:
+                    raise Preempted(f"stopped by signal {self._stop_signal} at step {step}; checkpoint "
+                                    f"{last_ckpt}. Run the same command again to resume.")
+            exports: Dict[str, str] = {}
+            if cfg.checkpoint.export_hf:
+                t = time.time()
+                exports = workers.call("export_hf", str(self.run_dir / "export"), tokenizer)[0]
+                log.info("exported %s (%.1fs)", ", ".join(f"{k}: {v}" for k, v in exports.items()),
+                         time.time() - t)
+            summary = {"steps": total, "resumed_from": start, "final_loss": metrics.get("loss"),
+                       "run_dir": str(self.run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
+                       "exports": exports, "metrics": str(tracker.metrics_path),
+                       "log": str(self.run_dir / "train.log"), "wandb": tracker.wandb_dir}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            tracker.log_summary({"final_loss": summary["final_loss"]})
+            self._print_summary(summary)
+            return summary
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            if tracker is not None:
+                tracker.close()
+            workers.shutdown()
+
+    def _train_step(self, workers: WorkerGroup, stage) -> Dict[str, Any]:
+        t = time.time()
+        per_rank, info = stage.next_step()
+        results = workers.call_per_rank("train_step", per_rank)
+        metrics = stage.reduce_metrics(results, info)
+        metrics.update(grad_norm=results[0]["grad_norm"], lr=results[0]["lr"], tokens=info["tokens"],
+                       epoch=info["epoch"], step_time=time.time() - t, skipped=results[0]["skipped"])
+        if metrics["skipped"]:
+            bad = [r for r, m in enumerate(results) if not m["local_finite"]]
+            where = f"rank(s) {bad}" if bad else "the gradient reduction"
+            msg = f"non-finite loss or gradient norm from {where}; no rank applied the update"
+            if self.cfg.train.on_nonfinite == "stop":
+                raise NonFiniteError(msg + " (train.on_nonfinite=stop)")
+            log.warning(msg + " (train.on_nonfinite=skip)")
+        return metrics
+
+    @staticmethod
+    def _print_summary(s: Dict[str, Any]) -> None:
+        lines = [f"run complete: {s['steps']} steps, final loss {s['final_loss']:.4f}"
+                 if s["final_loss"] is not None else f"run complete: {s['steps']} steps",
+                 f"  run dir:     {s['run_dir']}",
+                 f"  checkpoint:  {s['checkpoint']}"]
+        lines += [f"  export ({k}): {v}" for k, v in s["exports"].items()]
+        lines += [f"  metrics:     {s['metrics']}", f"  log:         {s['log']}"]
+        if s["wandb"]:
+            lines.append(f"  W&B:         {s['wandb']}")
+        log.info("\n".join(lines))

@@ -1,0 +1,25 @@
+"""Engines: one rank of a sharding backend. Registry: plain dict, greppable.
+
+Every engine implements `orchestrator.engines.base.Engine` and passes the shared
+conformance tests in tests/engines/.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+
+def _fsdp2():
+    from orchestrator.engines.fsdp2 import FSDP2Engine
+
+    return FSDP2Engine
+
+
+# Factories, so that importing the registry does not import every backend's library.
+ENGINES: Dict[str, object] = {
+    "fsdp2": _fsdp2,
+}
+
+
+def get_engine_class(name: str):
+    return ENGINES[name]()

@@ -1,0 +1,29 @@
+"""User-facing errors: each carries one message naming the bad input and how to fix it.
+
+The entry prints them without a traceback and exits non-zero (2 for configuration,
+1 for everything else), before any checkpoint is touched.
+"""
+
+
+class OrchestratorError(Exception):
+    exit_code = 1
+
+
+class ConfigError(OrchestratorError):
+    exit_code = 2
+
+
+class DataError(OrchestratorError):
+    pass
+
+
+class ModelLoadError(OrchestratorError):
+    pass
+
+
+class CheckpointError(OrchestratorError):
+    pass
+
+
+class WorkerError(OrchestratorError):
+    """A worker actor died or raised; names the rank and node."""

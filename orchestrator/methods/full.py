@@ -1,0 +1,22 @@
+"""Full fine-tuning: every parameter trains; export is a plain `transformers` model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from orchestrator.methods.base import Method
+
+
+class Full(Method):
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.requires_grad_(True)
+        return model
+
+    def export(self, model, out_dir: Path, tokenizer, base_ref) -> Dict[str, str]:
+        path = out_dir / "hf"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return {"model": str(path)}

@@ -1,0 +1,54 @@
+"""LoRA via `peft` (Hu et al., arXiv:2106.09685): frozen base, trainable low-rank adapters.
+
+Export writes a PEFT adapter loadable with `PeftModel.from_pretrained`. When the base is
+not a hub id or directory (a locally built model), the base is exported beside the
+adapter and the adapter points at it, so the pair always loads. `export_merged` also
+writes the base with the adapter folded in, for serving without peft.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Dict
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from orchestrator.methods.base import Method
+
+
+class Lora(Method):
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        c = self.cfg
+        targets = "all-linear" if list(c.target_modules) == ["all-linear"] else list(c.target_modules)
+        peft_cfg = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                              target_modules=targets, bias=c.bias, task_type="CAUSAL_LM")
+        try:
+            return get_peft_model(model, peft_cfg)
+        except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+            from orchestrator.errors import ConfigError
+
+            raise ConfigError(f"method.target_modules={list(c.target_modules)}: {exc}") from exc
+
+    def export(self, model, out_dir: Path, tokenizer, base_ref) -> Dict[str, str]:
+        out: Dict[str, str] = {}
+        if base_ref is None:
+            # Locally built base: write it out so the adapter has something to load onto.
+            # Only such (small) models get here; hub bases are referenced by id instead.
+            base_path = out_dir / "base"
+            copy.deepcopy(model).unload().save_pretrained(base_path)
+            tokenizer.save_pretrained(base_path)
+            base_ref = str(base_path.resolve())
+            out["base"] = str(base_path)
+        adapter = out_dir / "adapter"
+        model.peft_config["default"].base_model_name_or_path = base_ref
+        model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        out["adapter"] = str(adapter)
+        if self.cfg.export_merged:  # last: merging rewrites the base weights in place
+            merged = out_dir / "merged"
+            model.merge_and_unload().save_pretrained(merged)
+            tokenizer.save_pretrained(merged)
+            out["merged"] = str(merged)
+        return out

@@ -1,0 +1,13 @@
+"""Stages: the objective. Driver side, a stage turns data into per-rank micro-batches and
+keeps the data position; worker side, its `loss` turns a micro-batch into a loss.
+Registry: plain dict, greppable."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from orchestrator.stages.sft import SftStage
+
+STAGES: Dict[str, type] = {
+    "sft": SftStage,
+}

@@ -1,0 +1,72 @@
+"""Supervised fine-tuning: next-token cross-entropy on completion tokens.
+
+The loss of a step is the mean over every target token of the global batch (all ranks,
+all micro-batches), as in a single-device run with the same batch: each micro-batch
+contributes sum(nll) / targets_in_global_batch, times the world size because FSDP and
+ZeRO average gradients over ranks. So the loss and the update do not depend on how the
+batch is split across workers and micro-batches (TRL/HF average per micro-batch, which
+weights short micro-batches up).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from orchestrator.data.batching import BatchSource, count_targets, shard
+from orchestrator.data.sft import IGNORE, tokenize_rows
+from orchestrator.data.sources import load_rows
+
+log = logging.getLogger(__name__)
+
+
+class SftStage:
+    def __init__(self, cfg, tokenizer):
+        self.cfg = cfg
+        d, t = cfg.data, cfg.train
+        examples = tokenize_rows(load_rows(d), tokenizer, d, cfg.stage.train_on_prompt)
+        self.source = BatchSource(examples, d.batching, d.max_seq_len, t.global_batch_size,
+                                  seed=d.seed, shuffle=d.shuffle, group_by_length=d.group_by_length)
+        self.pad_id = tokenizer.pad_token_id
+        self.world = cfg.cluster.num_workers
+        log.info("data: %d examples -> %d %s rows of <= %d tokens, %d batches/epoch",
+                 len(examples), len(self.source.rows), d.batching, d.max_seq_len,
+                 self.source.batches_per_epoch)
+
+    @property
+    def total_steps(self) -> int:
+        t = self.cfg.train
+        return t.max_steps or t.epochs * self.source.batches_per_epoch
+
+    def next_step(self) -> Tuple[List[List[Dict[str, torch.Tensor]]], Dict[str, Any]]:
+        """Per-rank micro-batches for one optimizer step, and what every rank must know."""
+        batch = self.source.next()
+        targets = count_targets(batch)
+        ctx = {"num_targets": max(targets, 1), "world_size": self.world}
+        per_rank = shard(batch, self.world, self.cfg.train.micro_batch_size, self.pad_id)
+        info = {"tokens": sum(len(r["input_ids"]) for r in batch), "targets": targets,
+                "rows": len(batch), "epoch": self.source.epoch}
+        return [[dict(mb, **ctx) for mb in mbs] for mbs in per_rank], info
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"data": self.source.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.source.load_state_dict(state["data"])
+
+    @staticmethod
+    def reduce_metrics(per_rank: List[Dict[str, float]], info: Dict[str, Any]) -> Dict[str, float]:
+        nll = sum(m["nll_sum"] for m in per_rank)
+        return {"loss": nll / max(info["targets"], 1)}
+
+    @staticmethod
+    def loss(model: torch.nn.Module, mb: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"],
+                       use_cache=False).logits
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), mb["labels"][:, 1:].flatten(),
+                              ignore_index=IGNORE, reduction="sum")
+        loss = nll * (mb["world_size"] / mb["num_targets"])
+        return loss, {"nll_sum": nll.detach()}

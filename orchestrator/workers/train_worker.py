@@ -1,0 +1,68 @@
+"""TrainWorker: one Ray actor per rank, holding one engine and the stage's loss."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+
+
+class TrainWorker:
+    def __init__(self, cfg, rank: int, world_size: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.use_gpu = cfg.cluster.gpus_per_worker > 0
+        torch.set_num_threads(max(1, cfg.cluster.cpus_per_worker))
+        self.engine = None
+
+    # --------------------------------------------------------------- rendezvous
+    def node_info(self) -> Dict[str, Any]:
+        import ray
+
+        return {"rank": self.rank, "pid": os.getpid(), "ip": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def init_process_group(self, master_addr: str, master_port: int) -> None:
+        if self.use_gpu:
+            torch.cuda.set_device(0)  # Ray exposes exactly this worker's GPU(s)
+        dist.init_process_group(
+            backend="nccl" if self.use_gpu else "gloo",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank, world_size=self.world_size,
+            timeout=timedelta(seconds=self.cfg.cluster.dist_timeout_s))
+
+    # ------------------------------------------------------------------- engine
+    def build(self, total_steps: int) -> Dict[str, int]:
+        from orchestrator.engines import get_engine_class
+        from orchestrator.stages import STAGES
+
+        device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
+        torch.manual_seed(self.cfg.train.seed + self.rank)
+        self.engine = get_engine_class(self.cfg.backend.name)(
+            self.cfg, self.rank, self.world_size, device, total_steps)
+        self.loss_fn = STAGES[self.cfg.stage.name].loss
+        return self.engine.param_counts
+
+    def train_step(self, micro_batches: List[Dict[str, Any]]) -> Dict[str, float]:
+        return self.engine.train_step(micro_batches, self.loss_fn)
+
+    def save(self, path: str) -> None:
+        self.engine.save(path)
+
+    def load(self, path: str) -> None:
+        self.engine.load(path)
+
+    def export_hf(self, out_dir: str, tokenizer) -> Dict[str, str]:
+        return self.engine.export_hf(out_dir, tokenizer)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
