@@ -138,7 +138,8 @@ class Driver:
             summary = {"steps": total, "resumed_from": start, "final_loss": metrics.get("loss"),
                        "run_dir": str(self.run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
                        "exports": exports, "metrics": str(tracker.metrics_path),
-                       "log": str(self.run_dir / "train.log"), "wandb": tracker.wandb_dir}
+                       "log": str(self.run_dir / "train.log"), "wandb": tracker.wandb_dir,
+                       "workers": workers.nodes}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             tracker.log_summary({"final_loss": summary["final_loss"]})
             self._print_summary(summary)

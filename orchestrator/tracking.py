@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -61,7 +62,7 @@ class Tracker:
             log.warning("W&B: wandb is not installed; logging to console and %s only", self.metrics_path)
             return
         id_file = self.run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         mode = _wandb_mode(self.cfg.mode)
         for attempt in [mode] + (["offline"] if mode == "online" else []):

@@ -78,6 +78,9 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
         r"Could not override '([^']+)'", msg
     )
     lines = [msg.splitlines()[0]]
+    if "issing mandatory value" in msg and key_m:
+        return (f"'{key_m.group(1)}' is required and has no default: set it on the command line, "
+                f"e.g. {key_m.group(1)}=...")
     full_key = key_m.group(1) if key_m else None
     if missing_key and full_key is None:
         full_key = missing_key.group(1)

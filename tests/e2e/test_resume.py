@@ -1,0 +1,56 @@
+"""Kill the driver (SIGKILL) mid-run, rerun the same command: it resumes from the last
+complete checkpoint and the following steps have bit-identical losses on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.__main__ import main
+from tests.conftest import REPO, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, method):
+    common = ["+experiment=sft_tiny", f"method={method}", "train.max_steps=8", "checkpoint.every_steps=2",
+              "logger=console", "data.num_samples=300"]
+    if method == "lora":
+        common += ["method.dropout=0.1"]  # dropout: the workers' RNG must resume too
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    assert main(common + [f"run.output_dir={ref_dir}"]) == 0
+    reference = {m["step"]: m["loss"] for m in read_metrics(ref_dir)}
+
+    # A real crash: the driver SIGKILLs itself at the end of step 5 (after checkpoint 4).
+    cmd = [sys.executable, "-m", "orchestrator", *common, f"run.output_dir={run_dir}",
+           "cluster=ray", f"cluster.address={ray_cluster.address}",
+           "run.callbacks=[tests.helpers:KillAtStep]", "+extra.kill_at_step=5"]
+    crashed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) \
+        == ["step_00000002", "step_00000004"]
+
+    # The same command again (without the fault): resumes from step 4.
+    assert main(common + [f"run.output_dir={run_dir}"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] == 4
+    resumed = [m for m in read_metrics(run_dir)][5:]  # lines after the crashed run's 5 steps
+    assert [m["step"] for m in resumed] == [5, 6, 7, 8]
+    assert [m["loss"] for m in resumed] == [reference[s] for s in (5, 6, 7, 8)]
+
+
+def test_resume_must_without_checkpoint_fails_and_never_refuses_to_overwrite(run_main, tmp_path):
+    rc, run_dir = run_main("+experiment=sft_tiny", "checkpoint.resume=must", name="empty")
+    assert rc == 1 and not (run_dir / "metrics.jsonl").exists()
+    rc, run_dir = run_main("+experiment=sft_tiny", "train.max_steps=2", "checkpoint.export_hf=false", name="r")
+    assert rc == 0
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    rc, _ = run_main("+experiment=sft_tiny", "train.max_steps=2", "checkpoint.resume=never", name="r")
+    assert rc == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before

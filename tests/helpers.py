@@ -1,0 +1,16 @@
+"""Callbacks used by end-to-end tests (loaded by import path through run.callbacks)."""
+
+import os
+import signal
+
+
+class KillAtStep:
+    """SIGKILL the driver process at the end of step `extra.kill_at_step`: a real crash,
+    after that step's metrics are logged and before its checkpoint would be written."""
+
+    def __init__(self, cfg):
+        self.step = int(cfg.extra["kill_at_step"])
+
+    def on_step_end(self, step, metrics):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
