@@ -58,7 +58,12 @@ class FSDP2Engine:
         storage = torch.float32 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
 
         self.method = get_method(cfg)
-        model = self.method.apply(build_model(cfg.model, storage))
+        model = build_model(cfg.model, storage)
+        # New parameters (LoRA A) must start identical on every rank: each rank keeps only
+        # its shard of its own copy, so differing inits would stitch together a mixed tensor.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            model = self.method.apply(model)
         self.hf_config = _base(model).config
         self.param_counts = count_parameters(model)
         if b.activation_checkpointing:
