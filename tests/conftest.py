@@ -48,3 +48,14 @@ def run_main(ray_cluster, tmp_path):
         return rc, run_dir
 
     return _run
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
