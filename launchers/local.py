@@ -13,7 +13,7 @@ def run_local(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
 
     started = not ray.is_initialized()
     if started:  # tests and notebooks may already hold a Ray session: reuse it
-        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=True)
     try:
         return Driver(cfg, choices).run()

@@ -14,6 +14,7 @@ from rank 0 (see `set_model_state_dict(broadcast_from_rank0=True)`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
@@ -36,7 +37,7 @@ from transformers import AutoModelForCausalLM
 from orchestrator.engines.optim import build_optimizer, build_scheduler
 from orchestrator.methods import get_method
 from orchestrator.methods.base import count_parameters
-from orchestrator.models import build_model
+from orchestrator.models import build_model, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,26 @@ class FSDP2Engine:
         out.update(grad_norm=float(norm), lr=lr, skipped=0.0 if finite else 1.0,
                    local_finite=float(all(math.isfinite(v) for v in out.values())))
         return out
+
+    @torch.no_grad()
+    def forward_logprobs(self, micro_batches: List[Dict[str, Any]], reference: bool = False) -> List[torch.Tensor]:
+        self.model.eval()
+        if reference and not hasattr(self.model, "disable_adapter"):
+            raise NotImplementedError("a frozen reference copy for method=full is not built yet")
+        ctx = self.model.disable_adapter() if reference else contextlib.nullcontext()
+        out = []
+        with ctx:
+            for mb in micro_batches:
+                mb = _to(mb, self.device)
+                logits = self.model(input_ids=mb["input_ids"], position_ids=mb["position_ids"],
+                                    use_cache=False).logits
+                out.append(token_logprobs(logits, mb["input_ids"]).cpu())
+        return out
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        sd = get_model_state_dict(self.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        return sd if self.rank == 0 else {}
 
     # --------------------------------------------------------------- checkpoints
     _OPTS = StateDictOptions(ignore_frozen_params=True)
