@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict
 
 
@@ -13,10 +14,20 @@ def run_local(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
 
     started = not ray.is_initialized()
     if started:  # tests and notebooks may already hold a Ray session: reuse it
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or _cpus_needed(cfg), include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=True)
     try:
         return Driver(cfg, choices).run()
     finally:
         if started:
             ray.shutdown()
+
+
+def _cpus_needed(cfg) -> int:
+    """Logical CPUs for the local Ray: all cores, or more when the workers ask for more
+    (actors then time-share the cores, which is what a laptop smoke run wants)."""
+    need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    rollout = getattr(cfg.stage, "rollout", None)
+    if rollout is not None and rollout.placement == "separate":
+        need += rollout.num_workers * rollout.cpus_per_worker
+    return max(os.cpu_count() or 1, need)

@@ -65,8 +65,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         validate(cfg)
         setup_logging(Path(cfg.run.output_dir))
         from launchers import LAUNCHERS
+        from orchestrator.chain import resolve_init_from
 
-        LAUNCHERS[cfg.cluster.name](cfg, choices)
+        launch = LAUNCHERS[cfg.cluster.name]
+        cfg = resolve_init_from(cfg, choices, launch)
+        launch(cfg, choices)
         return 0
     except OrchestratorError as exc:
         logging.getLogger("orchestrator").error("error: %s", exc) if logging.getLogger().handlers \

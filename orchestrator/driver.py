@@ -30,10 +30,6 @@ log = logging.getLogger("orchestrator")
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers treat it as "killed by signal", requeue-able
 
 
-class NonFiniteError(OrchestratorError):
-    pass
-
-
 class Preempted(OrchestratorError):
     exit_code = PREEMPTED_EXIT
 
@@ -101,7 +97,7 @@ class Driver:
         callbacks = load_callbacks(cfg.run.callbacks, cfg)
 
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        workers = WorkerGroup(TrainWorker, cfg)
+        workers = WorkerGroup(TrainWorker, cfg, gpu_share=stage.train_gpu_share)
         tracker = None
         try:
             counts = workers.call("build", total)[0]
@@ -115,10 +111,11 @@ class Driver:
                 start = latest.step
                 log.info("resumed from %s (step %d of %d)", latest.path, start, total)
             tracker = Tracker(cfg, self.run_dir, config_dict, total, start)
+            stage.setup(workers, start, tracker)
             last_ckpt = latest.path if latest else None
             metrics: Dict[str, Any] = {}
             for step in range(start + 1, total + 1):
-                metrics = self._train_step(workers, stage)
+                metrics = stage.step(workers, step)
                 tracker.log_step(step, metrics)
                 for cb in callbacks:
                     cb.on_step_end(step, metrics)
@@ -139,33 +136,18 @@ class Driver:
                        "run_dir": str(self.run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
                        "exports": exports, "metrics": str(tracker.metrics_path),
                        "log": str(self.run_dir / "train.log"), "wandb": tracker.wandb_dir,
-                       "workers": workers.nodes}
+                       "workers": workers.nodes, **stage.summary()}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            tracker.log_summary({"final_loss": summary["final_loss"]})
+            tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             self._print_summary(summary)
             return summary
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            stage.close()
             if tracker is not None:
                 tracker.close()
             workers.shutdown()
-
-    def _train_step(self, workers: WorkerGroup, stage) -> Dict[str, Any]:
-        t = time.time()
-        per_rank, info = stage.next_step()
-        results = workers.call_per_rank("train_step", per_rank)
-        metrics = stage.reduce_metrics(results, info)
-        metrics.update(grad_norm=results[0]["grad_norm"], lr=results[0]["lr"], tokens=info["tokens"],
-                       epoch=info["epoch"], step_time=time.time() - t, skipped=results[0]["skipped"])
-        if metrics["skipped"]:
-            bad = [r for r, m in enumerate(results) if not m["local_finite"]]
-            where = f"rank(s) {bad}" if bad else "the gradient reduction"
-            msg = f"non-finite loss or gradient norm from {where}; no rank applied the update"
-            if self.cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(msg + " (train.on_nonfinite=stop)")
-            log.warning(msg + " (train.on_nonfinite=skip)")
-        return metrics
 
     @staticmethod
     def _print_summary(s: Dict[str, Any]) -> None:
@@ -174,6 +156,7 @@ class Driver:
                  f"  run dir:     {s['run_dir']}",
                  f"  checkpoint:  {s['checkpoint']}"]
         lines += [f"  export ({k}): {v}" for k, v in s["exports"].items()]
+        lines += [f"  {k}: {v}" for k, v in s.items() if k.startswith("eval_")]
         lines += [f"  metrics:     {s['metrics']}", f"  log:         {s['log']}"]
         if s["wandb"]:
             lines.append(f"  W&B:         {s['wandb']}")

@@ -27,3 +27,7 @@ class CheckpointError(OrchestratorError):
 
 class WorkerError(OrchestratorError):
     """A worker actor died or raised; names the rank and node."""
+
+
+class NonFiniteError(OrchestratorError):
+    """Non-finite loss or gradient norm with train.on_nonfinite=stop."""

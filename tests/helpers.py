@@ -14,3 +14,10 @@ class KillAtStep:
     def on_step_end(self, step, metrics):
         if step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def flaky_reward(completion, answer, **_):
+    """Raises on some completions (a buggy user reward): those samples must be masked."""
+    if len(completion) % 3 == 0:
+        raise ValueError("cannot score this completion")
+    return 1.0 if any(c.isdigit() for c in completion) else 0.0

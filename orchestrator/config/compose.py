@@ -58,8 +58,8 @@ def _order_overrides(overrides: Sequence[str]) -> List[str]:
     """
     normal, debug = [], []
     for item in overrides:
-        m = re.match(r"^\+?debug=(.*)$", item)
-        (debug if m else normal).append(f"+debug={m.group(1)}" if m else item)
+        m = re.match(r"^\+?(debug|debug_stage)=(.*)$", item)
+        (debug if m else normal).append(f"+{m.group(1)}={m.group(2)}" if m else item)
     return normal + debug
 
 
@@ -78,6 +78,8 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
         r"Could not override '([^']+)'", msg
     )
     lines = [msg.splitlines()[0]]
+    if msg.startswith("In '"):  # raised inside a config file: keep its reason (next line)
+        lines = [" ".join(x.strip() for x in msg.splitlines()[:2])]
     if "issing mandatory value" in msg and key_m:
         return (f"'{key_m.group(1)}' is required and has no default: set it on the command line, "
                 f"e.g. {key_m.group(1)}=...")
@@ -92,10 +94,11 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
             hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
             lines.append(f"unknown key '{full_key}'.{hint} Valid keys under '{parent or '<root>'}': "
                          + ", ".join(valid))
-            owners = [f"{parent}={name}" for name, node in GROUP_SCHEMAS.get(parent, {}).items()
-                      if leaf in getattr(node, "__dataclass_fields__", {})]
-            if owners:
-                lines.append(f"'{leaf}' belongs to {' / '.join(owners)}; select that option first.")
+        owners = [f"{parent}={name}" for name, node in GROUP_SCHEMAS.get(parent, {}).items()
+                  if leaf in getattr(node, "__dataclass_fields__", {})]
+        if owners:
+            lines.append(f"'{leaf}' belongs to {' / '.join(owners)}; select that option, or drop the "
+                         f"key with ~{full_key}.")
     elif full_key:
         lines = [f"bad value for '{full_key}': {msg.split(': ', 1)[-1].splitlines()[0]}"]
     group_m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
@@ -135,11 +138,18 @@ def compose(overrides: Sequence[str] = ()) -> Tuple[Config, Dict[str, str]]:
     overrides = list(overrides)
     try:
         raw = _compose_raw(overrides)
+        choices = raw.hydra.runtime.choices
+        # debug=X also applies conf/debug_stage/<stage>.yaml when it exists (e.g. a CPU-sized
+        # rollout for GRPO). Hydra cannot interpolate a group choice into a non-primary
+        # defaults list, so we compose a second time with it appended last.
+        if choices.get("debug") and (conf_dir() / "debug_stage" / f"{choices['stage']}.yaml").is_file():
+            raw = _compose_raw(overrides + [f"+debug_stage={choices['stage']}"])
         choices = {k: v for k, v in OmegaConf.to_container(raw.hydra.runtime.choices).items()
                    if not k.startswith("hydra") and not k.startswith("schema")}
         with open_dict(raw):
             del raw["hydra"]
-            raw.pop("debug", None)  # the debug group is `@package _global_`; nothing lands here
+            raw.pop("debug", None)  # the debug groups are `@package _global_`; nothing lands here
+            raw.pop("debug_stage", None)
         cfg = OmegaConf.to_object(raw)
     except ConfigError:
         raise

@@ -114,16 +114,18 @@ def collate(rows: Sequence[Row], pad_id: int) -> Dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
-def shard(batch: Sequence[Row], world: int, micro: int, pad_id: int) -> List[List[Dict[str, torch.Tensor]]]:
+def shard(batch: Sequence[Row], world: int, micro: int, pad_id: int,
+          collate_fn=None, dummy: Row | None = None) -> List[List[Dict[str, torch.Tensor]]]:
     """Split a global batch into `world` equal-count lists of collated micro-batches."""
+    collate_fn = collate_fn or (lambda rows: collate(rows, pad_id))
     per_rank = [list(batch[r::world]) for r in range(world)]  # strided: balances a partial batch
     n_micro = max(1, max(math.ceil(len(p) / micro) for p in per_rank))
-    dummy = {"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}
+    dummy = dummy or {"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}
     out = []
     for rows in per_rank:
         mbs = [rows[s:s + micro] for s in range(0, len(rows), micro)]
         mbs += [[dummy]] * (n_micro - len(mbs))
-        out.append([collate(mb, pad_id) for mb in mbs])
+        out.append([collate_fn(mb) for mb in mbs])
     return out
 
 

@@ -1,7 +1,9 @@
 """Generated data sets, so that runs and tests work with no download.
 
 `synthetic:instruct`: short instruction -> answer pairs (arithmetic, reversing, copying,
-case changes) in both `messages` and `prompt`/`completion` shape. Deterministic per seed.
+case changes) in both `messages` and `prompt`/`completion` shape.
+`synthetic:arithmetic`: addition problems with a verifiable `answer` (for GRPO).
+Deterministic per seed.
 """
 
 from __future__ import annotations
@@ -39,8 +41,19 @@ def instruct(n: int, seed: int) -> Iterator[Dict[str, object]]:
         yield _instruct_row(rng)
 
 
+def arithmetic(n: int, seed: int) -> Iterator[Dict[str, object]]:
+    """Two-operand addition with a verifiable answer: for SFT (prompt/completion) and for
+    GRPO (prompt/answer). Different seeds give different problem streams; held-out sets
+    are made disjoint by the caller."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        a, b = rng.randrange(50), rng.randrange(50)
+        yield {"prompt": f"What is {a} + {b}?", "completion": str(a + b), "answer": str(a + b)}
+
+
 GENERATORS: Dict[str, Callable[[int, int], Iterator[Dict[str, object]]]] = {
     "instruct": instruct,
+    "arithmetic": arithmetic,
 }
 
 

@@ -15,9 +15,16 @@ def _fsdp2():
     return FSDP2Engine
 
 
+def _deepspeed_zero3():
+    from orchestrator.engines.deepspeed_zero3 import DeepSpeedZero3Engine
+
+    return DeepSpeedZero3Engine
+
+
 # Factories, so that importing the registry does not import every backend's library.
 ENGINES: Dict[str, object] = {
     "fsdp2": _fsdp2,
+    "deepspeed_zero3": _deepspeed_zero3,
 }
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Dict
 
+from orchestrator.stages.grpo import GrpoStage
 from orchestrator.stages.sft import SftStage
 
 STAGES: Dict[str, type] = {
     "sft": SftStage,
+    "grpo": GrpoStage,
 }

@@ -11,6 +11,7 @@ weights short micro-batches up).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -19,13 +20,14 @@ import torch.nn.functional as F
 from orchestrator.data.batching import BatchSource, count_targets, shard
 from orchestrator.data.sft import IGNORE, tokenize_rows
 from orchestrator.data.sources import load_rows
+from orchestrator.stages.base import Stage, step_metrics, train_on_workers
 
 log = logging.getLogger(__name__)
 
 
-class SftStage:
+class SftStage(Stage):
     def __init__(self, cfg, tokenizer):
-        self.cfg = cfg
+        super().__init__(cfg, tokenizer)
         d, t = cfg.data, cfg.train
         examples = tokenize_rows(load_rows(d), tokenizer, d, cfg.stage.train_on_prompt)
         self.source = BatchSource(examples, d.batching, d.max_seq_len, t.global_batch_size,
@@ -40,6 +42,14 @@ class SftStage:
     def total_steps(self) -> int:
         t = self.cfg.train
         return t.max_steps or t.epochs * self.source.batches_per_epoch
+
+    def step(self, workers, step: int) -> Dict[str, Any]:
+        t = time.time()
+        per_rank, info = self.next_step()
+        results = train_on_workers(workers, per_rank, self.cfg.train.on_nonfinite)
+        nll = sum(m["nll_sum"] for m in results)
+        return {"loss": nll / max(info["targets"], 1), **step_metrics(results), "tokens": info["tokens"],
+                "epoch": info["epoch"], "step_time": time.time() - t}
 
     def next_step(self) -> Tuple[List[List[Dict[str, torch.Tensor]]], Dict[str, Any]]:
         """Per-rank micro-batches for one optimizer step, and what every rank must know."""
@@ -56,11 +66,6 @@ class SftStage:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.source.load_state_dict(state["data"])
-
-    @staticmethod
-    def reduce_metrics(per_rank: List[Dict[str, float]], info: Dict[str, Any]) -> Dict[str, float]:
-        nll = sum(m["nll_sum"] for m in per_rank)
-        return {"loss": nll / max(info["targets"], 1)}
 
     @staticmethod
     def loss(model: torch.nn.Module, mb: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:

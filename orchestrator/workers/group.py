@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class WorkerGroup:
-    def __init__(self, worker_cls: type, cfg, env: Dict[str, str] | None = None):
+    def __init__(self, worker_cls: type, cfg, env: Dict[str, str] | None = None, gpu_share: float = 1.0):
+        """`gpu_share` < 1 leaves part of each bundle's GPU for actors colocated with the ranks."""
         c = cfg.cluster
         self.world_size = c.num_workers
         bundle = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
@@ -39,7 +40,7 @@ class WorkerGroup:
         remote = ray.remote(worker_cls)
         self.actors = [
             remote.options(
-                num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
+                num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker * gpu_share,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                 runtime_env={"env_vars": env or {}},
             ).remote(cfg, r, c.num_workers)
@@ -81,9 +82,9 @@ class WorkerGroup:
     def call(self, method: str, *args, **kwargs) -> List[Any]:
         return self._gather([getattr(a, method).remote(*args, **kwargs) for a in self.actors], method)
 
-    def call_per_rank(self, method: str, per_rank_args: Sequence[Any]) -> List[Any]:
-        return self._gather([getattr(a, method).remote(arg) for a, arg in zip(self.actors, per_rank_args)],
-                            method)
+    def call_per_rank(self, method: str, per_rank_args: Sequence[Any], **kwargs) -> List[Any]:
+        return self._gather([getattr(a, method).remote(arg, **kwargs)
+                             for a, arg in zip(self.actors, per_rank_args)], method)
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -54,6 +54,12 @@ class TrainWorker:
     def train_step(self, micro_batches: List[Dict[str, Any]]) -> Dict[str, float]:
         return self.engine.train_step(micro_batches, self.loss_fn)
 
+    def forward_logprobs(self, micro_batches: List[Dict[str, Any]], reference: bool = False) -> List[torch.Tensor]:
+        return self.engine.forward_logprobs(micro_batches, reference)
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        return self.engine.trainable_state()
+
     def save(self, path: str) -> None:
         self.engine.save(path)
 

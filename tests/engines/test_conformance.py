@@ -13,7 +13,7 @@ from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
-BACKENDS = ["fsdp2"]
+BACKENDS = ["fsdp2", "deepspeed_zero3"]
 BASE = ["+experiment=sft_tiny", "train.max_steps=6", "train.global_batch_size=8", "data.num_samples=300",
         "checkpoint.export_hf=false"]
 
