@@ -1,7 +1,7 @@
 """cluster=kubernetes: render a KubeRay RayJob (ray.io/v1) that runs the entry in our image.
 
-Rendered into `<run dir>/launch/rayjob.yaml` (two documents), printed, and applied with
-`kubectl apply` when cluster.apply=true:
+Rendered into `<run.output_dir>/launch/rayjob.yaml` here (two documents), printed, and
+applied with `kubectl apply` when cluster.apply=true:
 
   ConfigMap <name>-config   the resolved config (launchers/common.py), mounted on the head
                             at /etc/orchestrator/resolved/config.yaml;
@@ -107,7 +107,10 @@ def submit(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
     kubectl = require_tool("kubectl", "apply the RayJob (or leave cluster.apply=false to only render it)") \
         if c.apply else None
     docs = manifests(cfg, choices)
-    path = Path(cfg.run.output_dir).resolve() / "launch" / "rayjob.yaml"
+    # Saved here beside where the run would be: run.output_dir when relative (in the pod it
+    # is under the shared mount), else outputs/<name>, as the pod's path may not exist here.
+    out = Path(cfg.run.output_dir)
+    path = (out if not out.is_absolute() else Path("outputs", job_name(cfg))).resolve() / "launch" / "rayjob.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = dump_yaml(docs, many=True)
     path.write_text(text)

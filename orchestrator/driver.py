@@ -13,12 +13,12 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from omegaconf import OmegaConf
 
 from orchestrator.checkpoint import CheckpointManager
-from orchestrator.errors import CheckpointError, OrchestratorError
+from orchestrator.errors import CheckpointError, OrchestratorError, WorkerError
 from orchestrator.models import build_tokenizer, model_config
 from orchestrator.stages import STAGES
 from orchestrator.tracking import Tracker
@@ -35,6 +35,8 @@ class Preempted(OrchestratorError):
 
 
 def load_callbacks(paths: List[str], cfg) -> List[Any]:
+    """Callbacks: classes (built with the config) or objects with `on_step_end(step, metrics)`
+    and optionally `on_start(driver)` (called once the workers are up)."""
     out = []
     for path in paths:
         mod, _, attr = path.partition(":")
@@ -53,6 +55,8 @@ class Driver:
         self.run_dir = Path(cfg.run.output_dir).resolve()
         self.ckpt_dir = Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self._stop_signal: int | None = None
+        self.workers: WorkerGroup | None = None
+        """The live worker group (replaced on in-job recovery); callbacks may read it."""
 
     # ------------------------------------------------------------------ helpers
     def _on_signal(self, signum, _frame) -> None:
@@ -81,6 +85,26 @@ class Driver:
         log.info("checkpoint step %d -> %s (%.1fs)", step, path, time.time() - t)
         return path
 
+    def _start_workers(self, stage, latest, total: int, initial_stage_state) -> Tuple[WorkerGroup, int]:
+        """A fresh worker group holding the model at `latest` (or at its initial state)."""
+        cfg = self.cfg
+        workers = self.workers = WorkerGroup(TrainWorker, cfg, gpu_share=stage.train_gpu_share)
+        try:
+            counts = workers.call("build", total)[0]
+            log.info("model %s, method %s: %s trainable of %s parameters (%.2f%%)", cfg.model.name,
+                     cfg.method.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
+                     100 * counts["params_trainable"] / counts["params_total"])
+            if latest is None:
+                stage.load_state_dict(initial_stage_state)
+                return workers, 0
+            workers.call("load", str(latest.path))
+            stage.load_state_dict(latest.meta["stage"])
+            log.info("resumed from %s (step %d of %d)", latest.path, latest.step, total)
+            return workers, latest.step
+        except BaseException:
+            workers.shutdown()
+            raise
+
     # ---------------------------------------------------------------------- run
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -97,32 +121,43 @@ class Driver:
         callbacks = load_callbacks(cfg.run.callbacks, cfg)
 
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        workers = WorkerGroup(TrainWorker, cfg, gpu_share=stage.train_gpu_share)
-        tracker = None
+        initial_stage_state = stage.state_dict()
+        workers, tracker, restarts = None, None, 0
         try:
-            counts = workers.call("build", total)[0]
-            log.info("model %s, method %s: %s trainable of %s parameters (%.2f%%)", cfg.model.name,
-                     cfg.method.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
-                     100 * counts["params_trainable"] / counts["params_total"])
-            start = 0
-            if latest is not None:
-                workers.call("load", str(latest.path))
-                stage.load_state_dict(latest.meta["stage"])
-                start = latest.step
-                log.info("resumed from %s (step %d of %d)", latest.path, start, total)
+            workers, start = self._start_workers(stage, latest, total, initial_stage_state)
+            for cb in callbacks:
+                if hasattr(cb, "on_start"):
+                    cb.on_start(self)
             tracker = Tracker(cfg, self.run_dir, config_dict, total, start)
+            resumed_from = start
             stage.setup(workers, start, tracker)
             last_ckpt = latest.path if latest else None
             metrics: Dict[str, Any] = {}
-            for step in range(start + 1, total + 1):
-                metrics = stage.step(workers, step)
-                tracker.log_step(step, metrics)
-                for cb in callbacks:
-                    cb.on_step_end(step, metrics)
-                every = cfg.checkpoint.every_steps
-                if (self._stop_signal is not None or (every and step % every == 0)
-                        or (step == total and cfg.checkpoint.save_final)):
-                    last_ckpt = self._save(ckpts, workers, stage, step)
+            step = start
+            while step < total:
+                try:
+                    step += 1
+                    metrics = stage.step(workers, step)
+                    tracker.log_step(step, metrics)
+                    for cb in callbacks:
+                        cb.on_step_end(step, metrics)
+                    every = cfg.checkpoint.every_steps
+                    if (self._stop_signal is not None or (every and step % every == 0)
+                            or (step == total and cfg.checkpoint.save_final)):
+                        last_ckpt = self._save(ckpts, workers, stage, step)
+                except WorkerError as exc:
+                    if restarts >= cfg.run.max_restarts:
+                        raise WorkerError(f"{exc}. No restarts left (run.max_restarts={cfg.run.max_restarts}); "
+                                          "run the same command again to resume from the last checkpoint.") from exc
+                    restarts += 1
+                    latest = ckpts.latest()
+                    log.warning("worker failure at step %d: %s. Restart %d/%d from %s", step, exc, restarts,
+                                cfg.run.max_restarts, latest.path if latest else "the start (no checkpoint yet)")
+                    stage.close()
+                    workers.shutdown()
+                    workers, step = self._start_workers(stage, latest, total, initial_stage_state)
+                    stage.setup(workers, step, tracker)
+                    continue
                 if self._stop_signal is not None:
                     raise Preempted(f"stopped by signal {self._stop_signal} at step {step}; checkpoint "
                                     f"{last_ckpt}. Run the same command again to resume.")
@@ -132,7 +167,8 @@ class Driver:
                 exports = workers.call("export_hf", str(self.run_dir / "export"), tokenizer)[0]
                 log.info("exported %s (%.1fs)", ", ".join(f"{k}: {v}" for k, v in exports.items()),
                          time.time() - t)
-            summary = {"steps": total, "resumed_from": start, "final_loss": metrics.get("loss"),
+            summary = {"steps": total, "resumed_from": resumed_from, "restarts": restarts,
+                       "final_loss": metrics.get("loss"),
                        "run_dir": str(self.run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
                        "exports": exports, "metrics": str(tracker.metrics_path),
                        "log": str(self.run_dir / "train.log"), "wandb": tracker.wandb_dir,
@@ -147,7 +183,8 @@ class Driver:
             stage.close()
             if tracker is not None:
                 tracker.close()
-            workers.shutdown()
+            if workers is not None:
+                workers.shutdown()
 
     @staticmethod
     def _print_summary(s: Dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ host=$(hostname -s)
 # gets the CPUs and a share of the memory, leaving some for the OS.
 hw=$(slurmd -C | head -n1 | sed 's/^NodeName=[^ ]* //')
 mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
-hw=$(sed "s/RealMemory=[0-9]*/RealMemory=$((mem * 8 / 10 / NODES))/" <<<"$hw")
+hw=${hw/RealMemory=$mem/RealMemory=$((mem * 8 / 10 / NODES))}
 node_lines=""
 for i in $(seq "$NODES"); do
   node_lines+="NodeName=ci$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((6817 + i)) $hw State=UNKNOWN"$'\n'
@@ -66,8 +66,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 SchedulerType=sched/backfill
-# Look for startable jobs (e.g. a requeued one) every 5 s instead of every 30 s.
-SchedulerParameters=bf_interval=5
+# Look for startable jobs (e.g. a requeued one) every 5 s instead of every 30-60 s.
+SchedulerParameters=bf_interval=5,sched_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2

@@ -21,3 +21,21 @@ def flaky_reward(completion, answer, **_):
     if len(completion) % 3 == 0:
         raise ValueError("cannot score this completion")
     return 1.0 if any(c.isdigit() for c in completion) else 0.0
+
+
+class KillWorkerAtStep:
+    """SIGKILL one training worker process (rank `extra.kill_rank`, default 1) at the end of
+    step `extra.kill_worker_at_step`, the first time only: a real dead actor mid-run."""
+
+    def __init__(self, cfg):
+        self.step = int(cfg.extra["kill_worker_at_step"])
+        self.rank = int(cfg.extra.get("kill_rank", 1))
+        self.done = False
+
+    def on_start(self, driver):
+        self.driver = driver
+
+    def on_step_end(self, step, metrics):
+        if step == self.step and not self.done:
+            self.done = True
+            os.kill(self.driver.workers.nodes[self.rank]["pid"], signal.SIGKILL)

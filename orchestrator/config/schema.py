@@ -447,6 +447,8 @@ class RunConfig:
     """Run directory: config, metrics, logs, checkpoints, exports. Same dir = auto-resume."""
     callbacks: List[str] = field(default_factory=list)
     """Import paths `module:object` of callbacks with on_step_end(step, metrics) hooks."""
+    max_restarts: int = 2
+    """In-job recoveries from a dead worker (rebuild the group, reload the last checkpoint)."""
     init_from: Optional[str] = None
     """Start from another run's exported model: a run or model directory, or
     `experiment:NAME` to run that experiment first (reused when already complete)."""

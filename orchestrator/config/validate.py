@@ -62,7 +62,7 @@ def _validate_launch_cluster(cfg: Config) -> None:
         if need > have:
             raise ConfigError(
                 f"cluster.num_workers={c.num_workers} x cluster.gpus_per_worker={c.gpus_per_worker} = "
-                f"{need} GPUs but the job asks for cluster.nodes={c.nodes} x cluster.gpus_per_node="
+                f"{need} GPU(s) but the job asks for cluster.nodes={c.nodes} x cluster.gpus_per_node="
                 f"{c.gpus_per_node} = {have}. Raise cluster.gpus_per_node / cluster.nodes, or lower "
                 "cluster.num_workers (cluster.gpus_per_worker=0 trains on CPU).")
     if c.name == "slurm":
@@ -114,6 +114,8 @@ def _validate_launch_cluster(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     from orchestrator.models import ARCHITECTURES  # registries are the source of valid names
+
+    _validate_launch_cluster(cfg)  # first: the worker layout below may derive from it
 
     m = cfg.model
     _choice(m.dtype, "model.dtype", ["auto", "float32", "bfloat16", "float16"])
@@ -171,7 +173,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"cluster.num_workers={n} x cluster.gpus_per_worker={c.gpus_per_worker} GPUs requested "
                 f"but this machine has {torch.cuda.device_count()}")
-    _validate_launch_cluster(cfg)
 
     if cfg.backend.name == "fsdp2":
         _choice(cfg.backend.mixed_precision, "backend.mixed_precision", ["auto", "bf16", "fp32"])
@@ -209,8 +210,8 @@ _DS_OWNED = {
     "fp16": "backend.mixed_precision (bf16 or fp32; fp16 loss scaling is not supported)",
     "optimizer": "train.lr / train.adam_* / train.weight_decay",
     "scheduler": "train.scheduler / train.warmup_steps / train.min_lr_ratio",
-    "zero_optimization.offload_optimizer": "backend.offload_optimizer",
-    "zero_optimization.offload_param": "backend.offload_param",
+    "zero_optimization.offload_optimizer.device": "backend.offload_optimizer",
+    "zero_optimization.offload_param.device": "backend.offload_param",
 }
 
 
@@ -230,8 +231,10 @@ def _validate_deepspeed(b) -> None:
             "to keep parameters gathered between forward and backward (ZeRO-2 style) use "
             "backend=fsdp2 backend.reshard_after_forward=false.")
     for key, instead in _DS_OWNED.items():
-        head, _, leaf = key.partition(".")
-        if (leaf in zero) if leaf else (head in b.extra):
+        node = b.extra
+        for part in key.split("."):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if node != {}:
             raise ConfigError(f"backend.extra.{key} is generated from the typed config; set {instead} instead.")
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError('backend=deepspeed_zero3 needs DeepSpeed, which is not installed. Install the extra: '

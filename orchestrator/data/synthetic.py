@@ -41,19 +41,46 @@ def instruct(n: int, seed: int) -> Iterator[Dict[str, object]]:
         yield _instruct_row(rng)
 
 
-def arithmetic(n: int, seed: int) -> Iterator[Dict[str, object]]:
-    """Two-operand addition with a verifiable answer: for SFT (prompt/completion) and for
-    GRPO (prompt/answer). Different seeds give different problem streams; held-out sets
-    are made disjoint by the caller."""
+def _is_heldout(a: int, b: int) -> bool:
+    return (7 * a + 13 * b) % 10 == 3  # a fixed 10% of all problems, never in a training stream
+
+
+def _addition(n: int, seed: int, heldout: bool, noise: float) -> Iterator[Dict[str, object]]:
     rng = random.Random(seed)
-    for _ in range(n):
-        a, b = rng.randrange(50), rng.randrange(50)
-        yield {"prompt": f"What is {a} + {b}?", "completion": str(a + b), "answer": str(a + b)}
+    made = 0
+    while made < n:
+        a, b = rng.randrange(10, 90), rng.randrange(1, 10)
+        if _is_heldout(a, b) != heldout:
+            continue
+        made += 1
+        shown = a + b + (1 if rng.random() < noise else 0)
+        yield {"prompt": f"What is {a} + {b}?", "completion": str(shown), "answer": str(a + b)}
+
+
+def arithmetic(n: int, seed: int) -> Iterator[Dict[str, object]]:
+    """Two-digit plus one-digit addition with a verifiable `answer` (`completion` for SFT,
+    `answer` for GRPO). A fixed 10% of problems is reserved for `arithmetic_heldout`; the
+    rest share the same digit patterns, so held-out accuracy measures generalisation."""
+    return _addition(n, seed, heldout=False, noise=0.0)
+
+
+def arithmetic_noisy(n: int, seed: int) -> Iterator[Dict[str, object]]:
+    """As `arithmetic`, but 60% of the SFT completions are off by one (a systematic error in
+    the demonstrations, which SFT faithfully learns); `answer` stays correct, so a verifier
+    reward can correct it."""
+    return _addition(n, seed, heldout=False, noise=0.6)
+
+
+def arithmetic_heldout(n: int, seed: int) -> Iterator[Dict[str, object]]:
+    """Problems no `arithmetic*` training stream contains, for held-out evaluation."""
+    return _addition(n, seed, heldout=True, noise=0.0)
 
 
 GENERATORS: Dict[str, Callable[[int, int], Iterator[Dict[str, object]]]] = {
     "instruct": instruct,
     "arithmetic": arithmetic,
+    "arithmetic_noisy": arithmetic_noisy,
+    "arithmetic_heldout": arithmetic_heldout,
 }
 
 

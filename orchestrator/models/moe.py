@@ -4,7 +4,7 @@ transformers 5.x stores the experts of a layer fused in parameters with a leadin
 dimension (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I], plus
 `*_bias` [E, ...] where present), in an experts module called as
 `experts(hidden, top_k_index, top_k_weights)` (`@use_experts_implementation`). Qwen2/3-MoE,
-Mixtral, OLMoE, DeepSeek-V2/V3, GPT-OSS and the rest share that layout, so nothing here is
+Mixtral, OLMoE, DeepSeek-V2/V3, GPT-OSS (biases, transposed) and the rest share that layout, so nothing here is
 specific to one family: an experts module is any module with a 3-D parameter whose first
 dimension is its expert count. (No architecture in transformers 5.x keeps a per-expert
 ModuleList any more; DBRX, which flattens experts into 2-D tensors, is not supported.)
@@ -105,10 +105,21 @@ def attention_params(model: nn.Module) -> List[str]:
     return [name for name, _ in model.named_parameters() if ".self_attn." in f".{name}"]
 
 
+# How experts modules name their routing inputs (hidden, indices [T, k], weights [T, k]).
+_ROUTING_ARGS = (("top_k_index", "top_k_weights"), ("router_indices", "routing_weights"))
+
+
+def _routing_args(layer: MoeLayer) -> Tuple[str, str] | None:
+    params = list(inspect.signature(type(layer.experts).forward).parameters)[1:]
+    for names in _ROUTING_ARGS:
+        if list(names) == params[1:3]:
+            return names
+    return None
+
+
 def routing_is_observable(layer: MoeLayer) -> bool:
-    """Whether the experts module receives the routing (top_k_index, top_k_weights) as inputs."""
-    params = list(inspect.signature(type(layer.experts).forward).parameters)
-    return "top_k_index" in params and "top_k_weights" in params
+    """Whether the experts module receives the routing (indices and weights) as inputs."""
+    return _routing_args(layer) is not None
 
 
 @contextlib.contextmanager
@@ -175,9 +186,11 @@ def router_statistics(model: nn.Module, rows: Iterable[Dict[str, Sequence[int]]]
     gates = torch.zeros(len(layers), n_exp, dtype=torch.float64)
 
     def hook(i):
+        idx_name, w_name = _routing_args(layers[i])
+
         def fn(_mod, args, kwargs):
-            idx = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
-            w = kwargs["top_k_weights"] if "top_k_weights" in kwargs else args[2]
+            idx = kwargs[idx_name] if idx_name in kwargs else args[1]
+            w = kwargs[w_name] if w_name in kwargs else args[2]
             idx, w = idx.reshape(-1).cpu(), w.reshape(-1).double().cpu()
             keep = idx < layers[i].num_experts  # expert-parallel sentinels, if any
             tokens[i].index_add_(0, idx[keep], torch.ones_like(w[keep]))

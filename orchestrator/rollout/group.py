@@ -10,6 +10,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator.errors import WorkerError
 from orchestrator.rollout.worker import RolloutWorker
 
 log = logging.getLogger("orchestrator")
@@ -49,11 +50,18 @@ class RolloutGroup:
         self.version = 0
         ray.get([a.update_weights.remote(0, {}) for a in self.actors])  # wait until built
 
+    def _get(self, refs, what: str):
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            raise WorkerError(f"rollout {what} failed: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
+
     def sync(self, version: int, state: Dict[str, Any]) -> Dict[str, float]:
         """Send new weights to every rollout actor; returns after all have them."""
         t = time.time()
         ref = ray.put(state)
-        ray.get([a.update_weights.remote(version, ref) for a in self.actors])
+        self._get([a.update_weights.remote(version, ref) for a in self.actors], "weight sync")
         self.version = version
         nbytes = sum(v.numel() * v.element_size() for v in state.values())
         return {"time/sync": time.time() - t, "sync_mbytes": nbytes / 2**20}
@@ -61,7 +69,7 @@ class RolloutGroup:
     def generate(self, prompts: Sequence[List[int]], n: int, sampling: Dict[str, Any], seed: int) -> List[List[int]]:
         shards = [list(prompts[i::len(self.actors)]) for i in range(len(self.actors))]
         refs = [a.generate.remote(s, n, sampling, seed + i) for i, (a, s) in enumerate(zip(self.actors, shards)) if s]
-        results = ray.get(refs)
+        results = self._get(refs, "generation")
         for res in results:
             if res["version"] != self.version:
                 raise RuntimeError(f"rollout generated with policy v{res['version']}, expected v{self.version}")

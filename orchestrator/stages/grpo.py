@@ -80,7 +80,9 @@ class GrpoStage(Stage):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _heldout(self, train: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """Eval prompts never trained on: for generators a second stream minus any overlap."""
+        """Eval prompts never trained on: the generator's `_heldout` stream when it has one
+        (disjoint from every training stream, SFT warm-up included), else a second stream
+        minus the training prompts."""
         d = self.cfg.data
         if not self.g.eval_samples or not d.source.startswith("synthetic:"):
             return []
@@ -88,8 +90,13 @@ class GrpoStage(Stage):
 
         from orchestrator.data.prompts import prompt_rows
 
+        from orchestrator.data.synthetic import GENERATORS
+
         seen = {json.dumps(p["messages"]) for p in train}
-        extra = prompt_rows(load_rows(replace(d, seed=d.seed + 10_000, num_samples=4 * self.g.eval_samples)), d)
+        held = f"{d.source}_heldout"
+        src = held if held.split(":", 1)[1] in GENERATORS else d.source  # disjoint by construction
+        extra = prompt_rows(load_rows(replace(d, source=src, seed=d.seed + 10_000,
+                                              num_samples=4 * self.g.eval_samples)), d)
         unique = {json.dumps(p["messages"]): p for p in extra if json.dumps(p["messages"]) not in seen}
         return list(unique.values())[: self.g.eval_samples]
 

@@ -16,9 +16,10 @@ from tests.conftest import REPO, read_metrics
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, method):
-    common = ["+experiment=sft_tiny", f"method={method}", "train.max_steps=8", "checkpoint.every_steps=2",
+@pytest.mark.parametrize("backend, method", [("fsdp2", "full"), ("fsdp2", "lora"),
+                                             ("deepspeed_zero3", "full"), ("deepspeed_zero3", "lora")])
+def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, backend, method):
+    common = ["+experiment=sft_tiny", f"backend={backend}", f"method={method}", "train.max_steps=8", "checkpoint.every_steps=2",
               "logger=console", "data.num_samples=300"]
     if method == "lora":
         common += ["method.dropout=0.1"]  # dropout: the workers' RNG must resume too

@@ -58,3 +58,65 @@ def test_checkpoint_reshards_across_world_sizes(run_main, backend, save_world, l
     assert sorted(b) == [4, 5, 6]
     for step in b:
         assert b[step] == pytest.approx(a[step], rel=2e-5), step
+
+
+@pytest.fixture
+def engine_group(ray_cluster):
+    """Build one backend's engine on 2 real Ray workers (the driver's calls, without the loop)."""
+    from orchestrator.config.compose import compose
+    from orchestrator.models import build_tokenizer
+    from orchestrator.stages import STAGES
+    from orchestrator.workers.group import WorkerGroup
+    from orchestrator.workers.train_worker import TrainWorker
+
+    groups = []
+
+    def _build(*overrides):
+        cfg, _ = compose([*BASE, "cluster.num_workers=2", *overrides])
+        workers = WorkerGroup(TrainWorker, cfg)
+        groups.append(workers)
+        workers.call("build", 6)
+        return workers, STAGES[cfg.stage.name](cfg, build_tokenizer(cfg.model))
+
+    yield _build
+    for workers in groups:
+        workers.shutdown()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_skip_logprobs_and_trainable_state(engine_group, backend):
+    """A NaN gradient on one rank skips the update on every rank (and the schedule still
+    advances); then what GRPO needs: policy / reference log-probs and the weights to sync."""
+    import math
+
+    import torch
+
+    workers, stage = engine_group(f"backend={backend}", "method=lora", "method.dropout=0.0",
+                                  "train.warmup_steps=0")
+    before = workers.call("trainable_state")
+    assert before[1] == {} and before[0] and all("lora_" in k for k in before[0])  # adapters only, on rank 0
+    before = before[0]
+    assert before["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape == (16, 128)
+
+    per_rank, _ = stage.next_step()
+    per_rank[1][0]["world_size"] = float("nan")  # rank 1's loss scale: NaN loss and gradients there only
+    results = workers.call_per_rank("train_step", per_rank)
+    assert [r["skipped"] for r in results] == [1.0, 1.0]
+    assert not math.isfinite(results[0]["grad_norm"])
+    after = workers.call("trainable_state")[0]
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    per_rank, _ = stage.next_step()
+    results = workers.call_per_rank("train_step", per_rank)
+    assert [r["skipped"] for r in results] == [0.0, 0.0] and math.isfinite(results[0]["grad_norm"])
+    assert results[0]["lr"] < 3e-3  # cosine decay: the schedule advanced through the skipped step
+    after = workers.call("trainable_state")[0]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    mbs = [per_rank[0][:1]] * 2  # both ranks score the same rows
+    policy = workers.call_per_rank("forward_logprobs", mbs)
+    reference = workers.call_per_rank("forward_logprobs", mbs, reference=True)
+    row = mbs[0][0]["input_ids"]
+    assert policy[0][0].shape == (row.shape[0], row.shape[1] - 1) and policy[0][0].dtype == torch.float32
+    torch.testing.assert_close(policy[0][0], policy[1][0])
+    assert (policy[0][0] <= 0).all() and (policy[0][0] - reference[0][0]).abs().max() > 1e-4

@@ -5,8 +5,6 @@ the base as GRPO reference, and bad input."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,11 +18,11 @@ from orchestrator.config.validate import validate
 from orchestrator.engines.optim import build_optimizer
 from orchestrator.errors import ConfigError
 from orchestrator.methods.experts import Experts, delta_io
+from orchestrator.methods.experts.__main__ import main as cli
 from orchestrator.methods.full import Full
 from orchestrator.models import build_model
 from orchestrator.models.moe import moe_layers, router_statistics
 from orchestrator.models.tokenizer import byte_tokenizer
-from tests.conftest import REPO
 
 TINY = ModelConfig(name="t", arch="qwen3_moe", hidden_size=64, intermediate_size=128, num_layers=2,
                    num_heads=4, num_kv_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
@@ -163,29 +161,36 @@ def test_optimizer_state_scales_with_the_number_of_selected_experts():
 
 
 def test_export_delta_applied_to_base_equals_export_and_matches_trainable_state(tmp_path):
-    cfg = _run_cfg(tmp_path, "method.experts={0:[2],1:[5,7]}")
-    model = build_model(cfg.model, torch.float32)
+    cfg = _run_cfg(tmp_path, "method.experts={0:[2],1:[5,7]}", "method.train_router=true")
+    initial = build_model(cfg.model, torch.float32).state_dict()
     method = Experts(cfg.method, run_cfg=cfg)
-    model = method.apply(model)
+    model = method.apply(build_model(cfg.model, torch.float32))
     _train(model)
-    # What weight sync sends (trainable params + index buffers) is exactly the delta.
+    # What weight sync sends (trainable params, + index buffers under FSDP2) is the delta.
     state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
     from_model = delta_io.from_model(model)
-    from_state = delta_io.from_state_dict(state)
-    assert from_state.keys() == from_model.keys() and len(from_model) == 8  # 2 layers x 2 fused x (slices, ids)
-    assert all(torch.equal(from_state[k], from_model[k]) for k in from_model)
+    assert len(from_model) == 2 * 2 * 2 + 2  # 2 layers x 2 fused x (slices, ids) + 2 routers
+    for sd in (state, {k: v for k, v in state.items() if not k.endswith(".index")}):
+        from_state = delta_io.from_state_dict(sd, method.selection)  # ZeRO-3 sends no buffers
+        assert from_state.keys() == from_model.keys()
+        assert all(torch.equal(from_state[k], from_model[k]) for k in from_model)
 
     out = method.export(model, tmp_path / "export", byte_tokenizer(), base_ref=None)
-    applied = tmp_path / "applied"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.methods.experts", "apply", "--base", out["base"],
-                           "--delta", out["delta"], "--out", str(applied)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    base = AutoModelForCausalLM.from_pretrained(out["base"]).state_dict()
+    assert all(torch.equal(base[k], initial[k]) for k in initial)  # the base training started from
+    applied = tmp_path / "applied"  # the `python -m orchestrator.methods.experts apply` entry
+    assert cli(["apply", "--base", out["base"], "--delta", out["delta"], "--out", str(applied)]) == 0
+    assert cli(["apply", "--base", out["base"], "--delta", str(applied / "model.safetensors"),
+                "--out", str(tmp_path / "x")]) == 1  # not a delta: a clear error, no output
+    assert not (tmp_path / "x").exists()
     a = AutoModelForCausalLM.from_pretrained(applied).state_dict()
     b = AutoModelForCausalLM.from_pretrained(out["model"]).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    base = AutoModelForCausalLM.from_pretrained(out["base"]).state_dict()
-    assert set(_changed(base, b)) == {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in FUSED}
+    assert _changed(base, b) == {"model.layers.0.mlp.experts.gate_up_proj": [2],
+                                 "model.layers.0.mlp.experts.down_proj": [2],
+                                 "model.layers.1.mlp.experts.gate_up_proj": [5, 7],
+                                 "model.layers.1.mlp.experts.down_proj": [5, 7],
+                                 "model.layers.0.mlp.gate.weight": "all", "model.layers.1.mlp.gate.weight": "all"}
 
 
 def test_disable_adapter_gives_the_base_model_as_reference():
@@ -262,3 +267,25 @@ def test_bf16_base_with_fp32_slices_trains_on_gpu():
     base = model.model.layers[0].mlp.experts.parametrizations.gate_up_proj.original.cpu()
     assert torch.equal(base, before["model.layers.0.mlp.experts.gate_up_proj"])
     assert not torch.equal(merged["model.layers.0.mlp.experts.gate_up_proj"][0], base[1])
+
+
+def test_esft_threshold_cap_and_ties():
+    from orchestrator.methods.experts.selection import esft_select
+
+    layers = moe_layers(build_model(TINY, torch.float32))
+    scores = torch.tensor([[0, 5, 0, 3, 2, 0, 0, 0],      # shares .5 .3 .2
+                           [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.float64)  # all tied
+    assert esft_select(scores, layers, 0.5, 0) == {0: [1], 1: [0, 1, 2, 3]}
+    assert esft_select(scores, layers, 0.8, 0) == {0: [1, 3], 1: [0, 1, 2, 3, 4, 5, 6]}
+    assert esft_select(scores, layers, 1.0, 2) == {0: [1, 3], 1: [0, 1]}
+    assert esft_select(scores, layers, 1.0, 0)[0] == [1, 3, 4]  # never experts with no share
+
+
+def test_stats_sample_covers_prompt_only_rows(tmp_path):
+    from orchestrator.methods.experts.selection import stats_rows
+
+    data = _jsonl(tmp_path / "q.jsonl", [{"question": "What is 2 + 2?", "answer": "4"}] * 5)
+    cfg, _ = compose(["method=experts", "model=tiny_moe", "data=jsonl", f"data.source={data}"])
+    rows = stats_rows(cfg, byte_tokenizer(), 10_000)
+    text = byte_tokenizer().decode(rows[0]["input_ids"])
+    assert text.count("What is 2 + 2?") == 5 and "<|im_start|>assistant" in text

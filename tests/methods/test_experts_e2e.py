@@ -1,5 +1,5 @@
 """`+experiment=moe_experts debug=cpu` end to end through the real entry on the session's
-Ray cluster (2 workers, FSDP2 over gloo): experts chosen from router statistics, only
+Ray cluster (2 workers over gloo, FSDP2 and ZeRO-3): experts chosen from router statistics, only
 their slices change, the delta rebuilds the export, and a resumed run repeats the losses."""
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ BASE = ["+experiment=moe_experts", "debug=cpu", "model=tiny_moe", "model.num_lay
         "method.stats_tokens=4096", "checkpoint.every_steps=2"]
 
 
-def test_moe_experts_recipe_trains_only_the_selected_experts_exports_and_resumes(run_main):
-    rc, ref = run_main(*BASE, name="ref")
+@pytest.mark.parametrize("backend", ["fsdp2", "deepspeed_zero3"])
+def test_moe_experts_recipe_trains_only_the_selected_experts_exports_and_resumes(run_main, backend):
+    rc, ref = run_main(*BASE, f"backend={backend}", name="ref")
     assert rc == 0
     record = json.loads((ref / "experts_selection.json").read_text())
     assert record["source"] == "router" and record["stats_tokens"] == 4096
@@ -53,7 +54,8 @@ def test_moe_experts_recipe_trains_only_the_selected_experts_exports_and_resumes
     resumed = ref.parent / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(ref / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
-    rc, resumed = run_main(*BASE, "checkpoint.resume=must", "checkpoint.export_hf=false", name="resumed")
+    rc, resumed = run_main(*BASE, f"backend={backend}", "checkpoint.resume=must", "checkpoint.export_hf=false",
+                           name="resumed")
     assert rc == 0
     a = {m["step"]: m["loss"] for m in read_metrics(ref)}
     b = {m["step"]: m["loss"] for m in read_metrics(resumed)}

@@ -6,12 +6,14 @@ router statistics on the training data, following ESFT (Wang et al., arXiv:2407.
 per layer, the top experts by token share (ESFT-Token) or gate-weight share (ESFT-Gate)
 until their cumulative share reaches `threshold`, at most `max_per_layer`.
 
-Where statistics are measured: on the rank-0 worker, inside `apply`, on the full base
-model before sharding (every rank builds it anyway), with the run's own data source
-(`selection.stats_rows`); on GPU the model is streamed to the device block by block. The
-result is broadcast, so every rank shards an identical structure, and written to
-`<run dir>/experts_selection.json` (+ `.png` heatmap); a resumed run reuses that file, and
-the chosen indices are also buffers in every checkpoint.
+Where statistics are measured: inside `apply`, on the base model before sharding, with
+the run's own data source (`selection.stats_rows`). Under FSDP2 every rank holds the full
+model there and rank 0 measures alone (on GPU, streaming it to the device block by block);
+under ZeRO-3 the model is already partitioned, so every rank runs the same forwards with
+each block gathered in turn. Rank 0's result is broadcast, so every rank builds an
+identical structure, and written to `<run dir>/experts_selection.json` (+ `.png` heatmap;
+`LogExpertSelection` puts the table in the run log and W&B). A resumed run reuses that
+file; FSDP2 checkpoints also carry the chosen indices as buffers.
 
 How only those experts train: transformers 5.x fuses a layer's experts into 3-D
 parameters, so there is no per-expert `requires_grad`. Each fused parameter of a layer with
@@ -152,6 +154,8 @@ class Experts(Method):
         """The whole run config: the data and run dir for router statistics (None in bare use)."""
         self.selection: Selection | None = None
         self.record: Dict[str, Any] | None = None
+        self.base_whole: Dict[str, torch.Tensor] | None = None
+        """Initial values of whole-trained parameters, for exporting a locally built base."""
 
     # ------------------------------------------------------------------ apply
     def apply(self, model: nn.Module) -> nn.Module:
@@ -172,6 +176,14 @@ class Experts(Method):
                 slices.append(sel)
         whole = self._whole_params(model, layers)
         params = dict(model.named_parameters())
+        if whole and self.base_whole is None and (self.run_cfg is None or self.run_cfg.model.pretrained is None):
+            # A locally built base cannot be re-read from disk at export: keep what will change.
+            self.base_whole = {}
+            keep = not _distributed() or dist.get_rank() == 0  # only rank 0 exports
+            for name in whole:
+                with gathered([params[name]]):  # a collective under ZeRO-3: every rank enters
+                    if keep:
+                        self.base_whole[name] = params[name].detach().cpu().clone()
         for name in whole:
             params[name].requires_grad_(True)
         if not whole:
@@ -198,7 +210,7 @@ class Experts(Method):
         self.record = record
         if rank == 0:
             print(table(record), flush=True)
-            if self.run_dir is not None:
+            if self.run_dir is not None and read_record(self.run_dir) != record:
                 write_record(self.run_dir, record)
         return {int(k): v for k, v in record["experts"].items() if v}
 
@@ -256,20 +268,27 @@ class Experts(Method):
     def export(self, model: nn.Module, out_dir: Path, tokenizer, base_ref: str | None) -> Dict[str, str]:
         out: Dict[str, str] = {}
         delta = delta_io.from_model(model)
+        whole = [k for k in delta if k + delta_io.IDS not in delta and not k.endswith(delta_io.IDS)]
+        # A locally built base (no hub id or directory to point at) is written beside the
+        # delta. It is the model's own frozen originals plus the saved initial values of
+        # whole-trained parameters, i.e. exactly what training started from on any backend.
+        write_base = base_ref is None and (not whole or self.base_whole is not None)
         for module in list(model.modules()):
             if parametrize.is_parametrized(module):
                 for name in list(module.parametrizations):
+                    module.parametrizations[name][0].enabled = not write_base
                     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if base_ref is None and self.run_cfg is not None:
-            # Locally built base: write it, so that the delta has something to apply to.
-            from orchestrator.models import build_model
-
-            base = build_model(self.run_cfg.model, next(model.parameters()).dtype)
-            base.save_pretrained(out_dir / "base")
+        if write_base:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in (self.base_whole or {}).items():
+                    params[name].copy_(value)
+            model.save_pretrained(out_dir / "base")
             tokenizer.save_pretrained(out_dir / "base")
             base_ref = str((out_dir / "base").resolve())
             out["base"] = str(out_dir / "base")
+            delta_io.apply_delta(model, delta)
         hf = out_dir / "hf"
         model.save_pretrained(hf)
         tokenizer.save_pretrained(hf)

@@ -63,11 +63,11 @@ def from_model(model: nn.Module) -> Dict[str, torch.Tensor]:
             continue
         for name, plist in module.parametrizations.items():
             sel = plist[0]
-            out[f"{path}.{name}"] = sel.weight.detach().to(plist.original.dtype).cpu().contiguous()
+            out[f"{path}.{name}"] = sel.weight.detach().to(plist.original.dtype).cpu().clone()
             out[f"{path}.{name}{IDS}"] = sel.index.detach().cpu().clone()
     for name, p in model.named_parameters():
         if p.requires_grad and ".parametrizations." not in name:
-            out[name] = p.detach().cpu().contiguous()
+            out[name] = p.detach().cpu().clone()  # a copy: export later rewrites the params
     return out
 
 
@@ -115,8 +115,9 @@ def apply_to_dir(base: str, delta_path: Path, out: Path) -> Path:
     save), so the result loads wherever the base did. Needs the base in CPU memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    delta = load(delta_path)  # fail on a wrong file before reading a large base
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-    apply_delta(model, load(delta_path))
+    apply_delta(model, delta)
     model.save_pretrained(out)
     try:
         AutoTokenizer.from_pretrained(base).save_pretrained(out)

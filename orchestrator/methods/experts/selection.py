@@ -17,7 +17,7 @@ values; ties are broken by the lower expert index, so the choice is deterministi
 The sample is the run's own data source rendered by the tokenizer's chat template (prompt
 and completion tokens alike, as ESFT does), shuffled with `data.seed`, packed into
 `data.max_seq_len` rows, up to `method.stats_tokens` tokens. Rows without a completion (GRPO
-prompts) contribute their prompt.
+prompts: `prompt` or GSM8K-style `question`) contribute their prompt.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import random
 import struct
 import zlib
@@ -140,7 +141,7 @@ def stats_rows(run_cfg, tokenizer, max_tokens: int) -> List[Dict[str, List[int]]
             try:
                 ids = enc(to_messages(value, d.format))["input_ids"]
             except ValueError:  # no completion (e.g. a GRPO prompt): its prompt still routes
-                msgs = value.get("messages") or value["prompt"]
+                msgs = value.get("messages") or value.get("prompt") or value["question"]
                 msgs = [{"role": "user", "content": msgs}] if isinstance(msgs, str) else msgs
                 text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"][: d.max_seq_len]
@@ -161,9 +162,9 @@ def stats_rows(run_cfg, tokenizer, max_tokens: int) -> List[Dict[str, List[int]]
 
 # ---------------------------------------------------------------- record / report
 def write_record(run_dir: Path, record: Dict[str, Any]) -> None:
-    """The selection JSON, a heatmap PNG and the table, in the run dir."""
+    """The selection JSON and (for router selections) a heatmap PNG, in the run dir."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{SELECTION_FILE}.tmp"
+    tmp = run_dir / f".{SELECTION_FILE}.{os.getpid()}.tmp"  # rollout workers may write it too
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(run_dir / SELECTION_FILE)
     if record.get("token_share"):
@@ -189,10 +190,11 @@ def table(record: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def heatmap_png(record: Dict[str, Any], cell: int = 12) -> bytes:
+def heatmap_png(record: Dict[str, Any]) -> bytes:
     """Layers x experts, shade = score share (per-layer max = darkest); selected experts in
     orange, the rest in blue. Written by hand: no imaging library is a dependency."""
     share = record[f"{record.get('score', 'token')}_share"]
+    cell = max(4, min(24, 1536 // max(len(share[0]), 1)))
     experts = {int(k): v for k, v in record["experts"].items()}
     selected = {(i, e) for i, layer in enumerate(record["layers"]) for e in experts.get(layer, [])}
     rows = []
