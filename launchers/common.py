@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -131,7 +130,3 @@ def entry_args(root: str, overrides: List[str] = ()) -> List[str]:
 
 def shell_join(args: List[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
-
-
-def submitting_python() -> str:
-    return sys.executable

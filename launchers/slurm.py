@@ -119,7 +119,8 @@ def submit(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
     print(f"submitted Slurm job {job_id} ({c.nodes} node(s), {c.num_workers} workers)\n"
           f"  follow:  tail -f {log}\n"
           f"  status:  squeue -j {job_id}   (scontrol show job {job_id})\n"
-          f"  stop:    scancel {job_id}   |   checkpoint + requeue: scancel --signal=USR1 --batch {job_id}\n"
+          f"  stop:    scancel {job_id}   (checkpoint first: scancel --signal=TERM --batch {job_id})\n"
+          f"  checkpoint + requeue now: scancel --signal=USR1 --batch {job_id}\n"
           f"  run dir: {Path(cfg.run.output_dir).resolve()}  (metrics.jsonl, train.log, checkpoints/)\n"
           f"  script:  {job['script']}")
     return {"job_id": job_id, "log": log, **job}

@@ -24,6 +24,7 @@ from orchestrator.config.schema import GROUP_SCHEMAS, Config
 from orchestrator.errors import ConfigError
 
 _REGISTERED = False
+DEBUG_OVERLAYS = ("stage", "method")
 
 
 def conf_dir() -> Path:
@@ -58,7 +59,7 @@ def _order_overrides(overrides: Sequence[str]) -> List[str]:
     """
     normal, debug = [], []
     for item in overrides:
-        m = re.match(r"^\+?(debug|debug_stage)=(.*)$", item)
+        m = re.match(r"^\+?(debug|debug_stage|debug_method)=(.*)$", item)
         (debug if m else normal).append(f"+{m.group(1)}={m.group(2)}" if m else item)
     return normal + debug
 
@@ -139,17 +140,21 @@ def compose(overrides: Sequence[str] = ()) -> Tuple[Config, Dict[str, str]]:
     try:
         raw = _compose_raw(overrides)
         choices = raw.hydra.runtime.choices
-        # debug=X also applies conf/debug_stage/<stage>.yaml when it exists (e.g. a CPU-sized
-        # rollout for GRPO). Hydra cannot interpolate a group choice into a non-primary
-        # defaults list, so we compose a second time with it appended last.
-        if choices.get("debug") and (conf_dir() / "debug_stage" / f"{choices['stage']}.yaml").is_file():
-            raw = _compose_raw(overrides + [f"+debug_stage={choices['stage']}"])
+        # debug=X also applies conf/debug_<group>/<choice>.yaml for the chosen stage and method
+        # when it exists (a CPU-sized rollout for GRPO, a tiny MoE for method=experts). Hydra
+        # cannot interpolate a group choice into a non-primary defaults list, so we compose a
+        # second time with them appended last.
+        extra = [f"+debug_{g}={choices[g]}" for g in DEBUG_OVERLAYS
+                 if choices.get("debug") and (conf_dir() / f"debug_{g}" / f"{choices[g]}.yaml").is_file()]
+        if extra:
+            raw = _compose_raw(overrides + extra)
         choices = {k: v for k, v in OmegaConf.to_container(raw.hydra.runtime.choices).items()
                    if not k.startswith("hydra") and not k.startswith("schema")}
         with open_dict(raw):
             del raw["hydra"]
             raw.pop("debug", None)  # the debug groups are `@package _global_`; nothing lands here
-            raw.pop("debug_stage", None)
+            for g in DEBUG_OVERLAYS:
+                raw.pop(f"debug_{g}", None)
         cfg = OmegaConf.to_object(raw)
     except ConfigError:
         raise

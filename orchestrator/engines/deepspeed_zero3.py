@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
 import os
 from collections import defaultdict
@@ -65,8 +64,6 @@ if not torch.cuda.is_available():
     # DeepSpeed fixes its accelerator at first use; a CPU worker must say so before that.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-log = logging.getLogger(__name__)
-
 INSTALL_HINT = 'pip install -e ".[deepspeed]"'
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -83,12 +80,9 @@ def import_deepspeed():
 def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        both_dicts = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if both_dicts else copy.deepcopy(v)
     return out
-
-
-def use_bf16(backend_cfg, on_gpu: bool) -> bool:
-    return backend_cfg.mixed_precision == "bf16" or (backend_cfg.mixed_precision == "auto" and on_gpu)
 
 
 def ds_config(cfg, world_size: int, on_gpu: bool) -> Dict[str, Any]:
@@ -96,7 +90,7 @@ def ds_config(cfg, world_size: int, on_gpu: bool) -> Dict[str, Any]:
     b, t = cfg.backend, cfg.train
     # Bookkeeping only (DeepSpeed's sample counters): the step boundary is set explicitly.
     gas = max(1, t.global_batch_size // world_size // t.micro_batch_size)
-    bf16 = use_bf16(b, on_gpu)
+    bf16 = b.mixed_precision == "bf16" or (b.mixed_precision == "auto" and on_gpu)
     zero: Dict[str, Any] = {"stage": 3}
     for what in ("optimizer", "param"):
         device = getattr(b, f"offload_{what}")
@@ -179,7 +173,7 @@ class DeepSpeedZero3Engine:
             torch.manual_seed(cfg.train.seed)
             model = self.method.apply(model)
         self.hf_config = _base(model).config
-        numels = [(p.ds_numel if hasattr(p, "ds_numel") else p.numel(), p.requires_grad) for p in model.parameters()]
+        numels = [(_shape(p).numel(), p.requires_grad) for p in model.parameters()]
         self.param_counts = {"params_total": sum(n for n, _ in numels),
                              "params_trainable": sum(n for n, g in numels if g)}
         if cfg.backend.activation_checkpointing:
@@ -225,7 +219,8 @@ class DeepSpeedZero3Engine:
         with model.disable_adapter() if reference else contextlib.nullcontext():
             for mb in micro_batches:
                 mb = _to(mb, self.device)
-                logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
+                logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"],
+                               use_cache=False).logits
                 out.append(token_logprobs(logits, mb["input_ids"]).cpu())
         return out
 

@@ -45,7 +45,8 @@ class Stage:
         pass
 
 
-def train_on_workers(workers, per_rank: Sequence[List[Dict[str, Any]]], on_nonfinite: str) -> List[Dict[str, float]]:
+def train_on_workers(workers, per_rank: Sequence[List[Dict[str, Any]]], on_nonfinite: str,
+                     step: int) -> List[Dict[str, float]]:
     """One optimizer step on every rank; a non-finite step is skipped everywhere or stops the run."""
     t = time.time()
     results = workers.call_per_rank("train_step", per_rank)
@@ -53,7 +54,7 @@ def train_on_workers(workers, per_rank: Sequence[List[Dict[str, Any]]], on_nonfi
     if results[0]["skipped"]:
         bad = [r for r, m in enumerate(results) if not m["local_finite"]]
         where = f"rank(s) {bad}" if bad else "the gradient reduction"
-        msg = f"non-finite loss or gradient norm from {where}; no rank applied the update"
+        msg = f"step {step}: non-finite loss or gradient norm from {where}; no rank applied the update"
         if on_nonfinite == "stop":
             raise NonFiniteError(msg + " (train.on_nonfinite=stop)")
         log.warning(msg + " (train.on_nonfinite=skip)")

@@ -191,7 +191,7 @@ class GrpoStage(Stage):
             "rollout_version": rollout_version, **rstats}
         metrics["accuracy"] = sum(1.0 for i, v in enumerate(valid) if v and rewards[i] >= 1.0) / len(valid)
         if rows:
-            metrics.update(self._train(workers, rows, times))
+            metrics.update(self._train(workers, rows, times, step))
         else:
             log.warning("step %d: no sample carries signal (all groups flat or masked); no update", step)
         times["time/step"] = time.time() - t0
@@ -201,7 +201,7 @@ class GrpoStage(Stage):
             self._log_samples(step, batch, texts, rewards)
         return metrics
 
-    def _train(self, workers, rows: List[Dict[str, Any]], times: Dict[str, float]) -> Dict[str, float]:
+    def _train(self, workers, rows: List[Dict[str, Any]], times: Dict[str, float], step: int) -> Dict[str, float]:
         g = self.g
         pad = self.tokenizer.pad_token_id
         dummy = {"input_ids": [pad], "prompt_len": 1, "weight": 0.0, "adv": 0.0}
@@ -223,7 +223,7 @@ class GrpoStage(Stage):
         t = time.time()
         out: Dict[str, float] = {}
         for _ in range(g.num_iterations):
-            results = train_on_workers(workers, per_rank, self.cfg.train.on_nonfinite)
+            results = train_on_workers(workers, per_rank, self.cfg.train.on_nonfinite, step)
             self.version += 1
         times["time/train"] = time.time() - t
         tokens = sum(m["tokens"] for m in results) or 1.0

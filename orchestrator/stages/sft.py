@@ -46,7 +46,7 @@ class SftStage(Stage):
     def step(self, workers, step: int) -> Dict[str, Any]:
         t = time.time()
         per_rank, info = self.next_step()
-        results = train_on_workers(workers, per_rank, self.cfg.train.on_nonfinite)
+        results = train_on_workers(workers, per_rank, self.cfg.train.on_nonfinite, step)
         nll = sum(m["nll_sum"] for m in results)
         return {"loss": nll / max(info["targets"], 1), **step_metrics(results), "tokens": info["tokens"],
                 "epoch": info["epoch"], "step_time": time.time() - t}

@@ -8,6 +8,7 @@ its rank and node.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, List, Sequence
 
 import ray
@@ -42,7 +43,10 @@ class WorkerGroup:
             remote.options(
                 num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker * gpu_share,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-                runtime_env={"env_vars": env or {}},
+                # ORCHESTRATOR_* variables of the driver reach every rank (actors inherit the
+                # raylet's environment otherwise, not the driver's).
+                runtime_env={"env_vars": {**{k: v for k, v in os.environ.items() if k.startswith("ORCHESTRATOR_")},
+                                          **(env or {})}},
             ).remote(cfg, r, c.num_workers)
             for r in range(c.num_workers)
         ]

@@ -52,7 +52,16 @@ class TrainWorker:
         return self.engine.param_counts
 
     def train_step(self, micro_batches: List[Dict[str, Any]]) -> Dict[str, float]:
-        return self.engine.train_step(micro_batches, self.loss_fn)
+        self._calls = getattr(self, "_calls", 0) + 1
+        loss_fn = self.loss_fn
+        # Fault injection for reliability tests: ORCHESTRATOR_FAULT_NAN="rank:n" makes this
+        # rank's loss NaN on its n-th train step (counted since the worker started).
+        fault = os.environ.get("ORCHESTRATOR_FAULT_NAN", "")
+        if fault and fault == f"{self.rank}:{self._calls}":
+            def loss_fn(model, mb, _inner=self.loss_fn):  # noqa: E306
+                loss, metrics = _inner(model, mb)
+                return loss * float("nan"), {k: v * float("nan") for k, v in metrics.items()}
+        return self.engine.train_step(micro_batches, loss_fn)
 
     def forward_logprobs(self, micro_batches: List[Dict[str, Any]], reference: bool = False) -> List[torch.Tensor]:
         return self.engine.forward_logprobs(micro_batches, reference)

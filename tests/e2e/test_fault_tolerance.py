@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.conftest import read_metrics
 
@@ -40,3 +41,45 @@ def test_without_restarts_left_the_run_stops_naming_the_rank(run_main, capsys):
     err = capsys.readouterr().err
     assert "rank 1" in err and "No restarts left" in err
     assert (run / "checkpoints" / "step_00000002" / "meta.json").is_file()  # nothing lost
+
+
+def _dcp_state(ckpt, out):
+    """Model + optimizer tensors of a sharded checkpoint, flattened."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ckpt, out)
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}", v)
+        elif torch.is_tensor(obj):
+            flat[prefix] = obj
+
+    walk("", torch.load(out, weights_only=False))
+    return flat
+
+
+def test_nan_on_one_rank_skips_the_update_on_every_rank(run_main, monkeypatch, tmp_path):
+    """A NaN loss planted on rank 1 at step 3: no rank applies that update (the sharded
+    model and optimizer state saved after step 3 are byte-identical to those after step 2),
+    the skip is reported naming step and rank, and training goes on."""
+    monkeypatch.setenv("ORCHESTRATOR_FAULT_NAN", "1:3")
+    rc, run = run_main(*COMMON, "train.max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
+                       name="nan")
+    assert rc == 0
+    steps = {m["step"]: m for m in read_metrics(run)}
+    assert steps[3]["skipped"] == 1 and all(steps[s]["skipped"] == 0 for s in (1, 2, 4, 5))
+    assert all(steps[s]["loss"] == steps[s]["loss"] for s in (4, 5))  # finite again afterwards
+    assert "step 3: non-finite loss or gradient norm from rank(s) [1]" in (run / "train.log").read_text()
+    states = {s: _dcp_state(run / "checkpoints" / f"step_{s:08d}", tmp_path / f"s{s}.pt") for s in (2, 3, 4)}
+    assert states[2].keys() == states[3].keys() and len(states[2]) > 10
+    assert all(torch.equal(states[2][k], states[3][k]) for k in states[2])  # step 3 applied nothing
+    assert not all(torch.equal(states[3][k], states[4][k]) for k in states[3])  # step 4 did
+
+    monkeypatch.setenv("ORCHESTRATOR_FAULT_NAN", "0:2")
+    rc, run = run_main(*COMMON, "train.max_steps=3", "checkpoint.every_steps=0", "train.on_nonfinite=stop",
+                       name="nan_stop")
+    assert rc == 1
+    assert "step 2: non-finite loss or gradient norm from rank(s) [0]" in (run / "train.log").read_text()

@@ -3,11 +3,12 @@ same weights, seed, data and config they follow the same loss curve and export t
 
 Both start from one saved tiny model (`model.pretrained`): a locally built model is
 initialised in another RNG order under ZeRO-3 (see orchestrator/engines/deepspeed_zero3.py).
-Tolerance: both run fp32 on CPU with the same AdamW and schedule; they differ only in
-float reduction order (flat ZeRO partitions vs per-parameter shards), measured at ~1e-7
-relative over 6 steps. rel=1e-5 / atol=1e-4 on logits is far below what any semantic
-difference gives (e.g. a loss divided again by the 2 accumulation steps moves step 2 by
-~1e-2).
+Tolerance: both run fp32 on CPU with the same AdamW and schedule and differ only in float
+reduction order (flat ZeRO partitions vs per-parameter shards): measured <= 4e-8 relative
+on losses and <= 7e-7 on exported logits over 6 steps. rel=1e-5 (losses, grad norms) and
+atol=1e-4 (logits) are far below what a semantic difference gives. Grad norms are compared
+too: Adam after clipping is blind to a constant gradient scale, so a loss divided again by
+the accumulation steps leaves the losses unchanged but halves the norm.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def _load_export(run_dir, method, pretrained):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrained), exports["adapter"]).eval()
 
 
-@pytest.mark.parametrize("method, runs", [("full", ["fsdp2", "deepspeed_zero3", "zero3_offload"]),
-                                          ("lora", ["fsdp2", "deepspeed_zero3"])])
+@pytest.mark.parametrize("method, runs", [
+    pytest.param("full", ["fsdp2", "deepspeed_zero3", "zero3_offload"], id="full"),
+    pytest.param("lora", ["fsdp2", "deepspeed_zero3"], id="lora")])
 def test_backends_agree_on_losses_and_exported_model(run_main, pretrained, method, runs):
     extra = ["method.dropout=0.0"] if method == "lora" else []  # dropout masks are drawn per backend run
     losses, models = {}, {}
@@ -61,11 +63,11 @@ def test_backends_agree_on_losses_and_exported_model(run_main, pretrained, metho
                                f"model.pretrained={pretrained}", "train.max_steps=6", "data.num_samples=300",
                                "checkpoint.every_steps=0", name=run)
         assert rc == 0
-        losses[run] = [m["loss"] for m in read_metrics(run_dir)]
+        losses[run] = [(m["loss"], m["grad_norm"]) for m in read_metrics(run_dir)]
         models[run] = _load_export(run_dir, method, pretrained)
 
     reference = losses["fsdp2"]
-    assert len(reference) == 6 and reference[-1] < reference[0] - 0.3  # it trained: agreeing is not trivial
+    assert len(reference) == 6 and reference[-1][0] < reference[0][0] - 0.3  # it trained: agreeing is not trivial
     ids = torch.randint(5, 200, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = {run: model(ids).logits for run, model in models.items()}
@@ -73,7 +75,8 @@ def test_backends_agree_on_losses_and_exported_model(run_main, pretrained, metho
     assert (logits["fsdp2"] - base).abs().max() > 1e-2  # the exports carry the training, not the start
     for run in runs[1:]:
         print(f"{method} {run} vs fsdp2: max loss rel diff "
-              f"{max(abs(a - b) / b for a, b in zip(losses[run], reference)):.1e}, max logit diff "
+              f"{max(abs(a[0] - b[0]) / b[0] for a, b in zip(losses[run], reference)):.1e}, max logit diff "
               f"{(logits[run] - logits['fsdp2']).abs().max():.1e}")
-        assert losses[run] == pytest.approx(reference, rel=1e-5), (run, losses[run], reference)
+        for step, (got, want) in enumerate(zip(losses[run], reference), 1):
+            assert got == pytest.approx(want, rel=1e-5), (run, step, got, want)
         torch.testing.assert_close(logits[run], logits["fsdp2"], atol=1e-4, rtol=1e-4)

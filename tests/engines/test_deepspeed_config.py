@@ -26,7 +26,8 @@ def _ds_config(*overrides, world_size=2, on_gpu=False):
 def test_generated_config_follows_the_typed_config():
     c = _ds_config("train.global_batch_size=16", "train.micro_batch_size=2", "train.max_grad_norm=0.5")
     assert c["zero_optimization"] == {"stage": 3}
-    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]) == (2, 4, 16)
+    batch = c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]
+    assert batch == (2, 4, 16)
     assert c["gradient_clipping"] == 0.5
     assert c["bf16"] == {"enabled": False} and "fp16" not in c  # fp32 on CPU
     assert "optimizer" not in c and "scheduler" not in c  # the client AdamW + schedule, as FSDP2
@@ -51,7 +52,8 @@ def test_offload_and_extra_keys_are_merged():
 @pytest.mark.parametrize("overrides, message", [
     (["backend=fsdp2", "backend.offload_optimizer=cpu"], "'offload_optimizer' belongs to backend=deepspeed_zero3"),
     (["backend=fsdp2", "backend.extra.train_batch_size=3"], "'extra' belongs to backend=deepspeed_zero3"),
-    (["backend=deepspeed_zero3", "backend.reshard_after_forward=false"], "'reshard_after_forward' belongs to backend=fsdp2"),
+    (["backend=deepspeed_zero3", "backend.reshard_after_forward=false"],
+     "'reshard_after_forward' belongs to backend=fsdp2"),
 ])
 def test_an_option_of_the_other_backend_fails_at_compose(overrides, message):
     with pytest.raises(ConfigError) as e:
