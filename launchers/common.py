@@ -33,14 +33,15 @@ from typing import Any, Dict, List, Optional
 import yaml
 from omegaconf import OmegaConf
 
-from orchestrator.config.schema import ClusterConfig, RayClusterConfig
+from orchestrator.config.schema import GROUP_SCHEMAS, ClusterConfig, RayClusterConfig
 from orchestrator.errors import ConfigError
 
 RESOLVED_GROUP = "resolved"
 REPO = Path(__file__).resolve().parents[1]
-# Groups whose choice is not re-applied in the job: the overlay already holds their values
-# (experiment, debug) or the job replaces them (cluster).
-_NOT_REAPPLIED = {"experiment", "debug", "debug_stage", "cluster", RESOLVED_GROUP}
+# Groups whose option the job selects again: those with a schema per option (a LoRA config
+# needs the LoRA schema). Their values, and everything overlays such as experiment and debug
+# set, come from the resolved config itself; cluster becomes `ray`.
+_REAPPLIED = sorted(set(GROUP_SCHEMAS) - {"cluster"})
 
 
 def require_tool(name: str, why: str) -> str:
@@ -97,7 +98,7 @@ def dump_yaml(data, *, many: bool = False) -> str:
 
 
 def overlay_yaml(cfg, choices: Dict[str, str], base: Optional[str] = None) -> str:
-    overrides = [{f"override /{g}": o} for g, o in choices.items() if g not in _NOT_REAPPLIED and o]
+    overrides = [{f"override /{g}": choices[g]} for g in _REAPPLIED if choices.get(g)]
     body = {"defaults": overrides + [{"override /cluster": "ray"}], **job_config(cfg, base)}
     header = ("# @package _global_\n# The resolved config of this job (written by the launcher). "
               "Run it with:\n#   python -m orchestrator 'hydra.searchpath=[file://DIR]' "

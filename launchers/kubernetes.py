@@ -109,8 +109,8 @@ def submit(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
     docs = manifests(cfg, choices)
     # Saved here beside where the run would be: run.output_dir when relative (in the pod it
     # is under the shared mount), else outputs/<name>, as the pod's path may not exist here.
-    out = Path(cfg.run.output_dir)
-    path = (out if not out.is_absolute() else Path("outputs", job_name(cfg))).resolve() / "launch" / "rayjob.yaml"
+    run_dir = Path(cfg.run.output_dir)
+    path = (Path("outputs", job_name(cfg)) if run_dir.is_absolute() else run_dir).resolve() / "launch" / "rayjob.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = dump_yaml(docs, many=True)
     path.write_text(text)
@@ -123,11 +123,11 @@ def submit(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
         print(text)
         print(f"# rendered, not applied: {path}\n# apply with: kubectl apply -f {path}  (or cluster.apply=true)")
         return {"manifest": str(path), "name": name, "applied": False}
-    out = subprocess.run([kubectl, *ctx, "apply", "-f", str(path)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise OrchestratorError(f"kubectl apply failed: {out.stderr.strip() or out.stdout.strip()}\n"
+    applied = subprocess.run([kubectl, *ctx, "apply", "-f", str(path)], capture_output=True, text=True)
+    if applied.returncode != 0:
+        raise OrchestratorError(f"kubectl apply failed: {applied.stderr.strip() or applied.stdout.strip()}\n"
                                 f"(manifest: {path})")
-    print(out.stdout.strip())
+    print(applied.stdout.strip())
     print(f"applied RayJob {name} in namespace {ns} (image {c.image})\n"
           f"  status:  {k}get rayjob {name}\n"
           f"  follow:  {k}logs -f job/{name}   (the submitter pod streams the driver's log)\n"

@@ -282,7 +282,8 @@ class SlurmClusterConfig(ClusterConfig):
     sbatch_args: List[str] = field(default_factory=list)
     """Extra sbatch options, one per entry (e.g. [--constraint=h100, --reservation=r1])."""
     setup: List[str] = field(default_factory=list)
-    """Shell lines run first on every node (module load, source a venv, ...)."""
+    """Shell lines run first in the job script (module load, source a venv, ...); the other
+    nodes' Ray workers inherit the environment they set up."""
     env: Dict[str, str] = field(default_factory=dict)
     """Environment variables exported in the job."""
     python: Optional[str] = None

@@ -262,8 +262,11 @@ def _validate_grpo(cfg: Config) -> None:
     if r.engine == "vllm":
         raise ConfigError("stage.rollout.engine=vllm is not available in this version; use "
                           "stage.rollout.engine=hf")
-    if g.kl_coef > 0 and cfg.method.name != "lora":
+    m = cfg.method
+    pure_experts = m.name == "experts" and not (m.train_router or m.train_attention or m.train_shared_experts)
+    if g.kl_coef > 0 and not (m.name == "lora" or pure_experts):
         raise ConfigError(
-            f"stage.kl_coef={g.kl_coef} needs a reference policy; it is supported with method=lora "
-            "(the base with adapters disabled, no second copy). Use stage.kl_coef=0 (as DAPO and "
-            "Dr. GRPO do) or method=lora.")
+            f"stage.kl_coef={g.kl_coef} needs a reference policy; it is supported with method=lora and "
+            "with method=experts training experts only (the base is recovered by disabling the "
+            "adapters/slices, no second copy). Use stage.kl_coef=0 (as DAPO and Dr. GRPO do) or "
+            "one of those methods.")

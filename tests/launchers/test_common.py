@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -19,6 +18,8 @@ CASES = {
     "ray_job": [*TINY, "cluster=ray_job", "method=lora", "method.r=4", "train.lr=1e-3"],
     "kubernetes": ["+experiment=sft_tiny", "cluster=kubernetes", "cluster.gpus_per_node=2",
                    "train.global_batch_size=8"],
+    "grpo_debug": ["+experiment=grpo_math", "debug=cpu", "cluster=slurm"],
+    "moe_experts_debug": ["+experiment=moe_experts", "debug=cpu", "cluster=ray_job"],
 }
 
 
@@ -38,9 +39,10 @@ def test_job_recomposes_the_resolved_config(name, tmp_path, monkeypatch):
     for field in ("num_workers", "cpus_per_worker", "gpus_per_worker", "placement_strategy"):
         assert getattr(job.cluster, field) == getattr(cfg.cluster, field), field
     assert job.run.output_dir == str(tmp_path / cfg.run.output_dir)
-    for section in ("model", "method", "stage", "backend", "data", "logger", "checkpoint", "train"):
-        assert dataclasses.asdict(getattr(job, section)) == dataclasses.asdict(getattr(cfg, section)), section
-    assert job_choices["method"] == choices["method"]
+    for section in ("model", "method", "stage", "backend", "data", "logger", "checkpoint", "train", "extra"):
+        assert getattr(job, section) == getattr(cfg, section), section
+    assert job_choices["method"] == choices["method"] and job_choices["stage"] == choices["stage"]
+    assert job.run.init_from == cfg.run.init_from  # chained stages resolve in the job
 
 
 def test_allocation_sizes_the_worker_group():

@@ -1,0 +1,161 @@
+"""What every benchmark shares: the config, the data, our worker run in-process, the TRL clock.
+
+"Ours" is the code a Ray worker runs, called without Ray: a `TrainWorker` joined to a
+one-rank gloo (or NCCL) process group, building its engine from the composed config and
+stepping on micro-batches from our data pipeline, exactly as `Stage.step` hands them
+over. Ray's transport (object store, actor calls) is left out here and measured by the
+time-to-first-step benchmark, which runs the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+
+# Long rows, so that every example is cut to exactly `max_seq_len` tokens (byte tokenizer:
+# one token per byte): each batch has the same shape, with no padding and no packing.
+_WORDS = ["alpha", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "garden",
+          "silver", "window", "forest", "candle", "planet", "butter", "orange", "marble"]
+
+
+def write_long_rows(path: Path, n: int, chars: int, seed: int = 0) -> Path:
+    """`n` prompt/completion rows of about `chars` characters each (the prompt a third)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            text = " ".join(rng.choice(_WORDS) for _ in range(chars // 5))
+            cut = len(text) // 3
+            f.write(json.dumps({"prompt": text[:cut], "completion": text[cut:]}) + "\n")
+    return path
+
+
+def compose_cfg(overrides: Sequence[str]):
+    from orchestrator.config.compose import compose
+    from orchestrator.config.validate import validate
+
+    cfg, _ = compose(list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def sft_overrides(data: Path, seq: int, batch: int, model: Sequence[str], run_dir: Path,
+                  threads: int, extra: Sequence[str] = ()) -> List[str]:
+    """The SFT config every CPU benchmark starts from: one worker, one micro-batch per step,
+    constant LR, logging/checkpoints/export off (they are not part of a step)."""
+    return ["+experiment=sft_tiny", "logger=console", "data=jsonl", f"data.source={data}",
+            f"data.max_seq_len={seq}", "data.batching=padded", "data.shuffle=false",
+            "data.group_by_length=false", "data.truncate=true", "cluster.num_workers=1",
+            f"cluster.cpus_per_worker={threads}", f"train.global_batch_size={batch}",
+            f"train.micro_batch_size={batch}", "train.scheduler=constant", "train.warmup_steps=0",
+            "train.max_steps=100000", "checkpoint.every_steps=0", "checkpoint.save_final=false",
+            "checkpoint.export_hf=false", f"run.output_dir={run_dir}", *model, *extra]
+
+
+def local_worker(cfg, total_steps: int = 100000):
+    """A TrainWorker (the Ray actor's class, called directly) on a one-rank process group."""
+    from orchestrator.workers.train_worker import TrainWorker
+
+    w = TrainWorker(cfg, 0, 1)
+    w.init_process_group("127.0.0.1", w.free_port())
+    w.build(total_steps)
+    return w
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                local = v.to_local() if hasattr(v, "to_local") else v
+                total += local.numel() * local.element_size()
+    return total
+
+
+class LocalWorkers:
+    """The WorkerGroup calls a stage makes (`call`, `call_per_rank`), on one in-process worker."""
+
+    world_size = 1
+    pg = None
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def call(self, method: str, *args, **kwargs) -> List[Any]:
+        return [getattr(self.worker, method)(*args, **kwargs)]
+
+    def call_per_rank(self, method: str, per_rank: Sequence[Any], **kwargs) -> List[Any]:
+        return [getattr(self.worker, method)(per_rank[0], **kwargs)]
+
+
+class LocalRollout:
+    """RolloutGroup's surface (generate, sync, version) over one in-process RolloutWorker."""
+
+    def __init__(self, worker):
+        self.actors = [worker]
+        self.version = 0
+
+    def generate(self, prompts, n: int, sampling: Dict[str, Any], seed: int) -> List[List[int]]:
+        res = self.actors[0].generate(prompts, n, sampling, seed)
+        assert res["version"] == self.version
+        return res["completions"]
+
+    def sync(self, version: int, state: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        import time
+
+        t = time.time()
+        self.actors[0].update_weights(version, state)
+        self.version = version
+        return {"time/sync": time.time() - t}
+
+    def shutdown(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------- TRL
+def trl_args(out_dir: Path, cfg, on_gpu: bool = False) -> Dict[str, Any]:
+    """TrainingArguments that make TRL do our work: same optimizer settings, constant LR,
+    fp32 on CPU (TRL defaults to bf16 and gradient checkpointing; both off), and no
+    logging, saving, evaluation, progress bar or data-loader workers."""
+    t = cfg.train
+    return dict(output_dir=str(out_dir), report_to=[], logging_strategy="no", save_strategy="no",
+                eval_strategy="no", disable_tqdm=True, use_cpu=not on_gpu, bf16=on_gpu,
+                gradient_checkpointing=False, dataloader_num_workers=0, seed=t.seed, max_steps=100000,
+                learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0,
+                weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+                adam_epsilon=t.adam_eps, max_grad_norm=t.max_grad_norm, save_only_model=True)
+
+
+def channel_callback(ch):
+    """A TrainerCallback that turns `trainer.train()` into one optimizer step per go: it
+    blocks in on_train_begin / on_step_end until the parent asks for the next step."""
+    from transformers import TrainerCallback
+
+    class _Step(TrainerCallback):
+        def _wait(self, control):
+            if not ch.next():
+                control.should_training_stop = True
+            return control
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            return self._wait(control)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            ch.done()
+            return self._wait(control)
+
+    return _Step()
+
+
+def sequential(trainer_cls):
+    """The trainer with its sampler in dataset order, so that its batches are ours."""
+
+    class Sequential(trainer_cls):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    Sequential.__name__ = trainer_cls.__name__
+    return Sequential

@@ -1,0 +1,140 @@
+"""GRPO iteration: ours vs TRL `GRPOTrainer`, both generating with HF `generate`.
+
+One iteration = sample `n` completions for each of `prompts` prompts, score them with the
+same reward function (`math_verify`), group advantages, one clipped policy-gradient
+optimizer step, and (ours) the weight sync to the rollout copy. Identical work: the same
+model and init, the same prompts in the same order (no shuffling on either side), the
+same sampling (temperature 1, no top-k/top-p) and a fixed completion length (EOS and pad
+suppressed, `min_new_tokens = max_new_tokens` on both sides), no KL term (so no reference
+model), one iteration per batch (so no old-log-prob pass), fp32, logging off.
+
+Ours runs the real `GrpoStage.step` with its TrainWorker and RolloutWorker in-process
+(the Ray actors' classes, called directly) and its reward process pool; the time split
+comes from the stage's own `time/*` metrics. TRL's split is measured by wrapping its
+`_generate` and `_calculate_rewards` methods with timers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from benchmarks.common import LocalRollout, LocalWorkers, channel_callback, compose_cfg, local_worker, trl_args
+from benchmarks.harness import interleave, median_extra, ratio, summarize
+
+_SPLIT = ("time/rollout", "time/reward", "time/old_logprob", "time/train", "time/sync")
+
+
+def _fixed_length(model, cfg, tok) -> None:
+    """Every completion exactly max_new_tokens long: EOS and pad can never be sampled."""
+    g = model.generation_config
+    g.min_new_tokens = cfg.stage.rollout.max_new_tokens
+    g.suppress_tokens = [tok.pad_token_id]
+
+
+def ours(ch, cfg) -> Dict[str, Any]:
+    from orchestrator.models import build_tokenizer
+    from orchestrator.rollout.worker import RolloutWorker
+    from orchestrator.stages.grpo import GrpoStage
+
+    tok = build_tokenizer(cfg.model)
+    stage = GrpoStage(cfg, tok)
+    workers = LocalWorkers(local_worker(cfg, stage.total_steps))
+    rollout = RolloutWorker(cfg, 0, tok)
+    _fixed_length(rollout.model, cfg, tok)
+    stage.rollout = LocalRollout(rollout)
+    stage.rollout.sync(stage.version, workers.call("trainable_state")[0])
+    step = 0
+    try:
+        while ch.next():
+            step += 1
+            m = stage.step(workers, step)
+            ch.done(**{k: m[k] for k in _SPLIT if k in m}, completion_len=m["completion_len"])
+    finally:
+        stage.close()
+    return {}
+
+
+def trl(ch, cfg) -> Dict[str, Any]:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from orchestrator.data.prompts import load_prompts
+    from orchestrator.models import build_model, build_tokenizer
+    from orchestrator.rewards import resolve
+
+    g, r = cfg.stage, cfg.stage.rollout
+    tok = build_tokenizer(cfg.model)
+    data = Dataset.from_list([{"prompt": p["messages"], "answer": p["answer"]} for p in load_prompts(cfg.data)])
+    fn = resolve(g.rewards[0].name)
+
+    def reward(prompts, completions, answer, **_):
+        return [fn(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
+
+    reward.__name__ = g.rewards[0].name
+    batch = g.prompts_per_step * r.n
+    args = GRPOConfig(**trl_args(Path(cfg.run.output_dir) / "trl", cfg), per_device_train_batch_size=batch,
+                      gradient_accumulation_steps=1, num_generations=r.n, max_completion_length=r.max_new_tokens,
+                      temperature=r.temperature, top_p=r.top_p, top_k=0, beta=g.kl_coef,
+                      num_iterations=g.num_iterations, epsilon=g.clip_low, epsilon_high=g.clip_high,
+                      loss_type="grpo", scale_rewards="group" if g.std_normalize else "none",
+                      shuffle_dataset=False, log_completions=False, mask_truncated_completions=False,
+                      generation_kwargs={"min_new_tokens": r.max_new_tokens, "suppress_tokens": [tok.pad_token_id]})
+    trainer = GRPOTrainer(model=build_model(cfg.model, torch.float32), reward_funcs=[reward], args=args,
+                          train_dataset=data, processing_class=tok, callbacks=[channel_callback(ch)])
+    split = {"time/rollout": 0.0, "time/reward": 0.0}
+
+    def timed(key, inner):
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                split[key] += time.perf_counter() - t
+        return call
+
+    trainer._generate = timed("time/rollout", trainer._generate)
+    trainer._calculate_rewards = timed("time/reward", trainer._calculate_rewards)
+    done = ch.done
+
+    def done_with_split(**extra):
+        done(**extra, **split)
+        split.update({k: 0.0 for k in split})
+
+    ch.done = done_with_split
+    trainer.train()
+    return {}
+
+
+def grpo_iteration(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> Dict[str, Any]:
+    w = ({"hidden": 64, "intermediate": 128, "layers": 2, "heads": 2, "prompts": 2, "n": 4, "completion": 4}
+         if smoke else
+         {"hidden": 256, "intermediate": 1024, "layers": 4, "heads": 4, "prompts": 2, "n": 8, "completion": 32})
+    steps = warmup + repeats + 2
+    cfg = compose_cfg([
+        "stage=grpo", "model=tiny_llama", "method=full", "data=arithmetic", "logger=console",
+        f"model.hidden_size={w['hidden']}", f"model.intermediate_size={w['intermediate']}",
+        f"model.num_layers={w['layers']}", f"model.num_heads={w['heads']}", f"model.num_kv_heads={w['heads']}",
+        f"data.num_samples={w['prompts'] * steps}", "data.shuffle=false", "cluster.num_workers=1",
+        f"cluster.cpus_per_worker={threads}", f"stage.rollout.cpus_per_worker={threads}",
+        f"stage.prompts_per_step={w['prompts']}", f"stage.rollout.n={w['n']}",
+        f"stage.rollout.max_new_tokens={w['completion']}", "stage.rollout.temperature=1.0", "stage.rollout.top_p=1.0",
+        "stage.clip_high=0.2", "stage.eval_samples=0", "stage.log_samples_every=0", "stage.kl_coef=0.0",
+        f"train.micro_batch_size={w['prompts'] * w['n']}", f"train.max_steps={steps}", "train.scheduler=constant",
+        "train.warmup_steps=0", "train.lr=1e-5", "checkpoint.every_steps=0", "checkpoint.save_final=false",
+        "checkpoint.export_hf=false", f"run.output_dir={work_dir}"])
+    res = interleave({"ours": (ours, {"cfg": cfg}), "trl": (trl, {"cfg": cfg})}, warmup, repeats, threads)
+    out = {}
+    for name, r in res.items():
+        out[name] = {**summarize(r["times"]), **r["report"]}
+        out[name]["split_median_s"] = {k: median_extra(r["extras"], k) for k in _SPLIT
+                                       if any(k in e for e in r["extras"])}
+    out["ours"]["completion_len"] = median_extra(res["ours"]["extras"], "completion_len")
+    return {"title": "GRPO iteration (rollout + reward + update), tiny Llama", "unit": "s/iteration",
+            "work": {**w, "samples_per_iteration": w["prompts"] * w["n"], "reward": cfg.stage.rewards[0].name,
+                     "dtype": "float32"},
+            "contenders": out,
+            "ratios": [ratio("ours/trl", out["ours"]["median_s"], out["trl"]["median_s"], 0.8)]}

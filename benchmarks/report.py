@@ -1,0 +1,104 @@
+"""Result files: `<kind>.json` (everything), `<kind>.md` (the table), `<kind>.png` (ratios vs goals)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List
+
+
+def write_results(out_dir: Path, kind: str, machine: Dict[str, Any], settings: Dict[str, Any],
+                  entries: Dict[str, Any]) -> List[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{kind}.json"
+    doc: Dict[str, Any] = {"benchmarks": {}}
+    if path.exists():  # a partial run (--only) keeps the other entries, each with its own date and load
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError:
+            pass
+    for name, entry in entries.items():
+        entry["machine"], entry["settings"] = machine, settings
+        doc["benchmarks"][name] = entry
+    doc.update(kind=kind, machine=machine, settings=settings)
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    md = out_dir / f"{kind}.md"
+    md.write_text(markdown(doc))
+    png = out_dir / f"{kind}.png"
+    chart(doc, png)
+    return [path, md, png]
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "n/a"
+        return f"{x:.4g}"
+    return str(x)
+
+
+def _machine_line(m: Dict[str, Any]) -> str:
+    parts = [m.get("gpu"), f"{m.get('cpu')} ({m.get('cores')} cores)", f"torch {m.get('torch')}",
+             f"transformers {m.get('transformers')}", f"trl {m.get('trl')}", f"peft {m.get('peft')}",
+             m.get("date_utc")]
+    return ", ".join(p for p in parts if p)
+
+
+def markdown(doc: Dict[str, Any]) -> str:
+    m, s = doc["machine"], doc["settings"]
+    lines = [f"# {doc['kind'].upper()} benchmarks", "",
+             f"Machine: {_machine_line(m)}. Settings: {s['warmup']} warm-up + {s['repeats']} timed rounds, "
+             f"interleaved; {s['threads']} torch thread(s) per contender{' (smoke sizes)' if s['smoke'] else ''}.",
+             "", "| benchmark | contender | median | p25 - p75 | peak RSS delta (MB) | notes |",
+             "|---|---|---|---|---|---|"]
+    for name, e in doc["benchmarks"].items():
+        if "error" in e:
+            lines.append(f"| {name} | (failed) | | | | see JSON |")
+            continue
+        for cname, c in e["contenders"].items():
+            if "median_s" not in c:
+                lines.append(f"| {name} | {cname} | n/a | | | {c.get('note', '')} |")
+                continue
+            lines.append(f"| {name} | {cname} | {c['median_s']:.4g} {e.get('unit', 's')} | "
+                         f"{c['p25_s']:.4g} - {c['p75_s']:.4g} | {_fmt(c.get('rss_peak_delta_mb', ''))} | "
+                         f"{c.get('note', '')} |")
+    lines += ["", "| benchmark | ratio | value | goal | met | load avg (1/5/15 min) |", "|---|---|---|---|---|---|"]
+    for name, e in doc["benchmarks"].items():
+        for r in e.get("ratios", []):
+            goal = "" if r["goal"] is None else f"<= {r['goal']}"
+            met = {True: "yes", False: "**no**", None: ""}[r["met"]]
+            lines.append(f"| {name} | {r['name']} | {_fmt(r['value'])} | {goal} | {met} | "
+                         f"{'/'.join(str(x) for x in e.get('loadavg_1_5_15', []))} |")
+    notes = [(name, n) for name, e in doc["benchmarks"].items() for n in e.get("notes", [])]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {name}: {n}" for name, n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def chart(doc: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"{name}: {r['name']}", r["value"], r["goal"]) for name, e in doc["benchmarks"].items()
+            for r in e.get("ratios", []) if not r.get("absolute")
+            and isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * max(len(rows), 1) + 1.6))
+    if rows:
+        labels, values, goals = zip(*rows)
+        y = list(range(len(rows)))[::-1]
+        colors = ["tab:green" if g is None or v <= g else "tab:red" for _, v, g in rows]
+        ax.barh(y, values, color=colors, alpha=0.8)
+        for yi, g in zip(y, goals):
+            if g is not None:
+                ax.plot([g, g], [yi - 0.4, yi + 0.4], color="black", lw=2)
+        ax.axvline(1.0, color="grey", ls=":", lw=1)
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("ratio (lower is better for ours; black tick: goal; dotted: parity)")
+    ax.set_title(f"{doc['kind'].upper()}: {_machine_line(doc['machine'])}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
