@@ -22,14 +22,17 @@ _WORDS = ["alpha", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket
           "silver", "window", "forest", "candle", "planet", "butter", "orange", "marble"]
 
 
-def write_long_rows(path: Path, n: int, chars: int, seed: int = 0) -> Path:
-    """`n` prompt/completion rows of about `chars` characters each (the prompt a third)."""
+def write_long_rows(path: Path, n: int, seq: int, seed: int = 0) -> Path:
+    """`n` prompt/completion rows longer than `seq` tokens: a prompt of about seq/4 characters
+    and a completion of about 2*seq, so every row is cut to `seq` with completion tokens left."""
     rng = random.Random(seed)
+
+    def text(chars: int) -> str:
+        return " ".join(rng.choice(_WORDS) for _ in range(max(1, chars // 6)))
+
     with open(path, "w") as f:
         for _ in range(n):
-            text = " ".join(rng.choice(_WORDS) for _ in range(chars // 5))
-            cut = len(text) // 3
-            f.write(json.dumps({"prompt": text[:cut], "completion": text[cut:]}) + "\n")
+            f.write(json.dumps({"prompt": text(seq // 4), "completion": text(2 * seq)}) + "\n")
     return path
 
 
@@ -148,6 +151,15 @@ def channel_callback(ch):
             return self._wait(control)
 
     return _Step()
+
+
+def quiet(trainer):
+    """No console output from the trainer (its printer callback prints the final metrics)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
 
 
 def sequential(trainer_cls):

@@ -22,7 +22,7 @@ from typing import Any, Dict
 
 import torch
 
-from benchmarks.common import LocalRollout, LocalWorkers, channel_callback, compose_cfg, local_worker, trl_args
+from benchmarks.common import LocalRollout, LocalWorkers, channel_callback, compose_cfg, local_worker, quiet, trl_args
 from benchmarks.harness import interleave, median_extra, ratio, summarize
 
 _SPLIT = ("time/rollout", "time/reward", "time/old_logprob", "time/train", "time/sync")
@@ -105,7 +105,7 @@ def trl(ch, cfg) -> Dict[str, Any]:
         split.update({k: 0.0 for k in split})
 
     ch.done = done_with_split
-    trainer.train()
+    quiet(trainer).train()
     return {}
 
 

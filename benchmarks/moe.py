@@ -19,7 +19,7 @@ from benchmarks.sft import ours
 def moe_experts(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> Dict[str, Any]:
     w = ({"hidden": 32, "moe_intermediate": 32, "layers": 2, "experts": 8, "seq": 64, "batch": 2} if smoke else
          {"hidden": 128, "moe_intermediate": 128, "layers": 4, "experts": 8, "seq": 256, "batch": 4})
-    data = write_long_rows(work_dir / "rows.jsonl", n=w["batch"] * (warmup + repeats + 2), chars=2 * w["seq"])
+    data = write_long_rows(work_dir / "rows.jsonl", n=w["batch"] * (warmup + repeats + 2), seq=w["seq"])
     model = ["model=tiny_moe", f"model.hidden_size={w['hidden']}", f"model.intermediate_size={2 * w['hidden']}",
              f"model.moe_intermediate_size={w['moe_intermediate']}", f"model.num_layers={w['layers']}",
              f"model.num_experts={w['experts']}", "model.num_experts_per_tok=2"]

@@ -41,8 +41,9 @@ def _gpu_suite() -> Dict[str, Callable[..., Dict[str, Any]]]:
 
 def _preload() -> None:
     """Import what the children use once, before forking (they then start instantly)."""
+    import datasets
     import peft  # noqa: F401
-    import transformers  # noqa: F401
+    import transformers
     import trl  # noqa: F401
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: F401
 
@@ -51,6 +52,9 @@ def _preload() -> None:
     import orchestrator.stages.grpo  # noqa: F401
     import orchestrator.stages.sft  # noqa: F401
     import orchestrator.workers.train_worker  # noqa: F401
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,7 @@ from benchmarks.common import (
     compose_cfg,
     local_worker,
     optimizer_state_bytes,
+    quiet,
     sequential,
     sft_overrides,
     trl_args,
@@ -73,7 +74,7 @@ def trl(ch, cfg, lora: bool) -> Dict[str, Any]:
                      gradient_accumulation_steps=1, dataset_num_proc=None)
     trainer = sequential(SFTTrainer)(model=build_model(cfg.model, torch.float32), args=args, train_dataset=data,
                                      processing_class=tok, peft_config=peft_cfg, callbacks=[channel_callback(ch)])
-    trainer.train()
+    quiet(trainer).train()
     return {"optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
             "optimizer": type(trainer.optimizer).__name__,
             "fused_adamw": bool(trainer.optimizer.defaults.get("fused"))}
@@ -109,7 +110,7 @@ def plain(ch, cfg) -> Dict[str, Any]:
 def _work(smoke: bool) -> Dict[str, Any]:
     if smoke:
         return {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 2, "seq": 64, "batch": 2}
-    return {"hidden": 256, "intermediate": 1024, "layers": 4, "heads": 4, "seq": 256, "batch": 8}
+    return {"hidden": 256, "intermediate": 1024, "layers": 4, "heads": 4, "seq": 256, "batch": 4}
 
 
 def _model_overrides(w: Dict[str, Any]):
@@ -118,7 +119,7 @@ def _model_overrides(w: Dict[str, Any]):
 
 
 def _cfg(work_dir: Path, w: Dict[str, Any], steps: int, threads: int, extra=()):
-    data = write_long_rows(work_dir / "rows.jsonl", n=w["batch"] * (steps + 2), chars=2 * w["seq"])
+    data = write_long_rows(work_dir / "rows.jsonl", n=w["batch"] * (steps + 2), seq=w["seq"])
     return compose_cfg(sft_overrides(data, w["seq"], w["batch"], _model_overrides(w), work_dir, threads, extra))
 
 

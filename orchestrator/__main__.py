@@ -68,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from orchestrator.chain import resolve_init_from
 
         launch = LAUNCHERS[cfg.cluster.name]
-        cfg = resolve_init_from(cfg, choices, launch)
+        if cfg.cluster.name in ("local", "ray"):  # submitted jobs resolve the chain where they run
+            cfg = resolve_init_from(cfg, choices, launch)
         launch(cfg, choices)
         return 0
     except OrchestratorError as exc:

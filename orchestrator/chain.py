@@ -49,6 +49,7 @@ def _run_chained(cfg, choices: Dict[str, str], name: str, launch: Callable) -> P
             return Path(exports["model"])
     overrides = [f"+experiment={name}", f"run.output_dir={out}", f"logger={choices.get('logger', 'wandb')}"]
     sub, sub_choices = compose(overrides)
+    sub = replace(sub, cluster=cfg.cluster)  # the chained run uses the same cluster as this one
     if sub.method.name != "full":
         raise ConfigError(f"run.init_from=experiment:{name} must be a method=full run (its export is the "
                           "next stage's base model)")

@@ -39,7 +39,7 @@ def rayjob_schema():
     path = SHARED_K8S / "ray.io_rayjobs.yaml"
     if not path.is_file():
         pytest.skip(f"KubeRay CRD schemas not found at {SHARED_K8S} (the shared/ directory beside the repo)")
-    crd = yaml.safe_load(path.read_text())
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1.4 MB: C is 5x faster
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return version["schema"]["openAPIV3Schema"]
 
