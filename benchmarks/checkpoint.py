@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import local_worker
-from benchmarks.harness import interleave, ratio, summarize
+from benchmarks.harness import interleave, result, time_ratio
 from benchmarks.sft import _cfg, _rows, _work
 
 
@@ -88,15 +88,14 @@ def checkpoint_save(work_dir: Path, warmup: int, repeats: int, threads: int, smo
                       "torch_save": (peer, {"cfg": cfg, "root": root}),
                       "dcp_async_blocking": (ours, {"cfg": cfg, "root": root, "mode": "async"})},
                      warmup, repeats, threads)
-    out = {name: {**summarize(r["times"]), **r["report"]} for name, r in res.items()}
+    out = {name: result(r) for name, r in res.items()}
     out["dcp_async_blocking"]["note"] = "reference only: not wired into the engines"
     out["ours"]["async_save"] = "absent (engines save synchronously)"
     return {"title": "Checkpoint save, model + AdamW state", "unit": "s/save",
             "work": {**w, "bytes_ours": out["ours"]["bytes_written"],
                      "bytes_torch_save": out["torch_save"]["bytes_written"]},
             "contenders": out,
-            "ratios": [ratio("ours/torch_save (sync)", out["ours"]["median_s"], out["torch_save"]["median_s"], 1.2),
-                       ratio("dcp_async_blocking/torch_save", out["dcp_async_blocking"]["median_s"],
-                             out["torch_save"]["median_s"], None)],
+            "ratios": [time_ratio("ours/torch_save (sync)", out, "ours", "torch_save", 1.2),
+                       time_ratio("dcp_async_blocking/torch_save", out, "dcp_async_blocking", "torch_save", None)],
             "notes": ["async save: absent in the engines; dcp_async_blocking shows what dcp.async_save would "
                       "block for on the same state"]}

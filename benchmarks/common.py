@@ -46,14 +46,15 @@ def compose_cfg(overrides: Sequence[str]):
 
 
 def sft_overrides(data: Path, seq: int, batch: int, model: Sequence[str], run_dir: Path,
-                  threads: int, extra: Sequence[str] = ()) -> List[str]:
-    """The SFT config every CPU benchmark starts from: one worker, one micro-batch per step,
-    constant LR, logging/checkpoints/export off (they are not part of a step)."""
+                  threads: int, extra: Sequence[str] = (), micro: int | None = None) -> List[str]:
+    """The SFT config every benchmark starts from: one worker, one micro-batch per step
+    unless `micro` says otherwise, constant LR, logging/checkpoints/export off (they are
+    not part of a step)."""
     return ["+experiment=sft_tiny", "logger=console", "data=jsonl", f"data.source={data}",
             f"data.max_seq_len={seq}", "data.batching=padded", "data.shuffle=false",
             "data.group_by_length=false", "data.truncate=true", "cluster.num_workers=1",
             f"cluster.cpus_per_worker={threads}", f"train.global_batch_size={batch}",
-            f"train.micro_batch_size={batch}", "train.scheduler=constant", "train.warmup_steps=0",
+            f"train.micro_batch_size={micro or batch}", "train.scheduler=constant", "train.warmup_steps=0",
             "train.max_steps=100000", "checkpoint.every_steps=0", "checkpoint.save_final=false",
             "checkpoint.export_hf=false", f"run.output_dir={run_dir}", *model, *extra]
 
@@ -119,14 +120,21 @@ class LocalRollout:
 
 
 # ------------------------------------------------------------------------- TRL
-def trl_args(out_dir: Path, cfg, on_gpu: bool = False) -> Dict[str, Any]:
-    """TrainingArguments that make TRL do our work: same optimizer settings, constant LR,
-    fp32 on CPU (TRL defaults to bf16 and gradient checkpointing; both off), and no
-    logging, saving, evaluation, progress bar or data-loader workers."""
-    t = cfg.train
+def storage_dtype(cfg) -> torch.dtype:
+    """The dtype our engines store weights in (fp32 master weights unless model.dtype says)."""
+    return torch.float32 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+
+
+def trl_args(out_dir: Path, cfg) -> Dict[str, Any]:
+    """TrainingArguments that make TRL do our work: same batch split, optimizer settings,
+    constant LR and precision (fp32 on CPU; bf16 autocast over fp32 weights on GPU, as our
+    FSDP2 mixed precision), gradient checkpointing only where ours has it on (TRL defaults
+    to it), and no logging, saving, evaluation, progress bar or data-loader workers."""
+    t, on_gpu = cfg.train, cfg.cluster.gpus_per_worker > 0
     return dict(output_dir=str(out_dir), report_to=[], logging_strategy="no", save_strategy="no",
                 eval_strategy="no", disable_tqdm=True, use_cpu=not on_gpu, bf16=on_gpu,
-                gradient_checkpointing=False, dataloader_num_workers=0, seed=t.seed, max_steps=100000,
+                gradient_checkpointing=cfg.backend.activation_checkpointing, dataloader_num_workers=0,
+                seed=t.seed, max_steps=100000,
                 learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0,
                 weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
                 adam_epsilon=t.adam_eps, max_grad_norm=t.max_grad_norm, save_only_model=True)

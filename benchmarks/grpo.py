@@ -20,10 +20,17 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-import torch
-
-from benchmarks.common import LocalRollout, LocalWorkers, channel_callback, compose_cfg, local_worker, quiet, trl_args
-from benchmarks.harness import interleave, median_extra, ratio, summarize
+from benchmarks.common import (
+    LocalRollout,
+    LocalWorkers,
+    channel_callback,
+    compose_cfg,
+    local_worker,
+    quiet,
+    storage_dtype,
+    trl_args,
+)
+from benchmarks.harness import interleave, median_extra, result, time_ratio
 
 _SPLIT = ("time/rollout", "time/reward", "time/old_logprob", "time/train", "time/sync")
 
@@ -76,14 +83,15 @@ def trl(ch, cfg) -> Dict[str, Any]:
 
     reward.__name__ = g.rewards[0].name
     batch = g.prompts_per_step * r.n
-    args = GRPOConfig(**trl_args(Path(cfg.run.output_dir) / "trl", cfg), per_device_train_batch_size=batch,
-                      gradient_accumulation_steps=1, num_generations=r.n, max_completion_length=r.max_new_tokens,
+    micro = min(cfg.train.micro_batch_size, batch)
+    args = GRPOConfig(**trl_args(Path(cfg.run.output_dir) / "trl", cfg), per_device_train_batch_size=micro,
+                      gradient_accumulation_steps=batch // micro, num_generations=r.n, max_completion_length=r.max_new_tokens,
                       temperature=r.temperature, top_p=r.top_p, top_k=0, beta=g.kl_coef,
                       num_iterations=g.num_iterations, epsilon=g.clip_low, epsilon_high=g.clip_high,
                       loss_type="grpo", scale_rewards="group" if g.std_normalize else "none",
                       shuffle_dataset=False, log_completions=False, mask_truncated_completions=False,
                       generation_kwargs={"min_new_tokens": r.max_new_tokens, "suppress_tokens": [tok.pad_token_id]})
-    trainer = GRPOTrainer(model=build_model(cfg.model, torch.float32), reward_funcs=[reward], args=args,
+    trainer = GRPOTrainer(model=build_model(cfg.model, storage_dtype(cfg)), reward_funcs=[reward], args=args,
                           train_dataset=data, processing_class=tok, callbacks=[channel_callback(ch)])
     split = {"time/rollout": 0.0, "time/reward": 0.0}
 
@@ -109,32 +117,41 @@ def trl(ch, cfg) -> Dict[str, Any]:
     return {}
 
 
-def grpo_iteration(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> Dict[str, Any]:
-    w = ({"hidden": 64, "intermediate": 128, "layers": 2, "heads": 2, "prompts": 2, "n": 4, "completion": 4}
-         if smoke else
-         {"hidden": 256, "intermediate": 1024, "layers": 4, "heads": 4, "prompts": 2, "n": 8, "completion": 32})
-    steps = warmup + repeats + 2
-    cfg = compose_cfg([
-        "stage=grpo", "model=tiny_llama", "method=full", "data=arithmetic", "logger=console",
-        f"model.hidden_size={w['hidden']}", f"model.intermediate_size={w['intermediate']}",
-        f"model.num_layers={w['layers']}", f"model.num_heads={w['heads']}", f"model.num_kv_heads={w['heads']}",
+def grpo_cfg(work_dir: Path, w: Dict[str, Any], steps: int, threads: int, model=None, extra=()):
+    model = model or ["model=tiny_llama", f"model.hidden_size={w['hidden']}",
+                      f"model.intermediate_size={w['intermediate']}", f"model.num_layers={w['layers']}",
+                      f"model.num_heads={w['heads']}", f"model.num_kv_heads={w['heads']}"]
+    return compose_cfg([
+        "stage=grpo", "method=full", "data=arithmetic", "logger=console", *model,
         f"data.num_samples={w['prompts'] * steps}", "data.shuffle=false", "cluster.num_workers=1",
         f"cluster.cpus_per_worker={threads}", f"stage.rollout.cpus_per_worker={threads}",
         f"stage.prompts_per_step={w['prompts']}", f"stage.rollout.n={w['n']}",
         f"stage.rollout.max_new_tokens={w['completion']}", "stage.rollout.temperature=1.0", "stage.rollout.top_p=1.0",
         "stage.clip_high=0.2", "stage.eval_samples=0", "stage.log_samples_every=0", "stage.kl_coef=0.0",
-        f"train.micro_batch_size={w['prompts'] * w['n']}", f"train.max_steps={steps}", "train.scheduler=constant",
-        "train.warmup_steps=0", "train.lr=1e-5", "checkpoint.every_steps=0", "checkpoint.save_final=false",
-        "checkpoint.export_hf=false", f"run.output_dir={work_dir}"])
-    res = interleave({"ours": (ours, {"cfg": cfg}), "trl": (trl, {"cfg": cfg})}, warmup, repeats, threads)
+        f"train.micro_batch_size={w.get('micro', w['prompts'] * w['n'])}", f"train.max_steps={steps}",
+        "train.scheduler=constant", "train.warmup_steps=0", "train.lr=1e-5", "checkpoint.every_steps=0",
+        "checkpoint.save_final=false", "checkpoint.export_hf=false", f"run.output_dir={work_dir}", *extra])
+
+
+def run_grpo(cfg, w: Dict[str, Any], warmup: int, repeats: int, threads: int, **kw) -> Dict[str, Dict[str, Any]]:
+    res = interleave({"ours": (ours, {"cfg": cfg}), "trl": (trl, {"cfg": cfg})}, warmup, repeats, threads, **kw)
     out = {}
     for name, r in res.items():
-        out[name] = {**summarize(r["times"]), **r["report"]}
+        out[name] = result(r)
         out[name]["split_median_s"] = {k: median_extra(r["extras"], k) for k in _SPLIT
                                        if any(k in e for e in r["extras"])}
     out["ours"]["completion_len"] = median_extra(res["ours"]["extras"], "completion_len")
+    return out
+
+
+def grpo_iteration(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> Dict[str, Any]:
+    w = ({"hidden": 64, "intermediate": 128, "layers": 2, "heads": 2, "prompts": 2, "n": 4, "completion": 4}
+         if smoke else
+         {"hidden": 256, "intermediate": 1024, "layers": 4, "heads": 4, "prompts": 2, "n": 8, "completion": 32})
+    cfg = grpo_cfg(work_dir, w, warmup + repeats + 2, threads)
+    out = run_grpo(cfg, w, warmup, repeats, threads)
     return {"title": "GRPO iteration (rollout + reward + update), tiny Llama", "unit": "s/iteration",
             "work": {**w, "samples_per_iteration": w["prompts"] * w["n"], "reward": cfg.stage.rewards[0].name,
                      "dtype": "float32"},
             "contenders": out,
-            "ratios": [ratio("ours/trl", out["ours"]["median_s"], out["trl"]["median_s"], 0.8)]}
+            "ratios": [time_ratio("ours/trl", out, "ours", "trl", 0.8)]}

@@ -17,6 +17,7 @@ CUDA does not survive a fork.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import platform
@@ -39,7 +40,7 @@ class Channel:
     def __init__(self, conn):
         self.conn = conn
         self._ready = False
-        self._t0 = 0.0
+        self._t0 = self._c0 = 0.0
 
     def next(self) -> bool:
         if not self._ready:  # the first call means setup is over
@@ -47,11 +48,12 @@ class Channel:
             self._ready = True
         if self.conn.recv() == "stop":
             return False
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
         return True
 
     def done(self, **extra: Any) -> None:
-        self.conn.send(("step", time.perf_counter() - self._t0, extra))
+        wall, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
+        self.conn.send(("step", (wall, cpu), extra))
 
 
 def _status_kb(field: str) -> float:
@@ -112,7 +114,11 @@ def _recv(conn, name: str, timeout: float) -> Tuple[str, Any, Any]:
 
 def interleave(contenders: Dict[str, Tuple[Callable, Dict[str, Any]]], warmup: int, repeats: int,
                threads: int, start_method: str = "fork", timeout: float = 900.0) -> Dict[str, Dict[str, Any]]:
-    """{name: {"times": [s, ...] (after warm-up), "extras": [...], "report": {...}}}."""
+    """{name: {"times": [wall s, ...], "cpu_times": [...] (after warm-up), "extras": [...], "report": {...}}}.
+
+    CPU time is the child's process time: with one thread it is the work's cost, and it does
+    not grow when other processes take the cores (wall time does), so it cross-checks the
+    wall-clock medians on a loaded machine. It leaves out helper processes (reward pool)."""
     ctx = mp.get_context(start_method)
     procs, conns = {}, {}
     try:
@@ -124,14 +130,15 @@ def interleave(contenders: Dict[str, Tuple[Callable, Dict[str, Any]]], warmup: i
             procs[name], conns[name] = p, parent
         for name in contenders:
             _recv(conns[name], name, timeout)  # "ready": built, waiting for the first go
-        out = {name: {"times": [], "extras": [], "report": {}} for name in contenders}
+        out = {name: {"times": [], "cpu_times": [], "extras": [], "report": {}} for name in contenders}
         names = list(contenders)
         for r in range(warmup + repeats):
             for name in (names if r % 2 == 0 else names[::-1]):
                 conns[name].send("step")
-                _, dt, extra = _recv(conns[name], name, timeout)
+                _, (wall, cpu), extra = _recv(conns[name], name, timeout)
                 if r >= warmup:
-                    out[name]["times"].append(dt)
+                    out[name]["times"].append(wall)
+                    out[name]["cpu_times"].append(cpu)
                     out[name]["extras"].append(extra)
         for name in names:
             conns[name].send("stop")
@@ -147,11 +154,19 @@ def interleave(contenders: Dict[str, Tuple[Callable, Dict[str, Any]]], warmup: i
 
 
 # ---------------------------------------------------------------------- stats
-def summarize(times: List[float]) -> Dict[str, Any]:
+def summarize(times: List[float], cpu_times: List[float] | None = None) -> Dict[str, Any]:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_s": round(statistics.median(times), 5), "p25_s": round(q[0], 5),
-            "p75_s": round(q[2], 5), "min_s": round(min(times), 5), "n": len(times),
-            "times_s": [round(t, 5) for t in times]}
+    out = {"median_s": round(statistics.median(times), 5), "p25_s": round(q[0], 5),
+           "p75_s": round(q[2], 5), "min_s": round(min(times), 5), "n": len(times),
+           "times_s": [round(t, 5) for t in times]}
+    if cpu_times:
+        out["cpu_median_s"] = round(statistics.median(cpu_times), 5)
+    return out
+
+
+def result(r: Dict[str, Any]) -> Dict[str, Any]:
+    """One contender's entry: timing summary plus its child's report."""
+    return {**summarize(r["times"], r["cpu_times"]), **r["report"]}
 
 
 def median_extra(extras: List[Dict[str, Any]], key: str) -> float:
@@ -159,10 +174,20 @@ def median_extra(extras: List[Dict[str, Any]], key: str) -> float:
     return round(statistics.median(vals), 5) if vals else float("nan")
 
 
-def ratio(name: str, num: float, den: float, goal: float | None, better: str = "lower") -> Dict[str, Any]:
+def ratio(name: str, num: float, den: float, goal: float | None, cpu: Tuple[float, float] | None = None
+          ) -> Dict[str, Any]:
+    """num/den against a goal (lower is better); `cpu` = (num, den) in CPU time, reported beside it."""
     value = num / den if den else float("nan")
-    met = None if goal is None else (value <= goal if better == "lower" else value >= goal)
-    return {"name": name, "value": round(value, 4), "goal": goal, "met": met}
+    out = {"name": name, "value": round(value, 4), "goal": goal, "met": None if goal is None else value <= goal}
+    if cpu and cpu[1]:
+        out["cpu_value"] = round(cpu[0] / cpu[1], 4)
+    return out
+
+
+def time_ratio(name: str, out: Dict[str, Dict[str, Any]], a: str, b: str, goal: float | None) -> Dict[str, Any]:
+    """Median wall time of contender a over b (the goal applies to it), and the same in CPU time."""
+    cpu = (out[a].get("cpu_median_s"), out[b].get("cpu_median_s"))
+    return ratio(name, out[a]["median_s"], out[b]["median_s"], goal, cpu if None not in cpu else None)
 
 
 # -------------------------------------------------------------------- machine
@@ -200,6 +225,7 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
+@functools.lru_cache(maxsize=None)
 def gpu_info() -> Dict[str, Any]:
     """Queried in a child process, so that the parent never initialises CUDA (it forks)."""
     ctx = mp.get_context("spawn")

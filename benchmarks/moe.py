@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from benchmarks.common import compose_cfg, sft_overrides, write_long_rows
-from benchmarks.harness import interleave, ratio, summarize
+from benchmarks.harness import interleave, ratio, result, time_ratio
 from benchmarks.sft import ours
 
 
@@ -29,13 +29,13 @@ def moe_experts(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: 
         run = work_dir / method
         cfgs[method] = compose_cfg(sft_overrides(data, w["seq"], w["batch"], model, run, threads, extra))
     res = interleave({m: (ours, {"cfg": c}) for m, c in cfgs.items()}, warmup, repeats, threads)
-    out = {name: {**summarize(r["times"]), **r["report"]} for name, r in res.items()}
+    out = {name: result(r) for name, r in res.items()}
     for c in out.values():
         c["optimizer_state_mib"] = round(c["optimizer_state_bytes"] / 2**20, 3)
     return {"title": "MoE: 2 of 8 experts trained vs full", "unit": "s/step",
             "work": {**w, "experts_trained": [0, 1], "params_total": out["full"]["params"]["params_total"],
                      "params_trainable_experts": out["experts"]["params"]["params_trainable"]},
             "contenders": out,
-            "ratios": [ratio("step time experts/full", out["experts"]["median_s"], out["full"]["median_s"], None),
+            "ratios": [time_ratio("step time experts/full", out, "experts", "full", None),
                        ratio("optimizer state experts/full", out["experts"]["optimizer_state_bytes"],
                              out["full"]["optimizer_state_bytes"], None)]}

@@ -45,31 +45,47 @@ def _machine_line(m: Dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
+_DETAILS = ("tokens_per_s", "mfu", "gpu_peak_mem_gib", "samples_per_s", "optimizer_state_mib", "bytes_written",
+            "exit_median_s", "split_median_s", "note")
+
+
+def _details(c: Dict[str, Any]) -> str:
+    out = []
+    for k in _DETAILS:
+        if k not in c:
+            continue
+        v = c[k]
+        if isinstance(v, dict):
+            v = ", ".join(f"{kk.split('/')[-1]} {_fmt(vv)}" for kk, vv in v.items())
+        out.append(f"{k}: {_fmt(v)}")
+    return "; ".join(out)
+
+
 def markdown(doc: Dict[str, Any]) -> str:
     m, s = doc["machine"], doc["settings"]
     lines = [f"# {doc['kind'].upper()} benchmarks", "",
              f"Machine: {_machine_line(m)}. Settings: {s['warmup']} warm-up + {s['repeats']} timed rounds, "
              f"interleaved; {s['threads']} torch thread(s) per contender{' (smoke sizes)' if s['smoke'] else ''}.",
-             "", "| benchmark | contender | median | p25 - p75 | peak RSS delta (MB) | notes |",
-             "|---|---|---|---|---|---|"]
+             "Wall-clock medians decide the goals; CPU time (the contender process's own, one thread) is "
+             "shown beside them because it does not grow with the load of other processes.",
+             "", "| benchmark | contender | median (wall) | p25 - p75 | median (CPU) | peak RSS delta MB | details |",
+             "|---|---|---|---|---|---|---|"]
     for name, e in doc["benchmarks"].items():
         if "error" in e:
-            lines.append(f"| {name} | (failed) | | | | see JSON |")
+            lines.append(f"| {name} | (failed) | | | | | see JSON |")
             continue
+        unit = e.get("unit", "s")
         for cname, c in e["contenders"].items():
-            if "median_s" not in c:
-                lines.append(f"| {name} | {cname} | n/a | | | {c.get('note', '')} |")
-                continue
-            lines.append(f"| {name} | {cname} | {c['median_s']:.4g} {e.get('unit', 's')} | "
-                         f"{c['p25_s']:.4g} - {c['p75_s']:.4g} | {_fmt(c.get('rss_peak_delta_mb', ''))} | "
-                         f"{c.get('note', '')} |")
-    lines += ["", "| benchmark | ratio | value | goal | met | load avg (1/5/15 min) |", "|---|---|---|---|---|---|"]
+            lines.append(f"| {name} | {cname} | {_fmt(c['median_s'])} {unit} | {_fmt(c['p25_s'])} - "
+                         f"{_fmt(c['p75_s'])} | {_fmt(c.get('cpu_median_s', ''))} | "
+                         f"{_fmt(c.get('rss_peak_delta_mb', ''))} | {_details(c)} |")
+    lines += ["", "| benchmark | ratio | wall | CPU | goal | met | load avg 1/5/15 min |", "|---|---|---|---|---|---|---|"]
     for name, e in doc["benchmarks"].items():
         for r in e.get("ratios", []):
             goal = "" if r["goal"] is None else f"<= {r['goal']}"
             met = {True: "yes", False: "**no**", None: ""}[r["met"]]
-            lines.append(f"| {name} | {r['name']} | {_fmt(r['value'])} | {goal} | {met} | "
-                         f"{'/'.join(str(x) for x in e.get('loadavg_1_5_15', []))} |")
+            lines.append(f"| {name} | {r['name']} | {_fmt(r['value'])} | {_fmt(r.get('cpu_value', ''))} | {goal} | "
+                         f"{met} | {'/'.join(str(x) for x in e.get('loadavg_1_5_15', []))} |")
     notes = [(name, n) for name, e in doc["benchmarks"].items() for n in e.get("notes", [])]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {name}: {n}" for name, n in notes]

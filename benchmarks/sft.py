@@ -30,10 +30,11 @@ from benchmarks.common import (
     quiet,
     sequential,
     sft_overrides,
+    storage_dtype,
     trl_args,
     write_long_rows,
 )
-from benchmarks.harness import interleave, ratio, summarize
+from benchmarks.harness import interleave, ratio, result, time_ratio
 
 
 def _rows(cfg):
@@ -69,10 +70,11 @@ def trl(ch, cfg, lora: bool) -> Dict[str, Any]:
         m = cfg.method
         peft_cfg = LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules="all-linear",
                               bias=m.bias, task_type="CAUSAL_LM")
+    t = cfg.train
     args = SFTConfig(**trl_args(Path(cfg.run.output_dir) / "trl", cfg), max_length=cfg.data.max_seq_len,
-                     packing=False, padding_free=False, per_device_train_batch_size=cfg.train.micro_batch_size,
-                     gradient_accumulation_steps=1, dataset_num_proc=None)
-    trainer = sequential(SFTTrainer)(model=build_model(cfg.model, torch.float32), args=args, train_dataset=data,
+                     packing=False, padding_free=False, per_device_train_batch_size=t.micro_batch_size,
+                     gradient_accumulation_steps=t.global_batch_size // t.micro_batch_size, dataset_num_proc=None)
+    trainer = sequential(SFTTrainer)(model=build_model(cfg.model, storage_dtype(cfg)), args=args, train_dataset=data,
                                      processing_class=tok, peft_config=peft_cfg, callbacks=[channel_callback(ch)])
     quiet(trainer).train()
     return {"optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),
@@ -128,7 +130,7 @@ def sft_step(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: boo
     cfg = _cfg(work_dir, w, warmup + repeats, threads)
     res = interleave({"ours": (ours, {"cfg": cfg}), "trl": (trl, {"cfg": cfg, "lora": False}),
                       "torch": (plain, {"cfg": cfg})}, warmup, repeats, threads)
-    out = {name: {**summarize(r["times"]), **r["report"]} for name, r in res.items()}
+    out = {name: result(r) for name, r in res.items()}
     tokens = w["seq"] * w["batch"]
     for c in out.values():
         c["tokens_per_s"] = round(tokens / c["median_s"], 1)
@@ -136,8 +138,8 @@ def sft_step(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: boo
             "work": {**w, "params": out["ours"]["params"]["params_total"], "tokens_per_step": tokens,
                      "dtype": "float32", "engine": "fsdp2 (1 rank, gloo)"},
             "contenders": out,
-            "ratios": [ratio("ours/trl", out["ours"]["median_s"], out["trl"]["median_s"], 0.9),
-                       ratio("ours/torch", out["ours"]["median_s"], out["torch"]["median_s"], 1.05)]}
+            "ratios": [time_ratio("ours/trl", out, "ours", "trl", 0.9),
+                       time_ratio("ours/torch", out, "ours", "torch", 1.05)]}
 
 
 def lora_step(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> Dict[str, Any]:
@@ -146,11 +148,11 @@ def lora_step(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bo
                ["method=lora", "method.r=8", "method.alpha=16", "method.target_modules=[all-linear]"])
     res = interleave({"ours": (ours, {"cfg": cfg}), "trl_peft": (trl, {"cfg": cfg, "lora": True})},
                      warmup, repeats, threads)
-    out = {name: {**summarize(r["times"]), **r["report"]} for name, r in res.items()}
+    out = {name: result(r) for name, r in res.items()}
     return {"title": "LoRA step (r=8, all-linear), tiny Llama", "unit": "s/step",
             "work": {**w, "lora_r": 8, "lora_alpha": 16, "lora_dropout": cfg.method.dropout,
                      "params_trainable": out["ours"]["params"]["params_trainable"]},
             "contenders": out,
-            "ratios": [ratio("ours/trl_peft", out["ours"]["median_s"], out["trl_peft"]["median_s"], 0.9),
+            "ratios": [time_ratio("ours/trl_peft", out, "ours", "trl_peft", 0.9),
                        ratio("peak RSS ours/trl_peft", out["ours"]["rss_peak_delta_mb"],
                              out["trl_peft"]["rss_peak_delta_mb"], None)]}

@@ -155,6 +155,7 @@ def compose(overrides: Sequence[str] = ()) -> Tuple[Config, Dict[str, str]]:
             raw.pop("debug", None)  # the debug groups are `@package _global_`; nothing lands here
             for g in DEBUG_OVERLAYS:
                 raw.pop(f"debug_{g}", None)
+        _reject_added_keys(raw)
         cfg = OmegaConf.to_object(raw)
     except ConfigError:
         raise
@@ -163,6 +164,26 @@ def compose(overrides: Sequence[str] = ()) -> Tuple[Config, Dict[str, str]]:
             raise
         raise ConfigError(_explain(exc, overrides)) from exc
     return cfg, choices
+
+
+def _reject_added_keys(raw) -> None:
+    """`+group.key=v` bypasses the struct check; a key the group's dataclass lacks would
+    then be dropped silently by to_object. Refuse it with the same message as without +."""
+    import dataclasses
+
+    for group in raw.keys():
+        node = raw[group]
+        typ = OmegaConf.get_type(node) if OmegaConf.is_dict(node) else None
+        if typ is None or not dataclasses.is_dataclass(typ):
+            continue
+        fields = {f.name for f in dataclasses.fields(typ)}
+        for key in node.keys():
+            if key not in fields:
+                owners = [f"{group}={name}" for name, sch in GROUP_SCHEMAS.get(group, {}).items()
+                          if key in {f.name for f in dataclasses.fields(sch)}]
+                hint = f" '{key}' belongs to {' / '.join(owners)}." if owners else ""
+                raise ConfigError(f"unknown key '{group}.{key}' for {typ.__name__}.{hint} Valid keys under "
+                                  f"'{group}': {', '.join(sorted(fields))}")
 
 
 def to_yaml(cfg: Config) -> str:

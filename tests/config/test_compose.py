@@ -113,3 +113,11 @@ def test_help_lists_groups():
     out = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "experiment" in out.stdout and "sft_tiny" in out.stdout
+
+
+def test_added_key_on_the_wrong_option_is_refused_not_dropped():
+    with pytest.raises(ConfigError) as e:
+        compose(["method=full", "+method.r=3"])
+    assert "unknown key 'method.r'" in str(e.value) and "method=lora" in str(e.value)
+    with pytest.raises(ConfigError, match="backend.extra"):
+        compose(["backend=fsdp2", "+backend.extra.x=1"])
