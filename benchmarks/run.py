@@ -1,7 +1,7 @@
 """`python -m benchmarks [--only NAME ...] [--repeats N] [--smoke] [--gpu]`: run the suite.
 
-Writes `<out>/cpu.json` (or `gpu.json` with --gpu), a markdown table beside it and a PNG
-chart of the ratios, with the machine, the settings and the load average of each
+Writes `<out>/cpu.json` (`gpu.json` for the GPU suite), a markdown table beside it and a
+PNG chart of the ratios, with the machine, the settings and the load average of each
 benchmark. Running a subset (`--only`) updates those entries and keeps the others.
 """
 
@@ -57,66 +57,77 @@ def _preload() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def _run_suite(kind: str, suite: Dict[str, Callable[..., Dict[str, Any]]], names, out_dir: Path,
+               settings: Dict[str, Any]) -> bool:
+    from benchmarks.harness import gpu_info, machine_info
+    from benchmarks.report import write_results
+
+    machine = machine_info()
+    if kind == "gpu":
+        machine.update(gpu_info())
+        if "gpu" not in machine and not settings["smoke"]:
+            print("GPU suite skipped: no CUDA device (nothing written). `--gpu --smoke` runs its code path on CPU.")
+            return True
+        machine.setdefault("gpu", "none: --smoke ran the GPU suite's code path on CPU, tiny model")
+    entries: Dict[str, Any] = {}
+    ok = True
+    for name in names:
+        work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        t0, load0 = time.time(), [round(x, 2) for x in os.getloadavg()]
+        print(f"[{name}] running ...", flush=True)
+        try:
+            entry = suite[name](work_dir=work, warmup=settings["warmup"], repeats=settings["repeats"],
+                                threads=settings["threads"], smoke=settings["smoke"])
+        except Exception:
+            ok = False
+            entry = {"error": traceback.format_exc()}
+            print(entry["error"], file=sys.stderr)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        entry.update(wall_s=round(time.time() - t0, 1), loadavg_start_1_5_15=load0,
+                     loadavg_1_5_15=[round(x, 2) for x in os.getloadavg()],
+                     date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        entries[name] = entry
+        print(f"[{name}] done in {entry['wall_s']}s", flush=True)
+    paths = write_results(out_dir, kind, machine, settings, entries)
+    print("results: " + ", ".join(str(x) for x in paths))
+    return ok
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--only", action="append", default=[], help="benchmark name (repeatable, or comma-separated)")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds per contender (after warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every contender")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the suite runs, not speed")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 warm-up + 2 rounds, both suites (the GPU "
+                   "one on CPU without CUDA): checks that everything runs, not speed")
     p.add_argument("--gpu", action="store_true", help="the GPU suite (skipped without CUDA)")
     p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results, "
                    "or benchmarks/results/smoke with --smoke)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     a = p.parse_args(argv)
 
-    suite = _gpu_suite() if a.gpu else _cpu_suite()
+    kinds = ["gpu"] if a.gpu else (["cpu", "gpu"] if a.smoke else ["cpu"])
+    suites = {k: (_gpu_suite() if k == "gpu" else _cpu_suite()) for k in kinds}
     if a.list:
-        print("\n".join(suite))
+        print("\n".join(n for suite in suites.values() for n in suite))
         return 0
     only = [n for item in a.only for n in item.split(",") if n]
-    unknown = [n for n in only if n not in suite]
+    unknown = [n for n in only if not any(n in suite for suite in suites.values())]
     if unknown:
-        p.error(f"unknown benchmark(s) {unknown}; valid: {', '.join(suite)}")
-    names = only or list(suite)
+        p.error(f"unknown benchmark(s) {unknown}; valid: {', '.join(n for s in suites.values() for n in s)}")
     out_dir = a.out or (RESULTS / "smoke" if a.smoke else RESULTS)
-    warmup = 1 if a.smoke else a.warmup
-    repeats = 2 if a.smoke and a.repeats == p.get_default("repeats") else a.repeats
-
-    from benchmarks.harness import gpu_info, machine_info
-    from benchmarks.report import write_results
-
-    kind = "gpu" if a.gpu else "cpu"
-    machine = machine_info()
-    if a.gpu:
-        machine.update(gpu_info())
-        if "gpu" not in machine and not a.smoke:
-            print("GPU suite skipped: no CUDA device (nothing written). `--gpu --smoke` runs its code path on CPU.")
-            return 0
-        machine.setdefault("gpu", "none: --smoke ran the GPU suite's code path on CPU, tiny model")
+    settings = {"warmup": 1 if a.smoke else a.warmup,
+                "repeats": 2 if a.smoke and a.repeats == p.get_default("repeats") else a.repeats,
+                "threads": a.threads, "smoke": a.smoke}
     _preload()
-    settings = {"warmup": warmup, "repeats": repeats, "threads": a.threads, "smoke": a.smoke}
-    entries: Dict[str, Any] = {}
-    failed = []
-    for name in names:
-        work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-        t0 = time.time()
-        print(f"[{name}] running ...", flush=True)
-        try:
-            entry = suite[name](work_dir=work, warmup=warmup, repeats=repeats, threads=a.threads, smoke=a.smoke)
-        except Exception:
-            failed.append(name)
-            entry = {"error": traceback.format_exc()}
-            print(entry["error"], file=sys.stderr)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        entry.update(wall_s=round(time.time() - t0, 1), loadavg_1_5_15=[round(x, 2) for x in os.getloadavg()],
-                     date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-        entries[name] = entry
-        print(f"[{name}] done in {entry['wall_s']}s", flush=True)
-    paths = write_results(out_dir, kind, machine, settings, entries)
-    print("results: " + ", ".join(str(x) for x in paths))
-    return 1 if failed else 0
+    ok = True
+    for kind, suite in suites.items():
+        names = [n for n in suite if not only or n in only]
+        if names:
+            ok &= _run_suite(kind, suite, names, out_dir, settings)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

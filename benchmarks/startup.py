@@ -83,7 +83,9 @@ def _peer(timeout: float) -> Dict[str, float]:
 
 
 def time_to_first_step(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> Dict[str, Any]:
-    overrides = ["+experiment=sft_tiny", "logger=console", "cluster.num_workers=2", "cluster.cpus_per_worker=1",
+    # --smoke checks the code path with one worker: a second one costs the smoke test seconds of imports.
+    overrides = ["+experiment=sft_tiny", "logger=console", f"cluster.num_workers={1 if smoke else 2}",
+                 "cluster.cpus_per_worker=1",
                  "train.max_steps=2", "checkpoint.every_steps=0", "checkpoint.save_final=false",
                  "checkpoint.export_hf=false", "data.num_samples=256"]
     # Process start-up costs seconds: one round each is enough to see it, three to take a median.
@@ -102,7 +104,8 @@ def time_to_first_step(work_dir: Path, warmup: int, repeats: int, threads: int, 
     out["ours"]["exit_median_s"] = summarize([t["exit_s"] for t in times["ours"]])["median_s"]
     first = out["ours"]["median_s"]
     return {"title": "Time to first step, `python -m orchestrator`, 2 workers", "unit": "s",
-            "work": {"command": "python -m orchestrator " + " ".join(overrides), "workers": 2, "rounds": rounds,
+            "work": {"command": "python -m orchestrator " + " ".join(overrides), "workers": 1 if smoke else 2,
+                     "rounds": rounds,
                      "warm_up_rounds": 0},
             "contenders": out,
             "ratios": [{"name": "ours time to first step (s)", "value": round(first, 2), "goal": GOAL_S,
