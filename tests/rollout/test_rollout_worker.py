@@ -10,7 +10,7 @@ from orchestrator.rollout.worker import RolloutWorker
 
 
 def test_update_weights_changes_generation_and_version():
-    cfg, _ = compose(["+experiment=grpo_math", "debug=cpu", "run.init_from=null"])
+    cfg, _ = compose(["+experiment=grpo_math", "debug=cpu", "method=lora_rl", "run.init_from=null"])
     tok = build_tokenizer(cfg.model)
     worker = RolloutWorker(cfg, 0, tok)
     prompt = tok(tok.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}], tokenize=False,
