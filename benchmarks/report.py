@@ -105,7 +105,7 @@ def chart(doc: Dict[str, Any], path: Path) -> None:
     if rows:
         labels, values, goals = zip(*rows)
         y = list(range(len(rows)))[::-1]
-        colors = ["tab:green" if g is None or v <= g else "tab:red" for _, v, g in rows]
+        colors = ["tab:grey" if g is None else "tab:green" if v <= g else "tab:red" for _, v, g in rows]
         ax.barh(y, values, color=colors, alpha=0.8)
         for yi, g in zip(y, goals):
             if g is not None:
@@ -113,8 +113,11 @@ def chart(doc: Dict[str, Any], path: Path) -> None:
         ax.axvline(1.0, color="grey", ls=":", lw=1)
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlabel("ratio (lower is better for ours; black tick: goal; dotted: parity)")
-    ax.set_title(f"{doc['kind'].upper()}: {_machine_line(doc['machine'])}", fontsize=8)
+    ax.set_xlabel("ratio, lower is better for ours (black tick: goal, met in green, missed in red; "
+                  "grey: no goal; dotted: parity)", fontsize=8)
+    title = _machine_line(doc["machine"])
+    cut = title.find(", torch")
+    ax.set_title(f"{doc['kind'].upper()}: {title[:cut]}\n{title[cut + 2:]}" if cut > 0 else title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -97,7 +97,7 @@ def _run_suite(kind: str, suite: Dict[str, Callable[..., Dict[str, Any]]], names
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--only", action="append", default=[], help="benchmark name (repeatable, or comma-separated)")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds per contender (after warm-up)")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds per contender (after warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every contender")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 warm-up + 2 rounds, both suites (the GPU "
