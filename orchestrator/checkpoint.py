@@ -8,6 +8,11 @@ writes `meta.json` (step, data position, run state) and renames the directory in
 place. A rename is atomic on POSIX filesystems, so a checkpoint is either complete and
 visible or absent: a crash mid-save leaves the previous checkpoint as the latest.
 Retention deletes older committed checkpoints only after the new one is committed.
+
+With `checkpoint.async_save`, workers copy their shards in memory and write them from a
+background thread while training goes on; the driver commits the directory (meta.json
+captured at the step of the save, then the rename) only once every rank reports its
+write finished, so the guarantee above holds unchanged.
 """
 
 from __future__ import annotations
@@ -61,12 +66,25 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def save(self, step: int, write_shards: Callable[[str], None], meta: Dict[str, Any]) -> Path:
-        final = self.root / f"step_{step:08d}"
-        tmp = self.root / f".step_{step:08d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = self.begin(step)
         try:
             write_shards(str(tmp))
+        except BaseException as exc:
+            self.abort(step, exc)
+            raise  # abort raises for OSError; anything else propagates unchanged
+        return self.commit(step, meta)
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for the shards of `step` (workers write into it)."""
+        tmp = self._tmp(step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, step: int, meta: Dict[str, Any]) -> Path:
+        """Write meta.json and rename the finished temporary directory into place."""
+        final, tmp = self.root / f"step_{step:08d}", self._tmp(step)
+        try:
             meta_path = tmp / "meta.json"
             with open(meta_path, "w") as f:
                 json.dump(dict(meta, step=step), f, indent=1)
@@ -77,14 +95,21 @@ class CheckpointManager:
             os.rename(tmp, final)
             _fsync_dir(self.root)
         except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError):
-                raise CheckpointError(
-                    f"saving checkpoint step {step} to {self.root} failed ({exc}); the previous "
-                    "checkpoint is intact. Free disk space or set checkpoint.dir.") from exc
+            self.abort(step, exc)
             raise
         self._retain(keep=final)
         return final
+
+    def abort(self, step: int, exc: Optional[BaseException] = None) -> None:
+        """Drop the temporary directory of an unfinished save; the previous checkpoint stays."""
+        shutil.rmtree(self._tmp(step), ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(
+                f"saving checkpoint step {step} to {self.root} failed ({exc}); the previous "
+                "checkpoint is intact. Free disk space or set checkpoint.dir.") from exc
+
+    def _tmp(self, step: int) -> Path:
+        return self.root / f".step_{step:08d}.tmp"
 
     def _retain(self, keep: Path) -> None:
         done = self.committed()

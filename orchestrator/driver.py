@@ -13,7 +13,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -55,6 +55,7 @@ class Driver:
         self.run_dir = Path(cfg.run.output_dir).resolve()
         self.ckpt_dir = Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self._stop_signal: int | None = None
+        self._pending: Optional[Tuple[int, Dict[str, Any], float]] = None  # background save: step, meta, start
         self.workers: WorkerGroup | None = None
         """The live worker group (replaced on in-job recovery); callbacks may read it."""
 
@@ -77,12 +78,41 @@ class Driver:
                 "checkpoint.resume=auto to continue.")
         return latest
 
-    def _save(self, ckpts: CheckpointManager, workers: WorkerGroup, stage, step: int) -> Path:
+    def _save(self, ckpts: CheckpointManager, workers: WorkerGroup, stage, step: int, blocking: bool = True):
+        """Save at `step`. Blocking: returns the committed path. Otherwise the workers write in
+        the background and `_commit_pending` commits the directory once they are done."""
         t = time.time()
-        path = ckpts.save(step, lambda d: workers.call("save", d),
-                          {"stage": stage.state_dict(), "world_size": workers.world_size,
-                           "choices": self.choices})
-        log.info("checkpoint step %d -> %s (%.1fs)", step, path, time.time() - t)
+        meta = {"stage": stage.state_dict(), "world_size": workers.world_size, "choices": self.choices}
+        if blocking:
+            path = ckpts.save(step, lambda d: workers.call("save", d), meta)
+            log.info("checkpoint step %d -> %s (%.1fs)", step, path, time.time() - t)
+            return path
+        tmp = ckpts.begin(step)
+        try:
+            workers.call("save", str(tmp), False)
+        except BaseException as exc:
+            ckpts.abort(step, exc)
+            raise
+        self._pending = (step, meta, t)
+        log.info("checkpoint step %d: state copied in %.2fs, writing in the background", step, time.time() - t)
+        return None
+
+    def _commit_pending(self, ckpts: CheckpointManager, workers: WorkerGroup, wait: bool) -> Optional[Path]:
+        """Commit the background save once every rank has written its part (wait: block)."""
+        if self._pending is None:
+            return None
+        step, meta, t = self._pending
+        try:
+            if not all(workers.call("save_done", wait)):
+                return None
+        except BaseException as exc:
+            self._pending = None
+            ckpts.abort(step, exc)
+            raise
+        self._pending = None
+        path = ckpts.commit(step, meta)
+        log.info("checkpoint step %d -> %s (written in the background, %.1fs after the save began)",
+                 step, path, time.time() - t)
         return path
 
     def _start_workers(self, stage, latest, total: int, initial_stage_state) -> Tuple[WorkerGroup, int]:
@@ -141,11 +171,18 @@ class Driver:
                     tracker.log_step(step, metrics)
                     for cb in callbacks:
                         cb.on_step_end(step, metrics)
+                    last_ckpt = self._commit_pending(ckpts, workers, wait=False) or last_ckpt
                     every = cfg.checkpoint.every_steps
                     if (self._stop_signal is not None or (every and step % every == 0)
                             or (step == total and cfg.checkpoint.save_final)):
-                        last_ckpt = self._save(ckpts, workers, stage, step)
+                        # The last save and a save on a stop signal are written before going on.
+                        blocking = not cfg.checkpoint.async_save or self._stop_signal is not None or step == total
+                        last_ckpt = self._commit_pending(ckpts, workers, wait=True) or last_ckpt
+                        last_ckpt = self._save(ckpts, workers, stage, step, blocking) or last_ckpt
                 except WorkerError as exc:
+                    if self._pending is not None:  # its writers are gone: never commit it
+                        ckpts.abort(self._pending[0])
+                        self._pending = None
                     if restarts >= cfg.run.max_restarts:
                         raise WorkerError(f"{exc}. No restarts left (run.max_restarts={cfg.run.max_restarts}); "
                                           "run the same command again to resume from the last checkpoint.") from exc
@@ -161,6 +198,7 @@ class Driver:
                 if self._stop_signal is not None:
                     raise Preempted(f"stopped by signal {self._stop_signal} at step {step}; checkpoint "
                                     f"{last_ckpt}. Run the same command again to resume.")
+            last_ckpt = self._commit_pending(ckpts, workers, wait=True) or last_ckpt
             exports: Dict[str, str] = {}
             if cfg.checkpoint.export_hf:
                 t = time.time()

@@ -413,6 +413,10 @@ class CheckpointConfig:
     export_hf: bool = True
     """Export a Hugging Face model (or PEFT adapter) at the end of the run."""
     save_final: bool = True
+    async_save: bool = False
+    """Copy the state in memory and write it from a background thread while training goes on
+    (the directory is committed once every rank has written). The last save and a save on a
+    stop signal are always written before the run goes on or exits."""
 
 
 # --------------------------------------------------------------------- train / run

@@ -35,9 +35,15 @@ class Engine(Protocol):
         trainable weights (all weights for `full`, adapter weights for `lora`), keyed as in
         the unwrapped model's state_dict. Collective; rank 0 returns the dict, others {}."""
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, blocking: bool = True) -> None:
         """Write this rank's shard of model + optimizer state and its local state (scheduler,
-        RNG) into `path` (a directory all ranks share). Reloadable on another world size."""
+        RNG) into `path` (a directory all ranks share). Reloadable on another world size.
+        blocking=False: copy the state in memory, return, and write in the background
+        (`engines.ckpt_io.ShardWriter`); `save_done` says when it is on disk."""
+
+    def save_done(self, wait: bool = False) -> bool:
+        """True once this rank's last save is fully written (wait: block until then); raises
+        the background write's error."""
 
     def load(self, path: str) -> None: ...
 

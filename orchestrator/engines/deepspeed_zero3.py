@@ -55,6 +55,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoModelForCausalLM
 
+from orchestrator.engines.ckpt_io import ShardWriter
 from orchestrator.engines.optim import build_scheduler
 from orchestrator.errors import ConfigError
 from orchestrator.methods import get_method
@@ -144,6 +145,7 @@ def _adamw(model: torch.nn.Module, t, offload: bool) -> torch.optim.Optimizer:
 
 class DeepSpeedZero3Engine:
     def __init__(self, cfg, rank: int, world_size: int, device: torch.device, total_steps: int):
+        self.writer = ShardWriter()
         ds = import_deepspeed()
         from transformers.integrations import HfDeepSpeedConfig
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -259,19 +261,26 @@ class DeepSpeedZero3Engine:
         return DTensor.from_local(local[:valid], self.mesh, [Shard(0)], run_check=False,
                                   shape=torch.Size([n]), stride=(1,))
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, blocking: bool = True) -> None:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        self.writer.done(wait=True)
 
         state: Dict[str, Any] = {"adam_step": torch.tensor(self._adam_step())}
         for name, p in self._trainable:
             state[f"fp32.{name}"] = self._shard(p, safe_get_local_fp32_param(p))
             for key in _MOMENTS:
                 state[f"{key}.{name}"] = self._shard(p, safe_get_local_optimizer_state(p, key))
-        dcp.save(state, checkpoint_id=path)
         torch.save(self._local_state(), Path(path) / f"rank{self.rank}.pt")
+        self.writer.save(state, path, blocking)
+
+    def save_done(self, wait: bool = False) -> bool:
+        return self.writer.done(wait)
 
     def load(self, path: str) -> None:
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        self.writer.done(wait=True)
 
         state: Dict[str, Any] = {"adam_step": torch.tensor(0)}
         buffers = []

@@ -34,6 +34,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM
 
+from orchestrator.engines.ckpt_io import ShardWriter
 from orchestrator.engines.optim import build_optimizer, build_scheduler
 from orchestrator.methods import get_method
 from orchestrator.methods.base import count_parameters
@@ -79,9 +80,10 @@ class FSDP2Engine:
                 fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=b.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=b.reshard_after_forward)
         self.model = model
-        self.optimizer = build_optimizer(model, cfg.train, fused=on_gpu)
+        self.optimizer = build_optimizer(model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, total_steps)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self.writer = ShardWriter()
 
     # ------------------------------------------------------------------ training
     def train_step(self, micro_batches: List[Dict[str, Any]],
@@ -133,12 +135,17 @@ class FSDP2Engine:
     # --------------------------------------------------------------- checkpoints
     _OPTS = StateDictOptions(ignore_frozen_params=True)
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, blocking: bool = True) -> None:
+        self.writer.done(wait=True)
         msd, osd = get_state_dict(self.model, self.optimizer, options=self._OPTS)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
         torch.save(self._local_state(), Path(path) / f"rank{self.rank}.pt")
+        self.writer.save({"model": msd, "optim": osd}, path, blocking)
+
+    def save_done(self, wait: bool = False) -> bool:
+        return self.writer.done(wait)
 
     def load(self, path: str) -> None:
+        self.writer.done(wait=True)
         msd, osd = get_state_dict(self.model, self.optimizer, options=self._OPTS)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=path)

@@ -69,8 +69,11 @@ class TrainWorker:
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         return self.engine.trainable_state()
 
-    def save(self, path: str) -> None:
-        self.engine.save(path)
+    def save(self, path: str, blocking: bool = True) -> None:
+        self.engine.save(path, blocking)
+
+    def save_done(self, wait: bool = False) -> bool:
+        return self.engine.save_done(wait)
 
     def load(self, path: str) -> None:
         self.engine.load(path)

@@ -18,10 +18,14 @@ pytestmark = pytest.mark.slow
 
 # DeepSpeed with LoRA + dropout: adapters, Adam state, schedule and worker RNG must all resume
 # exactly; its full-parameter restore is covered (on other world sizes) by tests/engines.
-@pytest.mark.parametrize("backend, method", [("fsdp2", "full"), ("fsdp2", "lora"), ("deepspeed_zero3", "lora")])
-def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, backend, method):
+# FSDP2 + LoRA saves in the background (checkpoint.async_save): the save begun at step 4 is
+# still uncommitted when the driver dies at step 5, so the rerun resumes from step 2.
+@pytest.mark.parametrize("backend, method, async_save", [("fsdp2", "full", False), ("fsdp2", "lora", True),
+                                                         ("deepspeed_zero3", "lora", False)])
+def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, backend, method, async_save):
     common = ["+experiment=sft_tiny", f"backend={backend}", f"method={method}", "train.max_steps=8",
-              "checkpoint.every_steps=2", "logger=console", "data.num_samples=300"]
+              "checkpoint.every_steps=2", "logger=console", "data.num_samples=300",
+              f"checkpoint.async_save={async_save}"]
     if method == "lora":
         common += ["method.dropout=0.1"]  # dropout: the workers' RNG must resume too
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
@@ -35,16 +39,22 @@ def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, backend
     crashed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                              env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert crashed.returncode == -9, crashed.stderr[-3000:]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) \
-        == ["step_00000002", "step_00000004"]
+    committed = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert committed == (["step_00000002"] if async_save else ["step_00000002", "step_00000004"])
+    if async_save:
+        assert (run_dir / "checkpoints" / ".step_00000004.tmp").is_dir()
+        assert "writing in the background" in crashed.stdout + crashed.stderr
 
-    # The same command again (without the fault): resumes from step 4.
+    # The same command again (without the fault): resumes from the last committed step.
     assert main(common + [f"run.output_dir={run_dir}"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["resumed_from"] == 4
+    start = 2 if async_save else 4
+    assert summary["resumed_from"] == start
     resumed = [m for m in read_metrics(run_dir)][5:]  # lines after the crashed run's 5 steps
-    assert [m["step"] for m in resumed] == [5, 6, 7, 8]
-    assert [m["loss"] for m in resumed] == [reference[s] for s in (5, 6, 7, 8)]
+    assert [m["step"] for m in resumed] == list(range(start + 1, 9))
+    assert [m["loss"] for m in resumed] == [reference[s] for s in range(start + 1, 9)]
+    if async_save:  # the reference run committed its background saves too
+        assert sorted(p.name for p in (ref_dir / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
 
 
 def test_resume_must_without_checkpoint_fails_and_never_refuses_to_overwrite(run_main, tmp_path):

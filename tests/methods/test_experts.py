@@ -30,7 +30,7 @@ FUSED = ("gate_up_proj", "down_proj")
 
 
 def _train(model, steps=3, lr=1e-2):
-    opt = build_optimizer(model, TrainConfig(lr=lr), fused=False)
+    opt = build_optimizer(model, TrainConfig(lr=lr))
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         ids = torch.randint(5, 200, (2, 24), generator=gen)
