@@ -266,11 +266,14 @@ class DeepSpeedZero3Engine:
 
         self.writer.done(wait=True)
 
+        # DeepSpeed hands out views into its flat partition buffers, which DCP's background
+        # stager cannot copy: a background save takes its own copy here instead.
+        own = (lambda t: t) if blocking else (lambda t: t.detach().clone())
         state: Dict[str, Any] = {"adam_step": torch.tensor(self._adam_step())}
         for name, p in self._trainable:
-            state[f"fp32.{name}"] = self._shard(p, safe_get_local_fp32_param(p))
+            state[f"fp32.{name}"] = self._shard(p, own(safe_get_local_fp32_param(p)))
             for key in _MOMENTS:
-                state[f"{key}.{name}"] = self._shard(p, safe_get_local_optimizer_state(p, key))
+                state[f"{key}.{name}"] = self._shard(p, own(safe_get_local_optimizer_state(p, key)))
         torch.save(self._local_state(), Path(path) / f"rank{self.rank}.pt")
         self.writer.save(state, path, blocking)
 

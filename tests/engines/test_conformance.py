@@ -55,8 +55,9 @@ def test_world_size_and_micro_batching_do_not_change_the_run(run_main, backend, 
 def test_checkpoint_reshards_across_world_sizes(run_main, backend, save_world, load_world):
     import shutil
 
+    # The 2-rank run writes its step-3 checkpoint in the background (checkpoint.async_save).
     rc, ref = run_main(*BASE, f"backend={backend}", f"cluster.num_workers={save_world}",
-                       "checkpoint.every_steps=3", name="ref")
+                       "checkpoint.every_steps=3", f"checkpoint.async_save={save_world == 2}", name="ref")
     assert rc == 0
     # A new run dir seeded with the reference run's step-3 checkpoint, resumed on another world size.
     resumed = ref.parent / "resumed"
