@@ -136,7 +136,7 @@ def sft_step(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: boo
         c["tokens_per_s"] = round(tokens / c["median_s"], 1)
     return {"title": "SFT step, tiny Llama", "unit": "s/step",
             "work": {**w, "params": out["ours"]["params"]["params_total"], "tokens_per_step": tokens,
-                     "dtype": "float32", "engine": "fsdp2 (1 rank, gloo)"},
+                     "dtype": "float32", "engine": "fsdp2 engine, 1 rank (unsharded module at world size 1)"},
             "contenders": out,
             "ratios": [time_ratio("ours/trl", out, "ours", "trl", 0.9),
                        time_ratio("ours/torch", out, "ours", "torch", 1.05)]}

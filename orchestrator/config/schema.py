@@ -187,6 +187,9 @@ class Fsdp2BackendConfig(BackendConfig):
     name: str = "fsdp2"
     reshard_after_forward: bool = True
     """ZeRO-3 style (True) or ZeRO-2 style (False: keep params gathered until backward)."""
+    shard_single_rank: bool = False
+    """With one worker, wrap the model in FSDP2 anyway (default: train the plain module, which
+    is faster and computes the same; bf16 compute then uses torch.autocast)."""
     mixed_precision: str = "auto"
     """auto (bf16 compute on GPU, fp32 on CPU) | bf16 | fp32."""
     activation_checkpointing: bool = False

@@ -274,6 +274,7 @@ class DeepSpeedZero3Engine:
             state[f"fp32.{name}"] = self._shard(p, own(safe_get_local_fp32_param(p)))
             for key in _MOMENTS:
                 state[f"{key}.{name}"] = self._shard(p, own(safe_get_local_optimizer_state(p, key)))
+        Path(path).mkdir(parents=True, exist_ok=True)
         torch.save(self._local_state(), Path(path) / f"rank{self.rank}.pt")
         self.writer.save(state, path, blocking)
 

@@ -71,14 +71,24 @@ class FSDP2Engine:
         if b.activation_checkpointing:
             _base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        mesh = init_device_mesh(device.type, (world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.compute_bf16 else MixedPrecisionPolicy()
-        blocks = set(getattr(_base(model), "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=b.reshard_after_forward)
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=b.reshard_after_forward)
+        # One rank has nothing to shard: FSDP2 would still copy every parameter in and out of
+        # its all-gather/reduce-scatter buffers and make each a DTensor, whose dispatch slows
+        # the optimizer and clipping (benchmarks/README.md). The plain module computes the
+        # same; bf16 compute then comes from autocast instead of the FSDP2 policy.
+        self.sharded = world_size > 1 or b.shard_single_rank
+        self._autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
+            if self.compute_bf16 and not self.sharded else contextlib.nullcontext
+        if self.sharded:
+            mesh = init_device_mesh(device.type, (world_size,))
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if self.compute_bf16 else MixedPrecisionPolicy()
+            blocks = set(getattr(_base(model), "_no_split_modules", None) or [])
+            for module in model.modules():
+                if type(module).__name__ in blocks:
+                    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=b.reshard_after_forward)
+            fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=b.reshard_after_forward)
+        else:
+            model.to(device)
         self.model = model
         self.optimizer = build_optimizer(model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, total_steps)
@@ -91,7 +101,8 @@ class FSDP2Engine:
         self.model.train()
         sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         for mb in micro_batches:
-            loss, metrics = loss_fn(self.model, _to(mb, self.device))
+            with self._autocast():
+                loss, metrics = loss_fn(self.model, _to(mb, self.device))
             loss.backward()
             for k, v in metrics.items():
                 sums[k] = sums[k] + v
@@ -119,7 +130,7 @@ class FSDP2Engine:
             raise NotImplementedError("a frozen reference copy for method=full is not built yet")
         ctx = self.model.disable_adapter() if reference else contextlib.nullcontext()
         out = []
-        with ctx:
+        with ctx, self._autocast():
             for mb in micro_batches:
                 mb = _to(mb, self.device)
                 logits = self.model(input_ids=mb["input_ids"], position_ids=mb["position_ids"],
@@ -138,6 +149,7 @@ class FSDP2Engine:
     def save(self, path: str, blocking: bool = True) -> None:
         self.writer.done(wait=True)
         msd, osd = get_state_dict(self.model, self.optimizer, options=self._OPTS)
+        Path(path).mkdir(parents=True, exist_ok=True)
         torch.save(self._local_state(), Path(path) / f"rank{self.rank}.pt")
         self.writer.save({"model": msd, "optim": osd}, path, blocking)
 
