@@ -7,6 +7,7 @@ Stages and methods plug in as objects; the loop has no per-stage branches.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import logging
@@ -93,7 +94,7 @@ class Driver:
         except BaseException as exc:
             ckpts.abort(step, exc)
             raise
-        self._pending = (step, meta, t)
+        self._pending = (step, copy.deepcopy(meta), t)  # the stage moves on before the commit
         log.info("checkpoint step %d: state copied in %.2fs, writing in the background", step, time.time() - t)
         return None
 
