@@ -88,8 +88,9 @@ def test_submit_runs_on_two_nodes(tmp_path, capsys, slurm_job):
 def test_signal_checkpoints_requeues_and_resumes(tmp_path, capsys, slurm_job):
     """What happens before a time limit (`--signal=B:USR1@N`), sent now instead of waiting."""
     run_dir = tmp_path / "run"
+    total = 60  # enough steps that the signal lands mid-run however fast the steps are
     rc = entry("+experiment=sft_tiny", "debug=cpu", "logger=console", "checkpoint.export_hf=false",
-               f"run.output_dir={run_dir}", "train.max_steps=12", "checkpoint.every_steps=1000",
+               f"run.output_dir={run_dir}", f"train.max_steps={total}", "checkpoint.every_steps=1000",
                "cluster=slurm", "cluster.time=15", f"cluster.ray_port={free_port_block(16)}")
     assert rc == 0
     job_id, log = submitted(capsys.readouterr().out)
@@ -105,11 +106,11 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path, capsys, slurm_job):
     assert "got SIGUSR1" in text and f"requeueing job {job_id}" in text
     summary = json.loads((run_dir / "summary.json").read_text())
     resumed = summary["resumed_from"]
-    assert 2 <= resumed < 12 and summary["steps"] == 12
+    assert 2 <= resumed < total and summary["steps"] == total
     assert f"resumed from {run_dir}/checkpoints/step_{resumed:08d}" in text
     assert (run_dir / "checkpoints" / f"step_{resumed:08d}").is_dir()  # written on the signal
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps[-1] == 12 and sorted(set(steps)) == list(range(1, 13))
+    assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))
 
 
 def test_gpus_on_a_partition_without_them(tiny, capsys):
