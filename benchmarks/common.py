@@ -120,11 +120,6 @@ class LocalRollout:
 
 
 # ------------------------------------------------------------------------- TRL
-def storage_dtype(cfg) -> torch.dtype:
-    """The dtype our engines store weights in (fp32 master weights unless model.dtype says)."""
-    return torch.float32 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
-
-
 def trl_args(out_dir: Path, cfg) -> Dict[str, Any]:
     """TrainingArguments that make TRL do our work: same batch split, optimizer settings,
     constant LR and precision (fp32 on CPU; bf16 autocast over fp32 weights on GPU, as our

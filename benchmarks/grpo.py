@@ -27,7 +27,6 @@ from benchmarks.common import (
     compose_cfg,
     local_worker,
     quiet,
-    storage_dtype,
     trl_args,
 )
 from benchmarks.harness import interleave, median_extra, result, time_ratio
@@ -70,7 +69,7 @@ def trl(ch, cfg) -> Dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     from orchestrator.data.prompts import load_prompts
-    from orchestrator.models import build_model, build_tokenizer
+    from orchestrator.models import build_model, build_tokenizer, master_dtype
     from orchestrator.rewards import resolve
 
     g, r = cfg.stage, cfg.stage.rollout
@@ -91,7 +90,7 @@ def trl(ch, cfg) -> Dict[str, Any]:
                       loss_type="grpo", scale_rewards="group" if g.std_normalize else "none",
                       shuffle_dataset=False, log_completions=False, mask_truncated_completions=False,
                       generation_kwargs={"min_new_tokens": r.max_new_tokens, "suppress_tokens": [tok.pad_token_id]})
-    trainer = GRPOTrainer(model=build_model(cfg.model, storage_dtype(cfg)), reward_funcs=[reward], args=args,
+    trainer = GRPOTrainer(model=build_model(cfg.model, master_dtype(cfg.model)), reward_funcs=[reward], args=args,
                           train_dataset=data, processing_class=tok, callbacks=[channel_callback(ch)])
     split = {"time/rollout": 0.0, "time/reward": 0.0}
 

@@ -30,7 +30,6 @@ from benchmarks.common import (
     quiet,
     sequential,
     sft_overrides,
-    storage_dtype,
     trl_args,
     write_long_rows,
 )
@@ -61,7 +60,7 @@ def trl(ch, cfg, lora: bool) -> Dict[str, Any]:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from orchestrator.models import build_model
+    from orchestrator.models import build_model, master_dtype
 
     stage, tok = _rows(cfg)
     data = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in stage.source.rows])
@@ -74,7 +73,7 @@ def trl(ch, cfg, lora: bool) -> Dict[str, Any]:
     args = SFTConfig(**trl_args(Path(cfg.run.output_dir) / "trl", cfg), max_length=cfg.data.max_seq_len,
                      packing=False, padding_free=False, per_device_train_batch_size=t.micro_batch_size,
                      gradient_accumulation_steps=t.global_batch_size // t.micro_batch_size, dataset_num_proc=None)
-    trainer = sequential(SFTTrainer)(model=build_model(cfg.model, storage_dtype(cfg)), args=args, train_dataset=data,
+    trainer = sequential(SFTTrainer)(model=build_model(cfg.model, master_dtype(cfg.model)), args=args, train_dataset=data,
                                      processing_class=tok, peft_config=peft_cfg, callbacks=[channel_callback(ch)])
     quiet(trainer).train()
     return {"optimizer_state_bytes": optimizer_state_bytes(trainer.optimizer),

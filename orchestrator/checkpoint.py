@@ -66,19 +66,20 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def save(self, step: int, write_shards: Callable[[str], None], meta: Dict[str, Any]) -> Path:
-        tmp = self.begin(step)
+        self.write(step, write_shards)
+        return self.commit(step, meta)
+
+    def write(self, step: int, write_shards: Callable[[str], None]) -> Path:
+        """Have `write_shards` fill a fresh temporary directory for `step` (not yet visible);
+        on failure the directory is removed. `commit` makes it a checkpoint."""
+        tmp = self._tmp(step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         try:
             write_shards(str(tmp))
         except BaseException as exc:
             self.abort(step, exc)
             raise  # abort raises for OSError; anything else propagates unchanged
-        return self.commit(step, meta)
-
-    def begin(self, step: int) -> Path:
-        """A fresh temporary directory for the shards of `step` (workers write into it)."""
-        tmp = self._tmp(step)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         return tmp
 
     def commit(self, step: int, meta: Dict[str, Any]) -> Path:

@@ -88,12 +88,7 @@ class Driver:
             path = ckpts.save(step, lambda d: workers.call("save", d), meta)
             log.info("checkpoint step %d -> %s (%.1fs)", step, path, time.time() - t)
             return path
-        tmp = ckpts.begin(step)
-        try:
-            workers.call("save", str(tmp), False)
-        except BaseException as exc:
-            ckpts.abort(step, exc)
-            raise
+        ckpts.write(step, lambda d: workers.call("save", d, False))
         self._pending = (step, copy.deepcopy(meta), t)  # the stage moves on before the commit
         log.info("checkpoint step %d: state copied in %.2fs, writing in the background", step, time.time() - t)
         return None

@@ -55,11 +55,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoModelForCausalLM
 
-from orchestrator.engines.ckpt_io import ShardWriter
+from orchestrator.engines.ckpt_io import ShardWriter, load_local_state, local_state
 from orchestrator.engines.optim import build_scheduler
 from orchestrator.errors import ConfigError
 from orchestrator.methods import get_method
-from orchestrator.models import build_model, token_logprobs
+from orchestrator.models import build_model, master_dtype, token_logprobs
 
 if not torch.cuda.is_available():
     # DeepSpeed fixes its accelerator at first use; a CPU worker must say so before that.
@@ -162,7 +162,7 @@ class DeepSpeedZero3Engine:
         ds.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group
 
         self.method = get_method(cfg)
-        storage = torch.float32 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+        storage = master_dtype(cfg.model)
         hf_ds = HfDeepSpeedConfig(self.ds_config)  # transformers builds under zero.Init while it lives
         try:
             model = build_model(cfg.model, storage)
@@ -264,8 +264,6 @@ class DeepSpeedZero3Engine:
     def save(self, path: str, blocking: bool = True) -> None:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-        self.writer.done(wait=True)
-
         # DeepSpeed hands out views into its flat partition buffers, which DCP's background
         # stager cannot copy: a background save takes its own copy here instead.
         own = (lambda t: t) if blocking else (lambda t: t.detach().clone())
@@ -274,9 +272,7 @@ class DeepSpeedZero3Engine:
             state[f"fp32.{name}"] = self._shard(p, own(safe_get_local_fp32_param(p)))
             for key in _MOMENTS:
                 state[f"{key}.{name}"] = self._shard(p, own(safe_get_local_optimizer_state(p, key)))
-        Path(path).mkdir(parents=True, exist_ok=True)
-        torch.save(self._local_state(), Path(path) / f"rank{self.rank}.pt")
-        self.writer.save(state, path, blocking)
+        self.writer.save(path, self.rank, state, local_state(self.scheduler, self.device), blocking)
 
     def save_done(self, wait: bool = False) -> bool:
         return self.writer.done(wait)
@@ -304,25 +300,10 @@ class DeepSpeedZero3Engine:
         for flat in self.zero.fp32_partitioned_groups_flat:
             self._set_adam_step(self.optimizer.state[flat], int(state["adam_step"]))
         self.zero.checkpoint_event_epilogue()  # re-gather persistent (small) parameters
-        local = Path(path) / f"rank{self.rank}.pt"
-        if not local.exists():  # saved on fewer ranks: this rank starts a fresh RNG stream
-            local = Path(path) / "rank0.pt"
-        self._load_local_state(torch.load(local, weights_only=False))
-
-    def _local_state(self) -> Dict[str, Any]:
-        state = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        return state
-
-    def _load_local_state(self, state: Dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
+        load_local_state(path, self.rank, self.scheduler, self.device)
         # A scheduler sets the groups' lr only when it steps; the resumed step needs it now.
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"])
 
     # -------------------------------------------------------------------- export
     def export_hf(self, out_dir: str, tokenizer) -> Dict[str, str]:

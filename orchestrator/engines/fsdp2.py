@@ -34,11 +34,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM
 
-from orchestrator.engines.ckpt_io import ShardWriter
+from orchestrator.engines.ckpt_io import ShardWriter, load_local_state, local_state
 from orchestrator.engines.optim import build_optimizer, build_scheduler
 from orchestrator.methods import get_method
 from orchestrator.methods.base import count_parameters
-from orchestrator.models import build_model, token_logprobs
+from orchestrator.models import build_model, master_dtype, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class FSDP2Engine:
         on_gpu = device.type == "cuda"
         b = cfg.backend
         self.compute_bf16 = b.mixed_precision == "bf16" or (b.mixed_precision == "auto" and on_gpu)
-        storage = torch.float32 if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+        storage = master_dtype(cfg.model)
 
         self.method = get_method(cfg)
         model = build_model(cfg.model, storage)
@@ -147,11 +147,9 @@ class FSDP2Engine:
     _OPTS = StateDictOptions(ignore_frozen_params=True)
 
     def save(self, path: str, blocking: bool = True) -> None:
-        self.writer.done(wait=True)
         msd, osd = get_state_dict(self.model, self.optimizer, options=self._OPTS)
-        Path(path).mkdir(parents=True, exist_ok=True)
-        torch.save(self._local_state(), Path(path) / f"rank{self.rank}.pt")
-        self.writer.save({"model": msd, "optim": osd}, path, blocking)
+        self.writer.save(path, self.rank, {"model": msd, "optim": osd}, local_state(self.scheduler, self.device),
+                         blocking)
 
     def save_done(self, wait: bool = False) -> bool:
         return self.writer.done(wait)
@@ -164,22 +162,8 @@ class FSDP2Engine:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
-        local = Path(path) / f"rank{self.rank}.pt"
-        if not local.exists():  # saved on fewer ranks: this rank starts a fresh RNG stream
-            local = Path(path) / "rank0.pt"
-        self._load_local_state(torch.load(local, weights_only=False))
+        load_local_state(path, self.rank, self.scheduler, self.device)
 
-    def _local_state(self) -> Dict[str, Any]:
-        state = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        return state
-
-    def _load_local_state(self, state: Dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"])
 
     # -------------------------------------------------------------------- export
     def export_hf(self, out_dir: str, tokenizer) -> Dict[str, str]:

@@ -55,6 +55,11 @@ _OFFLINE_HINT = (
 )
 
 
+def master_dtype(m: ModelConfig) -> torch.dtype:
+    """The dtype the engines store weights in: fp32 master weights unless model.dtype says."""
+    return torch.float32 if m.dtype == "auto" else getattr(torch, m.dtype)
+
+
 def resolve_dtype(m: ModelConfig, on_gpu: bool) -> torch.dtype:
     if m.dtype == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
@@ -122,4 +127,4 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
 
 __all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "build_model", "build_tokenizer", "model_config",
-           "resolve_dtype", "token_logprobs"]
+           "master_dtype", "resolve_dtype", "token_logprobs"]
