@@ -10,6 +10,7 @@ from typing import Any, Dict
 def run_local(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
     import ray
 
+    from orchestrator.chain import resolve_init_from
     from orchestrator.driver import Driver
 
     started = not ray.is_initialized()
@@ -17,6 +18,7 @@ def run_local(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
         ray.init(address="local", num_cpus=cfg.cluster.num_cpus or _cpus_needed(cfg), include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=True)
     try:
+        cfg = resolve_init_from(cfg, choices, run_local)  # chained stages run here first
         return Driver(cfg, choices).run()
     finally:
         if started:
@@ -27,7 +29,9 @@ def _cpus_needed(cfg) -> int:
     """Logical CPUs for the local Ray: all cores, or more when the workers ask for more
     (actors then time-share the cores, which is what a laptop smoke run wants)."""
     need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-    rollout = getattr(cfg.stage, "rollout", None)
-    if rollout is not None and rollout.placement == "separate":
-        need += rollout.num_workers * rollout.cpus_per_worker
+    from orchestrator.stages import STAGES
+
+    r = cfg.rollout
+    if STAGES[cfg.stage.name].uses_rollout and r.placement == "separate":
+        need += r.num_workers * r.cpus_per_worker
     return max(os.cpu_count() or 1, need)

@@ -7,24 +7,108 @@ on each node); the checkpoint directory must be on storage all nodes share.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict
+import socket
+import time
+from typing import Any, Dict, Optional, Tuple
 
 from orchestrator.errors import ConfigError
+
+log = logging.getLogger("orchestrator")
+
+CONNECT_TIMEOUT_S = 30.0
+"""How long to wait for the cluster at `cluster.address` to answer (it may be starting)
+before failing; becomes `cluster.connect_timeout_s` once the schema has it."""
 
 
 def run_attached(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
     import ray
 
+    from orchestrator.chain import resolve_init_from
     from orchestrator.driver import Driver
 
     if not ray.is_initialized():
-        try:
-            ray.init(address=cfg.cluster.address, logging_level=logging.WARNING, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot reach a Ray cluster at cluster.address={cfg.cluster.address!r} ({exc}). Start one "
-                "with `ray start --head`, pass its address (host:6379), or use cluster=local.") from exc
+        connect(cfg.cluster.address, CONNECT_TIMEOUT_S)
     try:
+        cfg = resolve_init_from(cfg, choices, _run_connected)  # chained stages run here first
         return Driver(cfg, choices).run()
     finally:
         ray.shutdown()
+
+
+def _run_connected(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
+    """A chained stage on the cluster this process is already attached to."""
+    from orchestrator.chain import resolve_init_from
+    from orchestrator.driver import Driver
+
+    return Driver(resolve_init_from(cfg, choices, _run_connected), choices).run()
+
+
+def _unreachable(address: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"cannot reach a Ray cluster at cluster.address={address!r} ({why}). Start one with "
+        "`ray start --head` on the head node and pass its address (host:6379), or run on this "
+        "machine alone with cluster=local.")
+
+
+def _resolve(address: str) -> Tuple[str, int, bool]:
+    """(host, port, is_gcs) of what `ray.init(address)` would connect to: `auto` finds the
+    cluster started on this node; a `ray://` address is a Ray Client server, not a GCS."""
+    if address.startswith("ray://"):
+        hostport, is_gcs = address[len("ray://"):].split("/")[0], False
+    else:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            hostport, is_gcs = canonicalize_bootstrap_address_or_die(address), True
+        except (ConnectionError, ValueError) as exc:
+            raise _unreachable(address, str(exc)) from exc
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise _unreachable(address, "expected host:port")
+    return host.strip("[]"), int(port), is_gcs
+
+
+def _gcs_answers(host: str, port: int, timeout_s: float) -> Optional[str]:
+    """None when a Ray GCS answers at host:port within about `timeout_s`; else why not."""
+    try:
+        from ray._raylet import InnerGcsClient
+    except ImportError:  # private API moved: ray.init's own checks remain
+        return None
+    try:
+        InnerGcsClient.standalone(f"{host}:{port}", None, int(max(timeout_s, 1) * 1000))
+    except Exception as exc:  # RpcError: something listens there, but not a Ray GCS
+        return f"something listens on {host}:{port} but no Ray GCS answered: {exc}"
+    return None
+
+
+def connect(address: str, timeout_s: float) -> None:
+    """`ray.init(address)` that fails within about `timeout_s` with our message.
+
+    Ray itself retries an unreachable GCS for many minutes, printing its own connection
+    lines. A plain TCP connect is tried first, once a second until `timeout_s` (a cluster
+    may still be starting), then one bounded GCS handshake; only then does Ray connect.
+    """
+    import ray
+
+    host, port, is_gcs = _resolve(address)
+    deadline, waiting, why = time.monotonic() + timeout_s, False, "no answer"
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+                break
+        except OSError as exc:
+            why = f"{host}:{port}: {exc.strerror or exc}"
+        if time.monotonic() + 1 > deadline:
+            raise _unreachable(address, f"{why}, for {timeout_s:g}s")
+        if not waiting:
+            log.info("waiting up to %gs for the Ray cluster at %s:%d (%s)", timeout_s, host, port, why)
+            waiting = True
+        time.sleep(1)
+    if is_gcs:
+        why = _gcs_answers(host, port, max(1.0, deadline - time.monotonic()))
+        if why is not None:
+            raise _unreachable(address, why)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise _unreachable(address, str(exc)) from exc

@@ -17,8 +17,8 @@ from orchestrator.config.compose import compose, group_options, to_yaml
 from orchestrator.config.validate import validate
 from orchestrator.errors import OrchestratorError
 
-GROUPS = ["model", "method", "stage", "backend", "cluster", "data", "logger", "checkpoint",
-          "experiment", "debug"]
+GROUPS = ["model", "method", "stage", "backend", "cluster", "rollout", "data", "logger", "checkpoint",
+          "eval", "experiment", "debug"]
 
 
 def _help() -> str:
@@ -65,12 +65,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         validate(cfg)
         setup_logging(Path(cfg.run.output_dir))
         from launchers import LAUNCHERS
-        from orchestrator.chain import resolve_init_from
 
-        launch = LAUNCHERS[cfg.cluster.name]
-        if cfg.cluster.name in ("local", "ray"):  # submitted jobs resolve the chain where they run
-            cfg = resolve_init_from(cfg, choices, launch)
-        launch(cfg, choices)
+        # A launcher that runs the driver here resolves run.init_from chains itself;
+        # submitted jobs resolve them where they run.
+        LAUNCHERS[cfg.cluster.name](cfg, choices)
         return 0
     except OrchestratorError as exc:
         logging.getLogger("orchestrator").error("error: %s", exc) if logging.getLogger().handlers \

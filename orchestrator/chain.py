@@ -2,8 +2,15 @@
 
 `run.init_from=experiment:NAME` runs that experiment first (in `<run dir>/init_from_NAME`,
 so it resumes or is reused like any run), then points `model.pretrained` and
-`model.tokenizer` at its `export/hf`. A directory is used as is: a run directory (its
-`export/hf`) or a model directory. This is how `sft -> grpo` pipelines are written.
+`model.tokenizer` at its exported model. The chained experiment may itself chain
+(`sft -> dpo -> grpo`: each resolves its own `init_from` first) and may use any method:
+a LoRA stage exports its adapter merged into the base for the next stage. Under `debug`,
+a chained recipe that needs GPUs is shrunk the same way; one that already runs on CPU
+(e.g. `sft_arith_warmup`) runs as written. A directory is used as is: a run directory
+(its exported model) or a model directory.
+
+Launchers that run the driver in this process call `resolve_init_from` before it starts;
+submitting launchers leave it to the job, which resolves it where it runs.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 from orchestrator.errors import ConfigError
 
 log = logging.getLogger("orchestrator")
+MODEL_EXPORTS = ("model", "merged")
+"""Export kinds that are a whole model, in order of preference."""
 
 
 def resolve_init_from(cfg, choices: Dict[str, str], launch: Callable) -> object:
@@ -26,34 +35,67 @@ def resolve_init_from(cfg, choices: Dict[str, str], launch: Callable) -> object:
     if src.startswith("experiment:"):
         model_dir = _run_chained(cfg, choices, src.split(":", 1)[1], launch)
     else:
-        path = Path(src).expanduser()
-        model_dir = path / "export" / "hf" if (path / "export" / "hf").is_dir() else path
-        if not (model_dir / "config.json").is_file():
-            raise ConfigError(f"run.init_from={src!r}: no model there (expected a run directory with "
-                              "export/hf, or a model directory with config.json)")
+        model_dir = _model_dir(Path(src).expanduser())
+        if model_dir is None:
+            raise ConfigError(f"run.init_from={src!r}: no model there (expected a run directory with an "
+                              "exported model, or a model directory with config.json)")
     log.info("initialising from %s", model_dir)
     model = replace(cfg.model, pretrained=str(model_dir), tokenizer=str(model_dir))
     return replace(cfg, model=model, run=replace(cfg.run, init_from=None))
 
 
-def _run_chained(cfg, choices: Dict[str, str], name: str, launch: Callable) -> Path:
+def _model_dir(path: Path) -> Optional[Path]:
+    """The whole model a path names: a model directory, or a run directory's export."""
+    if (path / "config.json").is_file():
+        return path
+    summary = path / "summary.json"
+    if summary.is_file():
+        exports = json.loads(summary.read_text()).get("exports", {})
+        for kind in MODEL_EXPORTS:
+            if kind in exports and (Path(exports[kind]) / "config.json").is_file():
+                return Path(exports[kind])
+    for sub in ("hf", "merged"):
+        if (path / "export" / sub / "config.json").is_file():
+            return path / "export" / sub
+    return None
+
+
+def _compose_chained(name: str, out: Path, choices: Dict[str, str], debug: bool):
     from orchestrator.config.compose import compose
+
+    overrides: List[str] = [f"+experiment={name}", f"run.output_dir={out}",
+                            f"logger={choices.get('logger', 'wandb')}"]
+    if debug:
+        overrides.append(f"debug={choices['debug']}")
+    return compose(overrides)
+
+
+def _needs_gpus(cfg) -> bool:
+    return cfg.cluster.gpus_per_worker > 0 or cfg.rollout.gpus_per_worker > 0
+
+
+def _run_chained(cfg, choices: Dict[str, str], name: str, launch: Callable) -> Path:
     from orchestrator.config.validate import validate
 
     out = Path(cfg.run.output_dir) / f"init_from_{name}"
-    summary = out / "summary.json"
-    if summary.is_file():
-        exports = json.loads(summary.read_text()).get("exports", {})
-        if "model" in exports and Path(exports["model"]).is_dir():
-            log.info("chained run %s already complete: reusing %s", name, exports["model"])
-            return Path(exports["model"])
-    overrides = [f"+experiment={name}", f"run.output_dir={out}", f"logger={choices.get('logger', 'wandb')}"]
-    sub, sub_choices = compose(overrides)
+    done = _model_dir(out) if (out / "summary.json").is_file() else None
+    if done is not None:
+        log.info("chained run %s already complete: reusing %s", name, done)
+        return done
+    sub, sub_choices = _compose_chained(name, out, choices, debug=False)
+    if choices.get("debug") and _needs_gpus(sub):  # a GPU recipe is shrunk like the run it feeds
+        sub, sub_choices = _compose_chained(name, out, choices, debug=True)
     sub = replace(sub, cluster=cfg.cluster)  # the chained run uses the same cluster as this one
-    if sub.method.name != "full":
-        raise ConfigError(f"run.init_from=experiment:{name} must be a method=full run (its export is the "
-                          "next stage's base model)")
+    if hasattr(sub.method, "export_merged"):  # the next stage starts from a whole model
+        sub = replace(sub, method=replace(sub.method, export_merged=True))
+    if not sub.checkpoint.export_hf:
+        raise ConfigError(f"run.init_from=experiment:{name}: that experiment sets checkpoint.export_hf=false, "
+                          "so it exports no model for the next stage to start from")
     validate(sub)
     log.info("running chained stage %s first (in %s)", name, out)
     result = launch(sub, sub_choices)
-    return Path(result["exports"]["model"])
+    for kind in MODEL_EXPORTS:
+        if kind in result["exports"]:
+            return Path(result["exports"][kind])
+    raise ConfigError(f"run.init_from=experiment:{name}: its run exported {sorted(result['exports'])}, no "
+                      "whole model to start the next stage from")

@@ -1,26 +1,29 @@
 """The driver: the single controller of a run.
 
 It owns the data position, the checkpoint directory and the logs; worker actors own
-model shards. The loop: next batch -> train step on every rank -> log -> checkpoint.
-Stages and methods plug in as objects; the loop has no per-stage branches.
+model shards, one worker group per role the stage declares. The loop: stage.step ->
+log -> checkpointer.maybe_save. Stages, methods, roles and engines plug in as objects;
+the loop has no per-stage branches. A dead worker is recovered in the job (`_recover`):
+every group is rebuilt and reloaded from the last complete checkpoint.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from orchestrator.checkpoint import CheckpointManager
-from orchestrator.errors import CheckpointError, OrchestratorError, WorkerError
+from orchestrator.checkpoint import Checkpoint
+from orchestrator.checkpointer import Checkpointer
+from orchestrator.errors import OrchestratorError, WorkerError
 from orchestrator.models import build_tokenizer, model_config
+from orchestrator.roles import Roles
 from orchestrator.stages import STAGES
 from orchestrator.tracking import Tracker
 from orchestrator.workers.group import WorkerGroup
@@ -49,6 +52,25 @@ def load_callbacks(paths: List[str], cfg) -> List[Any]:
     return out
 
 
+def start_roles(specs, total: int) -> Roles:
+    """One worker group per role spec, colocated ones on their host role's bundles."""
+    roles = Roles(specs=dict(specs))
+    try:
+        for name, spec in specs.items():
+            host = roles.groups.get(spec.colocate_with) if spec.colocate_with else None
+            roles.groups[name] = WorkerGroup(TrainWorker, spec, colocate=host)
+        for name, group in roles.groups.items():
+            counts = group.call("build", total)[0]
+            spec = specs[name]
+            log.info("%s: model %s, method %s: %s trainable of %s parameters (%.2f%%)", name, spec.model.name,
+                     spec.method.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
+                     100 * counts["params_trainable"] / max(counts["params_total"], 1))
+    except BaseException:
+        roles.shutdown()
+        raise
+    return roles
+
+
 class Driver:
     def __init__(self, cfg, choices: Dict[str, str] | None = None):
         self.cfg = cfg
@@ -56,82 +78,48 @@ class Driver:
         self.run_dir = Path(cfg.run.output_dir).resolve()
         self.ckpt_dir = Path(cfg.checkpoint.dir).resolve() if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self._stop_signal: int | None = None
-        self._pending: Optional[Tuple[int, Dict[str, Any], float]] = None  # background save: step, meta, start
-        self.workers: WorkerGroup | None = None
-        """The live worker group (replaced on in-job recovery); callbacks may read it."""
+        self.roles: Roles | None = None
+        """The live worker groups (replaced on in-job recovery); callbacks may read them."""
 
-    # ------------------------------------------------------------------ helpers
+    @property
+    def workers(self) -> WorkerGroup | None:
+        """The policy's worker group."""
+        return self.roles.policy if self.roles is not None else None
+
     def _on_signal(self, signum, _frame) -> None:
         log.warning("received %s: checkpointing after the current step, then exiting",
                     signal.Signals(signum).name)
         self._stop_signal = signum
 
-    def _resume_point(self, ckpts: CheckpointManager):
-        latest = ckpts.latest()
-        mode = self.cfg.checkpoint.resume
-        if mode == "must" and latest is None:
-            raise CheckpointError(f"checkpoint.resume=must but no complete checkpoint in {self.ckpt_dir}. "
-                                  "Use checkpoint.resume=auto to start fresh when none exists.")
-        if mode == "never" and latest is not None:
-            raise CheckpointError(
-                f"checkpoint.resume=never but {self.ckpt_dir} already holds checkpoints (latest: step "
-                f"{latest.step}); refusing to overwrite them. Use another run.output_dir / run.name, or "
-                "checkpoint.resume=auto to continue.")
-        return latest
-
-    def _save(self, ckpts: CheckpointManager, workers: WorkerGroup, stage, step: int, blocking: bool = True):
-        """Save at `step`. Blocking: returns the committed path. Otherwise the workers write in
-        the background and `_commit_pending` commits the directory once they are done."""
-        t = time.time()
-        meta = {"stage": stage.state_dict(), "world_size": workers.world_size, "choices": self.choices}
-        if blocking:
-            path = ckpts.save(step, lambda d: workers.call("save", d), meta)
-            log.info("checkpoint step %d -> %s (%.1fs)", step, path, time.time() - t)
-            return path
-        ckpts.write(step, lambda d: workers.call("save", d, False))
-        self._pending = (step, copy.deepcopy(meta), t)  # the stage moves on before the commit
-        log.info("checkpoint step %d: state copied in %.2fs, writing in the background", step, time.time() - t)
-        return None
-
-    def _commit_pending(self, ckpts: CheckpointManager, workers: WorkerGroup, wait: bool) -> Optional[Path]:
-        """Commit the background save once every rank has written its part (wait: block)."""
-        if self._pending is None:
-            return None
-        step, meta, t = self._pending
+    def _start(self, stage, ckpt: Checkpointer, latest: Optional[Checkpoint], total: int, initial) -> int:
+        """Fresh worker groups holding the model at `latest` (or at its initial state); the step."""
+        self.roles = start_roles(stage.roles(), total)
         try:
-            if not all(workers.call("save_done", wait)):
-                return None
-        except BaseException as exc:
-            self._pending = None
-            ckpts.abort(step, exc)
-            raise
-        self._pending = None
-        path = ckpts.commit(step, meta)
-        log.info("checkpoint step %d -> %s (written in the background, %.1fs after the save began)",
-                 step, path, time.time() - t)
-        return path
-
-    def _start_workers(self, stage, latest, total: int, initial_stage_state) -> Tuple[WorkerGroup, int]:
-        """A fresh worker group holding the model at `latest` (or at its initial state)."""
-        cfg = self.cfg
-        workers = self.workers = WorkerGroup(TrainWorker, cfg, gpu_share=stage.train_gpu_share)
-        try:
-            counts = workers.call("build", total)[0]
-            log.info("model %s, method %s: %s trainable of %s parameters (%.2f%%)", cfg.model.name,
-                     cfg.method.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
-                     100 * counts["params_trainable"] / counts["params_total"])
             if latest is None:
-                stage.load_state_dict(initial_stage_state)
-                return workers, 0
-            workers.call("load", str(latest.path))
+                stage.load_state_dict(initial)
+                return 0
+            ckpt.load(self.roles, latest)
             stage.load_state_dict(latest.meta["stage"])
             log.info("resumed from %s (step %d of %d)", latest.path, latest.step, total)
-            return workers, latest.step
+            return latest.step
         except BaseException:
-            workers.shutdown()
+            self.roles.shutdown()
             raise
 
-    # ---------------------------------------------------------------------- run
+    def _recover(self, exc: WorkerError, stage, ckpt: Checkpointer, step: int, total: int, initial,
+                 restarts: int) -> int:
+        """Rebuild every worker group from the last complete checkpoint; the step to go on from."""
+        ckpt.abort_pending()  # its writers are gone: never commit it
+        if restarts > self.cfg.run.max_restarts:
+            raise WorkerError(f"{exc}. No restarts left (run.max_restarts={self.cfg.run.max_restarts}); "
+                              "run the same command again to resume from the last checkpoint.") from exc
+        latest = ckpt.latest()
+        log.warning("worker failure at step %d: %s. Restart %d/%d from %s", step, exc, restarts,
+                    self.cfg.run.max_restarts, latest.path if latest else "the start (no checkpoint yet)")
+        stage.close()
+        self.roles.shutdown()
+        return self._start(stage, ckpt, latest, total, initial)
+
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,73 +130,41 @@ class Driver:
         model_config(cfg.model)  # fail here, not in every worker, if the model is unreachable
         stage = STAGES[cfg.stage.name](cfg, tokenizer)
         total = stage.total_steps
-        ckpts = CheckpointManager(self.ckpt_dir, cfg.checkpoint.keep_last)
-        latest = self._resume_point(ckpts)
+        ckpt = Checkpointer(self.ckpt_dir, cfg.checkpoint, lambda: {
+            "stage": stage.state_dict(), "world_size": cfg.cluster.num_workers, "choices": self.choices})
+        latest = ckpt.resume_point()
         callbacks = load_callbacks(cfg.run.callbacks, cfg)
 
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        initial_stage_state = stage.state_dict()
-        workers, tracker, restarts = None, None, 0
+        initial = stage.state_dict()
+        tracker, restarts = None, 0
         try:
-            workers, start = self._start_workers(stage, latest, total, initial_stage_state)
+            start = self._start(stage, ckpt, latest, total, initial)
             for cb in callbacks:
                 if hasattr(cb, "on_start"):
                     cb.on_start(self)
             tracker = Tracker(cfg, self.run_dir, config_dict, total, start)
-            resumed_from = start
-            stage.setup(workers, start, tracker)
-            last_ckpt = latest.path if latest else None
+            stage.setup(self.roles, start, tracker)
             metrics: Dict[str, Any] = {}
             step = start
             while step < total:
                 try:
                     step += 1
-                    metrics = stage.step(workers, step)
+                    metrics = stage.step(self.roles, step)
                     tracker.log_step(step, metrics)
                     for cb in callbacks:
                         cb.on_step_end(step, metrics)
-                    last_ckpt = self._commit_pending(ckpts, workers, wait=False) or last_ckpt
-                    every = cfg.checkpoint.every_steps
-                    if (self._stop_signal is not None or (every and step % every == 0)
-                            or (step == total and cfg.checkpoint.save_final)):
-                        # The last save and a save on a stop signal are written before going on.
-                        blocking = not cfg.checkpoint.async_save or self._stop_signal is not None or step == total
-                        last_ckpt = self._commit_pending(ckpts, workers, wait=True) or last_ckpt
-                        last_ckpt = self._save(ckpts, workers, stage, step, blocking) or last_ckpt
+                    ckpt.maybe_save(self.roles, step, total, stopping=self._stop_signal is not None)
                 except WorkerError as exc:
-                    if self._pending is not None:  # its writers are gone: never commit it
-                        ckpts.abort(self._pending[0])
-                        self._pending = None
-                    if restarts >= cfg.run.max_restarts:
-                        raise WorkerError(f"{exc}. No restarts left (run.max_restarts={cfg.run.max_restarts}); "
-                                          "run the same command again to resume from the last checkpoint.") from exc
                     restarts += 1
-                    latest = ckpts.latest()
-                    log.warning("worker failure at step %d: %s. Restart %d/%d from %s", step, exc, restarts,
-                                cfg.run.max_restarts, latest.path if latest else "the start (no checkpoint yet)")
-                    stage.close()
-                    workers.shutdown()
-                    workers, step = self._start_workers(stage, latest, total, initial_stage_state)
-                    stage.setup(workers, step, tracker)
+                    step = self._recover(exc, stage, ckpt, step, total, initial, restarts)
+                    stage.setup(self.roles, step, tracker)
                     continue
                 if self._stop_signal is not None:
                     raise Preempted(f"stopped by signal {self._stop_signal} at step {step}; checkpoint "
-                                    f"{last_ckpt}. Run the same command again to resume.")
-            last_ckpt = self._commit_pending(ckpts, workers, wait=True) or last_ckpt
-            exports: Dict[str, str] = {}
-            if cfg.checkpoint.export_hf:
-                t = time.time()
-                exports = workers.call("export_hf", str(self.run_dir / "export"), tokenizer)[0]
-                log.info("exported %s (%.1fs)", ", ".join(f"{k}: {v}" for k, v in exports.items()),
-                         time.time() - t)
-            summary = {"steps": total, "resumed_from": resumed_from, "restarts": restarts,
-                       "final_loss": metrics.get("loss"),
-                       "run_dir": str(self.run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
-                       "exports": exports, "metrics": str(tracker.metrics_path),
-                       "log": str(self.run_dir / "train.log"), "wandb": tracker.wandb_dir,
-                       "workers": workers.nodes, **stage.summary()}
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+                                    f"{ckpt.last}. Run the same command again to resume.")
+            ckpt.commit_pending(self.roles, wait=True)
+            summary = self._finish(stage, ckpt, tracker, tokenizer, total, start, restarts, metrics)
             self._print_summary(summary)
             return summary
         finally:
@@ -217,8 +173,26 @@ class Driver:
             stage.close()
             if tracker is not None:
                 tracker.close()
-            if workers is not None:
-                workers.shutdown()
+            if self.roles is not None:
+                self.roles.shutdown()
+
+    def _finish(self, stage, ckpt: Checkpointer, tracker, tokenizer, total: int, start: int, restarts: int,
+                metrics: Dict[str, Any]) -> Dict[str, Any]:
+        """Export, write summary.json and log the summary numbers."""
+        exports: Dict[str, str] = {}
+        if self.cfg.checkpoint.export_hf:
+            t = time.time()
+            exports = self.roles.policy.call("export_hf", str(self.run_dir / "export"), tokenizer)[0]
+            log.info("exported %s (%.1fs)", ", ".join(f"{k}: {v}" for k, v in exports.items()), time.time() - t)
+        summary = {"steps": total, "resumed_from": start, "restarts": restarts,
+                   "final_loss": metrics.get("loss"),
+                   "run_dir": str(self.run_dir), "checkpoint": str(ckpt.last) if ckpt.last else None,
+                   "exports": exports, "metrics": str(tracker.metrics_path),
+                   "log": str(self.run_dir / "train.log"), "wandb": tracker.wandb_dir,
+                   "workers": self.roles.policy.nodes, **stage.summary()}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        return summary
 
     @staticmethod
     def _print_summary(s: Dict[str, Any]) -> None:

@@ -25,6 +25,19 @@ class CheckpointError(OrchestratorError):
     pass
 
 
+class StorageError(CheckpointError):
+    """Writing a checkpoint failed for lack of space, quota or a failing/read-only
+    filesystem: not a worker failure, so the run stops instead of restarting."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A committed checkpoint does not match the manifest written when it was saved."""
+
+
+class RunDirLockedError(OrchestratorError):
+    """Another live run holds the run directory (names its host, pid and start time)."""
+
+
 class WorkerError(OrchestratorError):
     """A worker actor died or raised; names the rank and node."""
 

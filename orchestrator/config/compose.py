@@ -11,7 +11,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -25,6 +25,14 @@ from orchestrator.errors import ConfigError
 
 _REGISTERED = False
 DEBUG_OVERLAYS = ("stage", "method")
+# Keys that moved to a group of their own: old key (or prefix) -> new key. Using an old one
+# fails with one line saying where it went, instead of a generic "unknown key".
+MOVED = {
+    "stage.rollout": "rollout",
+    "stage.eval_samples": "eval.samples",
+    "stage.eval_every": "eval.every_steps",
+    "stage.eval_reward": "eval.reward",
+}
 
 
 def conf_dir() -> Path:
@@ -64,6 +72,24 @@ def _order_overrides(overrides: Sequence[str]) -> List[str]:
     return normal + debug
 
 
+def moved(key: str) -> Optional[str]:
+    """'stage.rollout.n moved to rollout.n' when `key` (or a parent of it) moved, else None."""
+    key = key.lstrip("+~")
+    for old, new in MOVED.items():
+        if key == old and "." not in new:  # a whole block, as a YAML file writes it
+            return f"{key} moved to {new} ({old}.X is now {new}.X)"
+        if key == old or key.startswith(old + "."):
+            return f"{key} moved to {new}{key[len(old):]}"
+    return None
+
+
+def _check_moved(overrides: Sequence[str]) -> None:
+    for item in overrides:
+        hint = moved(item.split("=", 1)[0])
+        if hint:
+            raise ConfigError(hint)
+
+
 def group_options(group: str) -> List[str]:
     path = conf_dir() / group
     return sorted(p.stem for p in path.glob("*.yaml")) if path.is_dir() else []
@@ -87,6 +113,11 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
     full_key = key_m.group(1) if key_m else None
     if missing_key and full_key is None:
         full_key = missing_key.group(1)
+    if full_key and moved(full_key):
+        return moved(full_key)
+    enum_m = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", msg)
+    if full_key and enum_m:
+        return f"{full_key}={enum_m.group(1)!r} is not valid. Valid values: {enum_m.group(2)}"
     if full_key and missing_key:
         parent, _, leaf = full_key.rpartition(".")
         valid = _valid_keys(parent, overrides)
@@ -108,21 +139,20 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
         opts = group_options(group)
         close = difflib.get_close_matches(opt, opts, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        lines = [f"'{opt}' is not an option of config group '{group}'.{hint} "
-                 f"Valid options: {', '.join(opts)}"]
+        lines = [f"'{opt}' is not an option of config group '{group}'.{hint} Valid options: {', '.join(opts)}"]
     return "\n".join(lines)
 
 
 def _valid_keys(parent: str, overrides: Sequence[str]) -> List[str]:
     """Keys of the node at `parent`, composed without the offending overrides."""
-    safe = [o for o in overrides if "=" in o and o.split("=")[0].lstrip("+~").split(".")[0]
-            in ("model", "method", "stage", "backend", "cluster", "experiment", "debug")
-            and "." not in o.split("=")[0]]
+    groups = (*GROUP_SCHEMAS, "experiment", "debug")
+    safe = [o for o in overrides if "=" in o and "." not in o.split("=")[0]
+            and o.split("=")[0].lstrip("+~") in groups]
     try:
         cfg = _compose_raw(safe)
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return sorted(node.keys()) if node is not None and hasattr(node, "keys") else []
-    except Exception:  # best effort: the original message is still shown
+    except Exception:  # noqa: BLE001 (best effort: the original message is still shown)
         return []
 
 
@@ -137,6 +167,7 @@ def _compose_raw(overrides: Sequence[str]):
 def compose(overrides: Sequence[str] = ()) -> Tuple[Config, Dict[str, str]]:
     """Compose `overrides` into a typed Config and the chosen option of each group."""
     overrides = list(overrides)
+    _check_moved(overrides)
     try:
         raw = _compose_raw(overrides)
         choices = raw.hydra.runtime.choices
@@ -171,13 +202,13 @@ def _reject_added_keys(raw) -> None:
     then be dropped silently by to_object. Refuse it with the same message as without +."""
     import dataclasses
 
-    for group in raw.keys():
+    for group in raw:
         node = raw[group]
         typ = OmegaConf.get_type(node) if OmegaConf.is_dict(node) else None
         if typ is None or not dataclasses.is_dataclass(typ):
             continue
         fields = {f.name for f in dataclasses.fields(typ)}
-        for key in node.keys():
+        for key in node:
             if key not in fields:
                 owners = [f"{group}={name}" for name, sch in GROUP_SCHEMAS.get(group, {}).items()
                           if key in {f.name for f in dataclasses.fields(sch)}]

@@ -1,18 +1,122 @@
-"""Typed schemas for every config group.
+"""Typed schemas for every config group, each with the checks of its own fields.
 
 Defaults live here and only here; the YAML files under ``conf/`` set values. Each group
 option is validated against its dataclass when Hydra composes the config, so an unknown
-key or a wrong type fails before anything starts. Options of one group that need
-different fields (``method=full`` vs ``method=lora``) get their own dataclass, so a
-LoRA-only key used with ``method=full`` is an unknown key, not a silently ignored one.
+key, a wrong type or a value outside a field's choices (a :class:`Choice` enum) fails
+before anything starts. Options of one group that need different fields (``method=full``
+vs ``method=lora``) get their own dataclass, so a LoRA-only key used with ``method=full``
+is an unknown key, not a silently ignored one.
+
+What types cannot say, a component says in its ``check(cfg)``: it owns its fields and
+their rules (torchtitan's "a component owns its typed config and its checks"), and
+:func:`orchestrator.config.validate.validate` calls every component's ``check`` once the
+config is composed. ``check`` raises ConfigError naming the key, the bad value and what
+to do instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
+
+from orchestrator.config.checks import Choice, choice, positive
+from orchestrator.config.cluster import (  # noqa: F401  (re-exported: one import site for schemas)
+    ClusterConfig,
+    ImagePullPolicy,
+    KubernetesClusterConfig,
+    LocalClusterConfig,
+    PlacementStrategy,
+    RayClusterConfig,
+    RayJobClusterConfig,
+    SlurmClusterConfig,
+)
+from orchestrator.errors import ConfigError
+
+
+class Dtype(Choice):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class AttnImplementation(Choice):
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class DataFormat(Choice):
+    auto = "auto"
+    messages = "messages"
+    prompt_completion = "prompt_completion"
+
+
+class Batching(Choice):
+    packed = "packed"
+    padded = "padded"
+
+
+class OnBadRows(Choice):
+    error = "error"
+    skip = "skip"
+
+
+class Scheduler(Choice):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class OnNonfinite(Choice):
+    skip = "skip"
+    stop = "stop"
+
+
+class Placement(Choice):
+    separate = "separate"
+    colocated = "colocated"
+
+
+class RolloutEngine(Choice):
+    hf = "hf"
+    vllm = "vllm"
+
+
+class LossAgg(Choice):
+    """GRPO loss aggregations (orchestrator.algos.grpo.LOSS_AGGREGATIONS)."""
+
+    seq_mean_token_mean = "seq_mean_token_mean"
+    token_mean = "token_mean"
+    seq_mean_token_sum_norm = "seq_mean_token_sum_norm"
+
+
+class MixedPrecision(Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class Offload(Choice):
+    none = "none"
+    cpu = "cpu"
+
+
+class Resume(Choice):
+    auto = "auto"
+    must = "must"
+    never = "never"
+
+
+class LoggerMode(Choice):
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 # --------------------------------------------------------------------------- model
@@ -40,19 +144,32 @@ class ModelConfig:
     """Experts per MoE layer (locally built MoE models only)."""
     num_experts_per_tok: int = 2
     moe_intermediate_size: int = 128
-    dtype: str = "auto"
-    """Parameter dtype: auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16."""
-    attn_implementation: str = "sdpa"
+    dtype: Dtype = Dtype.auto
+    """Parameter dtype: auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16."""
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa
     """sdpa | eager | flash_attention_2."""
     trust_remote_code: bool = False
     init_seed: int = 1234
     """Seed for random init of locally built models (same on every rank)."""
+
+    def check(self, cfg: Config) -> None:
+        if self.pretrained is None:
+            from orchestrator.models import ARCHITECTURES  # the registry is the source of valid names
+
+            choice(self.arch, "model.arch", ARCHITECTURES)
+            if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+                raise ConfigError(
+                    f"model.hidden_size={self.hidden_size} must divide by model.num_heads={self.num_heads}, "
+                    f"and num_heads by model.num_kv_heads={self.num_kv_heads}")
 
 
 # -------------------------------------------------------------------------- method
 @dataclass
 class MethodConfig:
     name: str = MISSING
+
+    def check(self, cfg: Config) -> None:
+        pass
 
 
 @dataclass
@@ -71,6 +188,12 @@ class LoraMethodConfig(MethodConfig):
     bias: str = "none"
     export_merged: bool = False
     """Also export the base model with the adapter merged in (`hf_merged/`)."""
+
+    def check(self, cfg: Config) -> None:
+        positive(self.r, "method.r")
+        if not self.target_modules:
+            raise ConfigError("method.target_modules is empty; use [all-linear] or name modules, "
+                              "e.g. [q_proj,v_proj]")
 
 
 @dataclass
@@ -98,6 +221,11 @@ class ExpertsMethodConfig(MethodConfig):
     train_shared_experts: bool = False
     """Also train shared experts (Qwen2-MoE / DeepSeek style), where the model has them."""
 
+    def check(self, cfg: Config) -> None:
+        from orchestrator.methods.experts import check_config
+
+        check_config(cfg)  # selection vs the model's real expert layout (built on meta)
+
 
 # --------------------------------------------------------------------------- stage
 @dataclass
@@ -107,6 +235,9 @@ class StageConfig:
     """Run chained before this stage under debug=cpu (`experiment:NAME`): a randomly
     initialised tiny model must first learn the task format before RL can improve it."""
 
+    def check(self, cfg: Config) -> None:
+        pass
+
 
 @dataclass
 class SftStageConfig(StageConfig):
@@ -114,26 +245,17 @@ class SftStageConfig(StageConfig):
     train_on_prompt: bool = False
     """Compute the loss on prompt tokens too (default: completion tokens only)."""
 
-
-@dataclass
-class RolloutConfig:
-    n: int = 8
-    """Completions per prompt (the GRPO group size G)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    stop: List[str] = field(default_factory=list)
-    """Extra stop strings (generation always stops at the tokenizer's EOS)."""
-    engine: str = "hf"
-    """hf (transformers generate with KV cache) | vllm (GPU, when vLLM is installed)."""
-    placement: str = "separate"
-    """separate (own actors and resources) | colocated (share the train workers' bundles)."""
-    num_workers: int = 1
-    """Rollout actors for placement=separate (colocated: one per train worker)."""
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0.0
-    batch_size: int = 64
-    """Prompts per generate call on one rollout worker."""
+    def check(self, cfg: Config) -> None:
+        t, n = cfg.train, cfg.cluster.num_workers
+        if t.global_batch_size % n:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                f"cluster.num_workers={n} (each worker trains an equal share of every batch)")
+        per_rank = t.global_batch_size // n
+        if per_rank % t.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size / cluster.num_workers = {per_rank} rows per worker is not a "
+                f"multiple of train.micro_batch_size={t.micro_batch_size}; pick a micro batch that divides it")
 
 
 @dataclass
@@ -150,36 +272,120 @@ class GrpoStageConfig(StageConfig):
     name: str = "grpo"
     prompts_per_step: int = 32
     """Prompts per step; each gets rollout.n completions."""
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math_verify")])
     reward_timeout_s: float = 10.0
     """A reward call making no progress this long is masked and the pool restarted."""
     reward_workers: int = 2
     std_normalize: bool = True
     """Divide advantages by the group std (GRPO); false is Dr. GRPO."""
-    loss_agg: str = "seq_mean_token_mean"
+    loss_agg: LossAgg = LossAgg.seq_mean_token_mean
     """seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)."""
     clip_low: float = 0.2
     clip_high: float = 0.2
     """Upper clip of the ratio (DAPO's clip-higher uses 0.28)."""
     kl_coef: float = 0.0
-    """KL penalty to the reference policy, as a loss term (LoRA: the base with adapters off)."""
+    """KL penalty to the reference policy, as a loss term (the method decides what the
+    reference is: LoRA disables its adapters, full fine-tuning keeps a frozen copy)."""
     filter_zero_std_groups: bool = False
     """Drop groups whose rewards are all equal (DAPO dynamic sampling, without refill)."""
     num_iterations: int = 1
     """Optimizer steps per rollout batch (old log-probs recomputed on the trainer when > 1)."""
-    eval_samples: int = 200
-    """Held-out prompts scored greedily before training, every eval_every steps and at the end."""
-    eval_every: int = 0
-    eval_reward: str = "math_verify"
     log_samples_every: int = 10
     """Log a table of sample completions every N steps (0: never)."""
+
+    def check(self, cfg: Config) -> None:
+        positive(self.prompts_per_step, "stage.prompts_per_step")
+        positive(self.num_iterations, "stage.num_iterations")
+        if cfg.rollout.n < 2:
+            raise ConfigError(f"rollout.n={cfg.rollout.n}: GRPO needs at least 2 completions per prompt "
+                              "(advantages are relative to the group)")
+        if not self.rewards:
+            raise ConfigError("stage.rewards is empty; e.g. stage.rewards=[{name: math_verify}]")
+        for i, spec in enumerate(self.rewards):
+            check_reward(spec.name, f"stage.rewards[{i}].name")
+        positive(self.reward_timeout_s, "stage.reward_timeout_s")
+        positive(self.reward_workers, "stage.reward_workers")
+        positive(self.kl_coef, "stage.kl_coef", allow_zero=True)
+        positive(self.log_samples_every, "stage.log_samples_every", allow_zero=True)
+
+
+# ------------------------------------------------------------------ rollout / eval
+@dataclass
+class RolloutConfig:
+    """The inference engine that generates for RL stages and evaluation."""
+
+    engine: RolloutEngine = MISSING
+    """hf (transformers generate with KV cache) | vllm (GPU, when vLLM is installed). Set by the
+    option (rollout=hf | rollout=vllm); rollout.engine=X is the same choice."""
+    n: int = 8
+    """Completions per prompt (the GRPO group size G)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop: List[str] = field(default_factory=list)
+    """Extra stop strings (generation always stops at the tokenizer's EOS)."""
+    placement: Placement = Placement.separate
+    """separate (own actors and resources) | colocated (share the train workers' bundles)."""
+    num_workers: int = 1
+    """Rollout actors for placement=separate (colocated: one per train worker)."""
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    batch_size: int = 64
+    """Prompts per generate call on one rollout worker."""
+
+    def check(self, cfg: Config) -> None:
+        positive(self.max_new_tokens, "rollout.max_new_tokens")
+        positive(self.num_workers, "rollout.num_workers")
+        positive(self.batch_size, "rollout.batch_size")
+        positive(self.cpus_per_worker, "rollout.cpus_per_worker", allow_zero=True)
+        positive(self.gpus_per_worker, "rollout.gpus_per_worker", allow_zero=True)
+        if self.temperature < 0:
+            raise ConfigError(f"rollout.temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+        if self.engine == RolloutEngine.vllm and importlib.util.find_spec("vllm") is None:
+            raise ConfigError("rollout.engine=vllm needs vLLM, which is not installed here (pip install vllm); "
+                              "use rollout=hf")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during a run: greedy completions scored by a reward function."""
+
+    samples: int = 200
+    """Held-out prompts scored greedily before training, every `every_steps` steps and at the
+    end (0: off)."""
+    every_steps: int = 0
+    """Evaluate every N steps as well (0: only before training and at the end)."""
+    reward: str = "math_verify"
+    """Reward function that scores an answer: a built-in or an import path `module:function`."""
+    max_new_tokens: Optional[int] = None
+    """Generation budget per prompt; None: rollout.max_new_tokens."""
+
+    def check(self, cfg: Config) -> None:
+        positive(self.samples, "eval.samples", allow_zero=True)
+        positive(self.every_steps, "eval.every_steps", allow_zero=True)
+        if self.max_new_tokens is not None:
+            positive(self.max_new_tokens, "eval.max_new_tokens")
+        check_reward(self.reward, "eval.reward")
+
+
+def check_reward(name: str, key: str) -> None:
+    """`name` is a built-in reward or an import path (imported where the rewards run)."""
+    from orchestrator.rewards import REWARDS
+
+    if name not in REWARDS and not re.fullmatch(r"[\w.]+:[\w.]+", name or ""):
+        raise ConfigError(f"{key}={name!r} is not a reward: use a built-in ({', '.join(REWARDS)}) or an "
+                          "import path 'package.module:function'")
 
 
 # ------------------------------------------------------------------------- backend
 @dataclass
 class BackendConfig:
     name: str = MISSING
+
+    def check(self, cfg: Config) -> None:
+        pass
 
 
 @dataclass
@@ -190,7 +396,7 @@ class Fsdp2BackendConfig(BackendConfig):
     shard_single_rank: bool = False
     """With one worker, wrap the model in FSDP2 anyway (default: train the plain module, which
     is faster and computes the same; bf16 compute then uses torch.autocast)."""
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     """auto (bf16 compute on GPU, fp32 on CPU) | bf16 | fp32."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward to save activation memory."""
@@ -202,11 +408,11 @@ class DeepSpeedBackendConfig(BackendConfig):
     optimizer and schedule come from `train.*` and the fields below, never from `extra`."""
 
     name: str = "deepspeed_zero3"
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     """auto (bf16 compute with fp32 master weights on GPU, fp32 on CPU) | bf16 | fp32."""
-    offload_optimizer: str = "none"
+    offload_optimizer: Offload = Offload.none
     """ZeRO-Offload of the fp32 master weights and Adam state: none | cpu (DeepSpeedCPUAdam)."""
-    offload_param: str = "none"
+    offload_param: Offload = Offload.none
     """ZeRO-Infinity offload of the parameter partitions between uses: none | cpu."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward to save activation memory."""
@@ -214,154 +420,40 @@ class DeepSpeedBackendConfig(BackendConfig):
     """Any other DeepSpeed config keys, deep-merged over the generated config, e.g.
     `+backend.extra.zero_optimization.stage3_prefetch_bucket_size=5e7`."""
 
-
-# ------------------------------------------------------------------------- cluster
-@dataclass
-class ClusterConfig:
-    name: str = MISSING
-    num_workers: int = 2
-    """Training worker actors (one per GPU, or per CPU slot on CPU)."""
-    cpus_per_worker: int = 1
-    gpus_per_worker: int = 0
-    placement_strategy: str = "PACK"
-    """Ray placement group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD."""
-    placement_timeout_s: int = 120
-    """How long to wait for the cluster to have room for all workers."""
-    dist_timeout_s: int = 600
-    """torch.distributed collective timeout."""
-
-
-@dataclass
-class LocalClusterConfig(ClusterConfig):
-    name: str = "local"
-    num_cpus: Optional[int] = None
-    """CPUs for the in-process Ray cluster (None: all)."""
+    def check(self, cfg: Config) -> None:
+        zero = self.extra.get("zero_optimization") or {}
+        if not isinstance(zero, dict):
+            raise ConfigError(f"backend.extra.zero_optimization={zero!r} must be a mapping of ZeRO keys")
+        if "stage" in zero and zero["stage"] != 3:
+            raise ConfigError(
+                f"backend.extra.zero_optimization.stage={zero['stage']}: backend=deepspeed_zero3 runs ZeRO "
+                "stage 3 only (parameters, gradients and optimizer state all partitioned). Remove the key; "
+                "to keep parameters gathered between forward and backward (ZeRO-2 style) use "
+                "backend=fsdp2 backend.reshard_after_forward=false.")
+        for key, instead in _DS_OWNED.items():
+            node = self.extra
+            for part in key.split("."):
+                node = node.get(part, {}) if isinstance(node, dict) else {}
+            if node != {}:
+                raise ConfigError(f"backend.extra.{key} is generated from the typed config; set {instead} instead.")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError('backend=deepspeed_zero3 needs DeepSpeed, which is not installed. Install the extra: '
+                              'pip install -e ".[deepspeed]" (or use backend=fsdp2).')
 
 
-@dataclass
-class RayClusterConfig(ClusterConfig):
-    name: str = "ray"
-    address: str = "auto"
-    """Address of a running Ray cluster (`auto` finds the one on this node)."""
-
-
-# Submitting launchers size the worker group from the allocation by default: one worker
-# per GPU (4 nodes x 8 GPUs -> 32 workers of 1 GPU), or one per node on CPU-only nodes.
-# Resolvers rather than code in the launcher, so `--cfg job` shows the numbers that run.
-OmegaConf.register_new_resolver(
-    "alloc_workers", lambda nodes, gpus: nodes * gpus if gpus else nodes, replace=True)
-OmegaConf.register_new_resolver("alloc_gpus_per_worker", lambda gpus: 1 if gpus else 0, replace=True)
-
-
-@dataclass
-class SlurmClusterConfig(ClusterConfig):
-    """sbatch a job that starts Ray on the allocation and runs the entry there (cluster=ray)."""
-
-    name: str = "slurm"
-    num_workers: int = "${alloc_workers:${.nodes},${.gpus_per_node}}"  # type: ignore[assignment]
-    gpus_per_worker: int = "${alloc_gpus_per_worker:${.gpus_per_node}}"  # type: ignore[assignment]
-    nodes: int = 1
-    """Nodes to allocate: the Ray head (and the driver) on the first, Ray workers on all."""
-    gpus_per_node: int = 0
-    """GPUs per node (`--gpus-per-node`); 0 for CPU-only partitions."""
-    cpus_per_node: int = 0
-    """CPUs per node (`--cpus-per-task`, one task per node); 0: the partition's default."""
-    mem: Optional[str] = None
-    """Memory per node (`--mem`, e.g. 200G); None: the partition's default; 0: all of it."""
-    partition: Optional[str] = None
-    """Slurm partition (`--partition`); None: the cluster's default partition."""
-    time: str = "01:00:00"
-    """Time limit (`--time`): minutes, [D-]HH:MM[:SS] or UNLIMITED."""
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    exclusive: bool = False
-    """Allocate whole nodes (`--exclusive`)."""
-    job_name: Optional[str] = None
-    """Job name; None: run.name."""
-    requeue: bool = True
-    """On the signal below or SIGTERM: checkpoint, then requeue the job; it resumes on restart."""
-    signal_before_s: int = 300
-    """Seconds before the time limit that Slurm sends SIGUSR1 to the batch script (0: none)."""
-    sbatch_args: List[str] = field(default_factory=list)
-    """Extra sbatch options, one per entry (e.g. [--constraint=h100, --reservation=r1])."""
-    setup: List[str] = field(default_factory=list)
-    """Shell lines run first in the job script (module load, source a venv, ...); the other
-    nodes' Ray workers inherit the environment they set up."""
-    env: Dict[str, str] = field(default_factory=dict)
-    """Environment variables exported in the job."""
-    python: Optional[str] = None
-    """Python on the nodes; None: the interpreter that submits (shared filesystem)."""
-    ray_port: int = 6379
-    """Ray head port; the head's other ports are the next few above it."""
-    ray_start_timeout_s: int = 300
-    """How long the script waits for every node to join the Ray cluster."""
-    dry_run: bool = False
-    """Render and print the sbatch script (and save it with the config) without submitting."""
-
-
-@dataclass
-class RayJobClusterConfig(ClusterConfig):
-    """Submit the entry to a running Ray cluster through the Ray Jobs API."""
-
-    name: str = "ray_job"
-    address: str = "http://127.0.0.1:8265"
-    """Ray Jobs API (dashboard) address of the cluster."""
-    upload_code: bool = True
-    """Upload this checkout's packages with the job (runtime_env py_modules); False: use
-    the package installed on the cluster."""
-    pip: List[str] = field(default_factory=list)
-    """Extra pip requirements installed for the job (runtime_env pip)."""
-    env: Dict[str, str] = field(default_factory=dict)
-    """Environment variables for the job (runtime_env env_vars)."""
-    forward_env: List[str] = field(default_factory=lambda: ["WANDB_API_KEY", "WANDB_MODE", "HF_TOKEN"])
-    """Variables copied from the submitting shell into the job when set there."""
-    submission_id: Optional[str] = None
-    """Job id; None: <run.name>-<time>."""
-    entrypoint_num_cpus: float = 0
-    """CPUs reserved for the driver process on the cluster."""
-    follow: bool = False
-    """Stream the job's logs until it ends; a failed job then fails this command."""
-
-
-@dataclass
-class KubernetesClusterConfig(ClusterConfig):
-    """Render a KubeRay RayJob (ray.io/v1) running the entry in our image; apply on request."""
-
-    name: str = "kubernetes"
-    num_workers: int = "${alloc_workers:${.nodes},${.gpus_per_node}}"  # type: ignore[assignment]
-    gpus_per_worker: int = "${alloc_gpus_per_worker:${.gpus_per_node}}"  # type: ignore[assignment]
-    image: str = "orchestrator:latest"
-    """Image built from docker/Dockerfile (the tag its build command gives); push it to a
-    registry the cluster pulls from and name it here."""
-    image_pull_policy: str = "IfNotPresent"
-    namespace: str = "default"
-    nodes: int = 1
-    """Ray worker pods (the head pod only runs the driver)."""
-    gpus_per_node: int = 0
-    """nvidia.com/gpu per worker pod."""
-    cpus_per_node: str = "8"
-    """CPU request/limit per worker pod (Kubernetes quantity)."""
-    memory_per_node: str = "32Gi"
-    head_cpus: str = "2"
-    head_memory: str = "8Gi"
-    shared_pvc: str = "orchestrator-shared"
-    """ReadWriteMany PersistentVolumeClaim for run directories (checkpoints, exports)."""
-    shared_mount: str = "/mnt/shared"
-    """Where the claim is mounted; a relative run.output_dir is placed under it."""
-    wandb_secret: Optional[str] = "wandb"
-    """Secret with key `api_key` exposed as WANDB_API_KEY (optional in the pod); None: none."""
-    node_selector: Dict[str, str] = field(default_factory=dict)
-    service_account: Optional[str] = None
-    env: Dict[str, str] = field(default_factory=dict)
-    """Environment variables for every Ray container."""
-    backoff_limit: int = 2
-    """Times KubeRay retries a failed job; each retry resumes from the latest checkpoint."""
-    ttl_s: int = 3600
-    """Seconds the finished RayJob (and its logs) stays before deletion."""
-    apply: bool = False
-    """`kubectl apply` the rendered manifests (else only render and print them)."""
-    context: Optional[str] = None
-    """kubectl context; None: the current one."""
+# DeepSpeed keys the typed config owns -> where to set them instead (one source per setting).
+_DS_OWNED = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / train.micro_batch_size",
+    "gradient_clipping": "train.max_grad_norm",
+    "bf16": "backend.mixed_precision",
+    "fp16": "backend.mixed_precision (bf16 or fp32; fp16 loss scaling is not supported)",
+    "optimizer": "train.lr / train.adam_* / train.weight_decay",
+    "scheduler": "train.scheduler / train.warmup_steps / train.min_lr_ratio",
+    "zero_optimization.offload_optimizer.device": "backend.offload_optimizer",
+    "zero_optimization.offload_param.device": "backend.offload_param",
+}
 
 
 # ---------------------------------------------------------------------------- data
@@ -371,22 +463,28 @@ class DataConfig:
     """JSONL or Parquet file, `hf:<dataset id>`, or `synthetic:<generator>`."""
     split: str = "train"
     """Split for `hf:` sources."""
-    format: str = "auto"
+    format: DataFormat = DataFormat.auto
     """auto | messages | prompt_completion."""
     num_samples: int = 0
     """Rows to use (generators: rows to generate). 0: all."""
     max_seq_len: int = 512
-    batching: str = "packed"
+    batching: Batching = Batching.packed
     """packed (concatenate examples into max_seq_len rows) | padded (one example per row)."""
     group_by_length: bool = True
     """For `padded`: batch examples of similar length together to cut padding."""
     shuffle: bool = True
     seed: int = 0
-    on_bad_rows: str = "error"
+    on_bad_rows: OnBadRows = OnBadRows.error
     """error | skip (skip malformed rows, up to `max_bad_rows_fraction`)."""
     max_bad_rows_fraction: float = 0.01
     truncate: bool = True
     """Truncate over-long examples to max_seq_len (False: treat them as bad rows)."""
+
+    def check(self, cfg: Config) -> None:
+        positive(self.max_seq_len, "data.max_seq_len")
+        positive(self.num_samples, "data.num_samples", allow_zero=True)
+        if not 0 <= self.max_bad_rows_fraction <= 1:
+            raise ConfigError(f"data.max_bad_rows_fraction={self.max_bad_rows_fraction} must be in [0, 1]")
 
 
 # -------------------------------------------------------------------------- logger
@@ -395,11 +493,14 @@ class LoggerConfig:
     wandb: bool = True
     project: str = "orchestrator"
     entity: Optional[str] = None
-    mode: str = "auto"
+    mode: LoggerMode = LoggerMode.auto
     """auto (online with an API key, else offline) | online | offline | disabled."""
     tags: List[str] = field(default_factory=list)
     log_every: int = 1
     """Console/W&B log interval in steps (the metrics JSONL gets every step)."""
+
+    def check(self, cfg: Config) -> None:
+        positive(self.log_every, "logger.log_every")
 
 
 # ---------------------------------------------------------------------- checkpoint
@@ -409,7 +510,7 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end)."""
     keep_last: int = 2
     """Complete checkpoints to retain (older ones are deleted after a new one commits)."""
-    resume: str = "auto"
+    resume: Resume = Resume.auto
     """auto (latest complete checkpoint if any) | must (fail without one) | never."""
     dir: Optional[str] = None
     """Checkpoint directory; None: <run dir>/checkpoints. Must be shared storage on multi-node."""
@@ -420,6 +521,10 @@ class CheckpointConfig:
     """Copy the state in memory and write it from a background thread while training goes on
     (the directory is committed once every rank has written). The last save and a save on a
     stop signal are always written before the run goes on or exits."""
+
+    def check(self, cfg: Config) -> None:
+        positive(self.keep_last, "checkpoint.keep_last")
+        positive(self.every_steps, "checkpoint.every_steps", allow_zero=True)
 
 
 # --------------------------------------------------------------------- train / run
@@ -434,7 +539,7 @@ class TrainConfig:
     """Rows per forward/backward on one worker; the rest is gradient accumulation."""
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
-    scheduler: str = "cosine"
+    scheduler: Scheduler = Scheduler.cosine
     """cosine | linear | constant."""
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -444,8 +549,20 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping (0: off)."""
     seed: int = 0
-    on_nonfinite: str = "skip"
+    on_nonfinite: OnNonfinite = OnNonfinite.skip
     """Non-finite loss or grad norm on any rank: skip (no rank updates) | stop."""
+    logits_chunk_mb: int = 256
+    """Token log-probs (every loss, reference and evaluation) are computed over chunks of
+    tokens whose fp32 logits stay below this many MiB, never the full-vocabulary logits of a
+    whole micro-batch at once (one chunk when they fit)."""
+
+    def check(self, cfg: Config) -> None:
+        positive(self.lr, "train.lr")
+        positive(self.max_steps, "train.max_steps", allow_zero=True)
+        positive(self.epochs, "train.epochs")
+        positive(self.micro_batch_size, "train.micro_batch_size")
+        positive(self.global_batch_size, "train.global_batch_size")
+        positive(self.logits_chunk_mb, "train.logits_chunk_mb")
 
 
 @dataclass
@@ -461,6 +578,12 @@ class RunConfig:
     """Start from another run's exported model: a run or model directory, or
     `experiment:NAME` to run that experiment first (reused when already complete)."""
 
+    def check(self, cfg: Config) -> None:
+        for cb in self.callbacks:
+            if not re.fullmatch(r"[\w.]+:[\w.]+", cb):
+                raise ConfigError(f"run.callbacks entry {cb!r} must look like 'package.module:object'")
+        positive(self.max_restarts, "run.max_restarts", allow_zero=True)
+
 
 @dataclass
 class Config:
@@ -472,6 +595,8 @@ class Config:
     data: DataConfig = MISSING
     logger: LoggerConfig = MISSING
     checkpoint: CheckpointConfig = MISSING
+    rollout: RolloutConfig = MISSING
+    eval: EvalConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -490,4 +615,6 @@ GROUP_SCHEMAS: Dict[str, Dict[str, type]] = {
     "data": {"data": DataConfig},
     "logger": {"logger": LoggerConfig},
     "checkpoint": {"checkpoint": CheckpointConfig},
+    "rollout": {"rollout": RolloutConfig},
+    "eval": {"eval": EvalConfig},
 }

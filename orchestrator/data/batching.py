@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Dict, List, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from orchestrator.data.sft import IGNORE
+from orchestrator.data.chat import IGNORE
+from orchestrator.data.collate import pad_collate
 
-Row = Dict[str, List[int]]
+Row = dict[str, list[int]]
 
 
-def pack(examples: Sequence[Row], max_len: int, seed: int) -> List[Row]:
+def pack(examples: Sequence[Row], max_len: int, seed: int) -> list[Row]:
+    """Concatenate examples, in a seeded order, into rows of at most `max_len` tokens."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    rows: List[Row] = []
+    rows: list[Row] = []
     cur: Row = {"input_ids": [], "labels": [], "position_ids": []}
     for i in order:
         ex = examples[i]
@@ -50,14 +53,29 @@ def pack(examples: Sequence[Row], max_len: int, seed: int) -> List[Row]:
 class BatchSource:
     """Deterministic, resumable iterator over global batches of rows."""
 
-    def __init__(self, examples: Sequence[Row], batching: str, max_len: int, global_batch: int,
-                 seed: int, shuffle: bool, group_by_length: bool):
+    def __init__(
+        self,
+        examples: Sequence[Row],
+        batching: str,
+        max_len: int,
+        global_batch: int,
+        seed: int,
+        shuffle: bool,
+        group_by_length: bool,
+    ):
         if batching == "packed":
             self.rows = pack(examples, max_len, seed)
         else:
-            self.rows = [dict(ex, position_ids=list(range(len(ex["input_ids"])))) for ex in examples]
+            self.rows = [
+                dict(ex, position_ids=list(range(len(ex["input_ids"]))))
+                for ex in examples
+            ]
         self.global_batch = global_batch
-        self.seed, self.shuffle, self.group_by_length = seed, shuffle, group_by_length and batching == "padded"
+        self.seed, self.shuffle, self.group_by_length = (
+            seed,
+            shuffle,
+            group_by_length and batching == "padded",
+        )
         self.epoch, self.index = 0, 0
         self._order_epoch, self._batches = -1, []
 
@@ -65,7 +83,7 @@ class BatchSource:
     def batches_per_epoch(self) -> int:
         return math.ceil(len(self.rows) / self.global_batch)
 
-    def _epoch_batches(self, epoch: int) -> List[List[int]]:
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if self._order_epoch != epoch:
             order = list(range(len(self.rows)))
             rng = random.Random(f"{self.seed}-{epoch}")
@@ -73,15 +91,24 @@ class BatchSource:
                 rng.shuffle(order)
             if self.group_by_length:
                 mega = self.global_batch * 16
-                order = [i for s in range(0, len(order), mega)
-                         for i in sorted(order[s:s + mega], key=lambda j: -len(self.rows[j]["input_ids"]))]
-            batches = [order[s:s + self.global_batch] for s in range(0, len(order), self.global_batch)]
+                order = [
+                    i
+                    for s in range(0, len(order), mega)
+                    for i in sorted(
+                        order[s : s + mega],
+                        key=lambda j: -len(self.rows[j]["input_ids"]),
+                    )
+                ]
+            batches = [
+                order[s : s + self.global_batch]
+                for s in range(0, len(order), self.global_batch)
+            ]
             if self.group_by_length and self.shuffle:
                 rng.shuffle(batches)
             self._order_epoch, self._batches = epoch, batches
         return self._batches
 
-    def next(self) -> List[Row]:
+    def next(self) -> list[Row]:
         batches = self._epoch_batches(self.epoch)
         batch = [self.rows[i] for i in batches[self.index]]
         self.index += 1
@@ -89,45 +116,47 @@ class BatchSource:
             self.epoch, self.index = self.epoch + 1, 0
         return batch
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        if self.index >= len(self._epoch_batches(self.epoch)):  # saved with a different batch size
+        if self.index >= len(
+            self._epoch_batches(self.epoch)
+        ):  # saved with a different batch size
             self.epoch, self.index = self.epoch + 1, 0
 
 
-def collate(rows: Sequence[Row], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad to the longest row. No attention mask is needed: with causal attention and
-    right padding, real tokens never see pads, and pads carry no loss."""
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
-    pos = torch.arange(length).repeat(len(rows), 1)
-    for b, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[b, :n] = torch.tensor(r["input_ids"])
-        labels[b, :n] = torch.tensor(r["labels"])
-        pos[b, :n] = torch.tensor(r["position_ids"])
-        pos[b, n:] = torch.arange(length - n)  # pads form their own (ignored) sequence
-    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+def collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row (`collate.pad_collate`; kept under its old name)."""
+    return pad_collate(rows, pad_id)
 
 
-def shard(batch: Sequence[Row], world: int, micro: int, pad_id: int,
-          collate_fn=None, dummy: Row | None = None) -> List[List[Dict[str, torch.Tensor]]]:
-    """Split a global batch into `world` equal-count lists of collated micro-batches."""
+def shard(
+    batch: Sequence[Any],
+    world: int,
+    micro: int,
+    pad_id: int,
+    collate_fn: Callable[[list[Any]], dict[str, Any]] | None = None,
+    dummy: Any | None = None,
+) -> list[list[dict[str, Any]]]:
+    """Split a global batch into `world` equal-count lists of collated micro-batches
+    (`collate_fn` defaults to `pad_collate`; `dummy` is the no-target row given to ranks
+    with fewer micro-batches: `collate.rl_dummy` and `collate.pair_dummy` for RL and pairs)."""
     collate_fn = collate_fn or (lambda rows: collate(rows, pad_id))
-    per_rank = [list(batch[r::world]) for r in range(world)]  # strided: balances a partial batch
+    per_rank = [
+        list(batch[r::world]) for r in range(world)
+    ]  # strided: balances a partial batch
     n_micro = max(1, max(math.ceil(len(p) / micro) for p in per_rank))
     dummy = dummy or {"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}
     out = []
     for rows in per_rank:
-        mbs = [rows[s:s + micro] for s in range(0, len(rows), micro)]
+        mbs = [rows[s : s + micro] for s in range(0, len(rows), micro)]
         mbs += [[dummy]] * (n_micro - len(mbs))
         out.append([collate_fn(mb) for mb in mbs])
     return out
 
 
 def count_targets(batch: Sequence[Row]) -> int:
+    """Tokens that carry loss (labels shift by one, so the first label never counts)."""
     return sum(sum(1 for t in r["labels"][1:] if t != IGNORE) for r in batch)

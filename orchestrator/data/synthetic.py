@@ -9,13 +9,30 @@ Deterministic per seed.
 from __future__ import annotations
 
 import random
-from typing import Callable, Dict, Iterator, List
+from collections.abc import Callable, Iterator
 
-_WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "garden",
-          "silver", "window", "forest", "candle", "planet", "butter", "orange", "marble"]
+_WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "piano",
+    "rocket",
+    "garden",
+    "silver",
+    "window",
+    "forest",
+    "candle",
+    "planet",
+    "butter",
+    "orange",
+    "marble",
+]
 
 
-def _instruct_row(rng: random.Random) -> Dict[str, object]:
+def _instruct_row(rng: random.Random) -> dict[str, object]:
     kind = rng.randrange(4)
     if kind == 0:
         a, b = rng.randrange(100), rng.randrange(100)
@@ -30,12 +47,16 @@ def _instruct_row(rng: random.Random) -> Dict[str, object]:
         w = rng.sample(_WORDS, rng.randint(2, 5))
         prompt, answer = f"Sort alphabetically: {', '.join(w)}", ", ".join(sorted(w))
     if rng.random() < 0.5:
-        return {"messages": [{"role": "user", "content": prompt},
-                             {"role": "assistant", "content": answer}]}
+        return {
+            "messages": [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": answer},
+            ]
+        }
     return {"prompt": prompt, "completion": answer}
 
 
-def instruct(n: int, seed: int) -> Iterator[Dict[str, object]]:
+def instruct(n: int, seed: int) -> Iterator[dict[str, object]]:
     rng = random.Random(seed)
     for _ in range(n):
         yield _instruct_row(rng)
@@ -48,7 +69,9 @@ def _is_heldout(a: int, b: int) -> bool:
     return random.Random(a * 1000 + b).random() < 0.3
 
 
-def _addition(n: int, seed: int, heldout: bool, noise: float) -> Iterator[Dict[str, object]]:
+def _addition(
+    n: int, seed: int, heldout: bool, noise: float
+) -> Iterator[dict[str, object]]:
     rng = random.Random(seed)
     made = 0
     while made < n:
@@ -57,29 +80,33 @@ def _addition(n: int, seed: int, heldout: bool, noise: float) -> Iterator[Dict[s
             continue
         made += 1
         shown = a + b + (1 if rng.random() < noise else 0)
-        yield {"prompt": f"What is {a} + {b}?", "completion": str(shown), "answer": str(a + b)}
+        yield {
+            "prompt": f"What is {a} + {b}?",
+            "completion": str(shown),
+            "answer": str(a + b),
+        }
 
 
-def arithmetic(n: int, seed: int) -> Iterator[Dict[str, object]]:
+def arithmetic(n: int, seed: int) -> Iterator[dict[str, object]]:
     """Two-digit plus one-digit addition with a verifiable `answer` (`completion` for SFT,
     `answer` for GRPO). A fixed 30% of problems is reserved for `arithmetic_heldout`; the
     rest share the same digit patterns, so held-out accuracy measures generalisation."""
     return _addition(n, seed, heldout=False, noise=0.0)
 
 
-def arithmetic_noisy(n: int, seed: int) -> Iterator[Dict[str, object]]:
+def arithmetic_noisy(n: int, seed: int) -> Iterator[dict[str, object]]:
     """As `arithmetic`, but 60% of the SFT completions are off by one (a systematic error in
     the demonstrations, which SFT faithfully learns); `answer` stays correct, so a verifier
     reward can correct it."""
     return _addition(n, seed, heldout=False, noise=0.6)
 
 
-def arithmetic_heldout(n: int, seed: int) -> Iterator[Dict[str, object]]:
+def arithmetic_heldout(n: int, seed: int) -> Iterator[dict[str, object]]:
     """Problems no `arithmetic*` training stream contains, for held-out evaluation."""
     return _addition(n, seed, heldout=True, noise=0.0)
 
 
-GENERATORS: Dict[str, Callable[[int, int], Iterator[Dict[str, object]]]] = {
+GENERATORS: dict[str, Callable[[int, int], Iterator[dict[str, object]]]] = {
     "instruct": instruct,
     "arithmetic": arithmetic,
     "arithmetic_noisy": arithmetic_noisy,
@@ -87,5 +114,5 @@ GENERATORS: Dict[str, Callable[[int, int], Iterator[Dict[str, object]]]] = {
 }
 
 
-def generate(name: str, n: int, seed: int) -> List[Dict[str, object]]:
+def generate(name: str, n: int, seed: int) -> list[dict[str, object]]:
     return list(GENERATORS[name](n, seed))

@@ -40,26 +40,22 @@ checkpoints; tests/engines/ runs the same conformance scenarios on both.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
 import os
-from collections import defaultdict
-from pathlib import Path
-from typing import Any, Callable, Dict, List
+from types import SimpleNamespace
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
-from transformers import AutoModelForCausalLM
 
+from orchestrator.engines.base import EngineBase
 from orchestrator.engines.ckpt_io import ShardWriter, load_local_state, local_state
-from orchestrator.engines.optim import build_scheduler
+from orchestrator.engines.optim import build_optimizer, build_scheduler
 from orchestrator.errors import ConfigError
-from orchestrator.methods import get_method
-from orchestrator.models import build_model, master_dtype, token_logprobs
+from orchestrator.models import master_dtype
 
 if not torch.cuda.is_available():
     # DeepSpeed fixes its accelerator at first use; a CPU worker must say so before that.
@@ -67,6 +63,8 @@ if not torch.cuda.is_available():
 
 INSTALL_HINT = 'pip install -e ".[deepspeed]"'
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+# Batch bookkeeping of a frozen role (DeepSpeed requires the keys; nothing steps).
+_FROZEN = SimpleNamespace(global_batch_size=1, micro_batch_size=1, max_grad_norm=0.0)
 
 
 def import_deepspeed():
@@ -86,9 +84,11 @@ def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def ds_config(cfg, world_size: int, on_gpu: bool) -> Dict[str, Any]:
-    """The DeepSpeed config for `cfg`, with `backend.extra` merged over it."""
-    b, t = cfg.backend, cfg.train
+def ds_config(spec, world_size: int, on_gpu: bool) -> Dict[str, Any]:
+    """The DeepSpeed config of a role (`RoleSpec`, or anything with `backend` and `train`),
+    with `backend.extra` merged over it. A frozen role gets no optimizer settings."""
+    b = spec.backend
+    t = spec.train if spec.train is not None else _FROZEN
     # Bookkeeping only (DeepSpeed's sample counters): the step boundary is set explicitly.
     gas = max(1, t.global_batch_size // world_size // t.micro_batch_size)
     bf16 = b.mixed_precision == "bf16" or (b.mixed_precision == "auto" and on_gpu)
@@ -114,45 +114,16 @@ def ds_config(cfg, world_size: int, on_gpu: bool) -> Dict[str, Any]:
     return deep_merge(conf, dict(b.extra))
 
 
-def _to(mb: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _shape(p: torch.nn.Parameter) -> torch.Size:
-    # After zero.Init a parameter is an empty placeholder; `ds_shape` is its real shape.
-    return getattr(p, "ds_shape", p.shape)
-
-
-def _adamw(model: torch.nn.Module, t, offload: bool) -> torch.optim.Optimizer:
-    """FSDP2's AdamW (orchestrator.engines.optim), grouped by the real shapes of ZeRO-3 parameters."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if len(_shape(p)) >= 2 else no_decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    kw = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-    if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    return torch.optim.AdamW(groups, **kw)
-
-
-class DeepSpeedZero3Engine:
-    def __init__(self, cfg, rank: int, world_size: int, device: torch.device, total_steps: int):
+class DeepSpeedZero3Engine(EngineBase):
+    def __init__(self, spec, rank: int, world_size: int, device: torch.device, total_steps: int):
+        super().__init__(spec, rank, world_size, device, total_steps)
         self.writer = ShardWriter()
         ds = import_deepspeed()
         from transformers.integrations import HfDeepSpeedConfig
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         on_gpu = device.type == "cuda"
-        self.ds_config = ds_config(cfg, world_size, on_gpu)
+        self.ds_config = ds_config(spec, world_size, on_gpu)
         # Ray gives each actor its own device(s), and TrainWorker uses the first.
         os.environ.setdefault("LOCAL_RANK", "0")
         if not on_gpu:
@@ -161,80 +132,50 @@ class DeepSpeedZero3Engine:
             ds.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         ds.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group
 
-        self.method = get_method(cfg)
-        storage = master_dtype(cfg.model)
         hf_ds = HfDeepSpeedConfig(self.ds_config)  # transformers builds under zero.Init while it lives
         try:
-            model = build_model(cfg.model, storage)
+            model = self.method.load_base(spec.model, master_dtype(spec.model))
         finally:
             unset_hf_deepspeed_config()
             del hf_ds
         # New parameters (LoRA A) must start identical on every rank: each rank keeps only its
         # partition of its own copy when DeepSpeed converts them.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            model = self.method.apply(model)
-        self.hf_config = _base(model).config
-        numels = [(_shape(p).numel(), p.requires_grad) for p in model.parameters()]
-        self.param_counts = {"params_total": sum(n for n, _ in numels),
-                             "params_trainable": sum(n for n, g in numels if g)}
-        if cfg.backend.activation_checkpointing:
-            _base(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = self._after_build(self.method.apply_seeded(model, spec.seed))
 
-        self.optimizer = _adamw(model, cfg.train, offload=cfg.backend.offload_optimizer != "none")
+        if spec.trainable:
+            self.optimizer = build_optimizer(model, spec.train, fused=False,
+                                             cpu_adam=spec.backend.offload_optimizer != "none")
         self.engine, _, _, _ = ds.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
                                              dist_init_required=False)
-        self.zero = self.engine.optimizer  # DeepSpeedZeroOptimizer_Stage3 around self.optimizer
-        self.scheduler = build_scheduler(self.optimizer, cfg.train, total_steps)
-        self._init_adam_state()
+        if spec.trainable:
+            self.zero = self.engine.optimizer  # DeepSpeedZeroOptimizer_Stage3 around self.optimizer
+            self.scheduler = build_scheduler(self.optimizer, spec.train, total_steps)
+            self._init_adam_state()
         self.mesh = init_device_mesh(device.type, (world_size,))
         self._trainable = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ training
-    def train_step(self, micro_batches: List[Dict[str, Any]],
-                   loss_fn: Callable[[torch.nn.Module, Dict[str, Any]], Any]) -> Dict[str, float]:
-        self.engine.train()
-        sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        for i, mb in enumerate(micro_batches):
-            self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            loss, metrics = loss_fn(self.engine, _to(mb, self.device))
-            self.engine.backward(loss, scale_wrt_gas=False)
-            for k, v in metrics.items():
-                sums[k] = sums[k] + v
-        lr = self.scheduler.get_last_lr()[0]
+    def _module(self) -> torch.nn.Module:
+        return self.engine
+
+    def _inference_module(self) -> torch.nn.Module:
+        return self.engine.module  # ZeRO-3 gathers parameters through hooks on the module itself
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        # One train_step is one optimizer step: the accumulation boundary is the last
+        # micro-batch, and the loss is already normalised over the global batch.
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def _optimizer_step(self) -> Tuple[torch.Tensor, bool]:
         skipped_before = self.engine.skipped_steps
         self.engine.step()  # clips, then updates unless the all-reduced grad norm is non-finite
-        skipped = self.engine.skipped_steps > skipped_before
-        self.scheduler.step()
-        out = {k: float(v) for k, v in sums.items()}
-        out.update(grad_norm=float(self.engine.get_global_grad_norm()), lr=lr, skipped=float(skipped),
-                   local_finite=float(all(math.isfinite(v) for v in out.values())))
-        return out
+        return torch.tensor(float(self.engine.get_global_grad_norm())), self.engine.skipped_steps > skipped_before
 
-    @torch.no_grad()
-    def forward_logprobs(self, micro_batches: List[Dict[str, Any]], reference: bool = False) -> List[torch.Tensor]:
-        model = self.engine.module  # ZeRO-3 gathers parameters through hooks on the module itself
-        model.eval()
-        if reference and not hasattr(model, "disable_adapter"):
-            raise NotImplementedError("a frozen reference copy for method=full is not built yet")
-        out = []
-        with model.disable_adapter() if reference else contextlib.nullcontext():
-            for mb in micro_batches:
-                mb = _to(mb, self.device)
-                logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"],
-                               use_cache=False).logits
-                out.append(token_logprobs(logits, mb["input_ids"]).cpu())
-        return out
-
-    def trainable_state(self) -> Dict[str, torch.Tensor]:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        out = {}
-        for name, p in self._trainable:
-            full = safe_get_full_fp32_param(p)  # all-gather of the fp32 master partitions
-            if self.rank == 0:
-                out[name] = full.cpu()
-        return out
+    def _full_state_dict(self) -> Dict[str, torch.Tensor]:
+        # DeepSpeed's consolidated state dict (as accelerate uses it): one module gathered at
+        # a time; a collective, None off rank 0.
+        return self.engine._zero3_consolidated_16bit_state_dict() or {}
 
     # --------------------------------------------------------------- checkpoints
     def _init_adam_state(self) -> None:
@@ -304,19 +245,6 @@ class DeepSpeedZero3Engine:
         # A scheduler sets the groups' lr only when it steps; the resumed step needs it now.
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
-
-    # -------------------------------------------------------------------- export
-    def export_hf(self, out_dir: str, tokenizer) -> Dict[str, str]:
-        """Gather the full model on rank 0 and write it with the method's exporter."""
-        sd = self.engine._zero3_consolidated_16bit_state_dict()  # collective; None off rank 0
-        if self.rank != 0:
-            return {}
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(self.hf_config)
-        skeleton = self.method.apply(skeleton)
-        skeleton.load_state_dict(sd, strict=False, assign=True)
-        _base(skeleton).tie_weights()
-        return self.method.export(skeleton, Path(out_dir), tokenizer, self.cfg.model.pretrained)
 
     def barrier(self) -> None:
         dist.barrier()

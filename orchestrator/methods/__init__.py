@@ -1,13 +1,15 @@
-"""Methods decide which parameters train and what gets exported.
+"""Methods: how a role's model is built, which parameters train, the reference policy it
+implies and what leaves for inference and export (`orchestrator.methods.base.Method`).
 
-A method is applied to the full model before sharding. Registry: plain dict, greppable.
+Registry: plain dict, greppable. Adding a method = one file + a line here + its config
+(docs/extending.md).
 """
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict
 
-from orchestrator.methods.base import Method
+from orchestrator.methods.base import Method, Reference
 from orchestrator.methods.experts import Experts
 from orchestrator.methods.full import Full
 from orchestrator.methods.lora import Lora
@@ -19,12 +21,11 @@ METHODS: Dict[str, type] = {
 }
 
 
-def get_method(cfg) -> Method:
-    cls = METHODS[cfg.method.name]
-    # Methods that read the training data or the run dir (experts) get the whole config.
-    if getattr(cls, "needs_run_config", False):
-        return cls(cfg.method, run_cfg=cfg)
-    return cls(cfg.method)
+def get_method(spec: Any) -> Method:
+    """The method of a role spec (`orchestrator.roles.RoleSpec`), built with its config and
+    the spec as context."""
+    cls = getattr(spec, "method_cls", None) or METHODS[spec.method.name]
+    return cls(spec.method, spec)
 
 
-__all__ = ["METHODS", "Method", "get_method"]
+__all__ = ["METHODS", "Method", "Reference", "get_method"]

@@ -1,21 +1,75 @@
+"""The Method seam: how a role's model is built, which parameters train, what the
+reference policy is, and what leaves for inference and export.
+
+One build path serves every engine, the rollout workers and any future role:
+`Method.build(spec, dtype)` turns a model spec into the module to shard. A method that
+changes how the base loads (a 4-bit base) overrides `load_base`; one that changes which
+parameters train overrides `apply`.
+"""
+
 from __future__ import annotations
 
+import enum
 from pathlib import Path
-from typing import Dict
+from typing import Any, ContextManager, Dict, Mapping, Optional
 
 import torch
+
+
+class Reference(str, enum.Enum):
+    """How a method yields the reference policy (the model training started from)."""
+
+    WEIGHTS_OFF = "weights_off"
+    """The base is intact under the trained weights: switch them off (LoRA, expert slices)."""
+    FROZEN_COPY = "frozen_copy"
+    """Every weight trains: a frozen copy of the starting weights (a `reference` role)."""
 
 
 class Method:
     """Which parameters train (`apply`) and how a trained model is written out (`export`)."""
 
-    def __init__(self, cfg):
+    reference: Reference = Reference.FROZEN_COPY
+
+    def __init__(self, cfg, context: Any = None):
         self.cfg = cfg
+        self.context = context
+        """The role spec (model, data, run dir) for methods that read more than their own config."""
+
+    # ----------------------------------------------------------------- build
+    def build(self, model_spec, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+        """The module to shard: the base (`load_base`) with the method applied. New
+        parameters are drawn from `seed`, so they are identical on every rank (each rank keeps
+        only its shard of its own copy: differing inits would stitch a mixed tensor)."""
+        return self.apply_seeded(self.load_base(model_spec, dtype), seed)
+
+    def apply_seeded(self, model: torch.nn.Module, seed: int) -> torch.nn.Module:
+        """`apply` with new parameters drawn from `seed`, leaving the caller's RNG as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.apply(model)
+
+    def load_base(self, model_spec, dtype: torch.dtype) -> torch.nn.Module:
+        from orchestrator.models import build_model
+
+        return build_model(model_spec, dtype)
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError
 
-    def export(self, model: torch.nn.Module, out_dir: Path, tokenizer, base_ref: str | None) -> Dict[str, str]:
+    # ------------------------------------------------------------- reference
+    def reference_context(self, model: torch.nn.Module) -> ContextManager:
+        """Inside it, `model` computes the reference policy (methods with WEIGHTS_OFF)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference inside the policy; "
+                                  "the stage uses a frozen `reference` role")
+
+    # ------------------------------------------------------------- inference
+    def hf_weights(self, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The full (unsharded) training-time state dict -> the weights that changed, under
+        the base model's Hugging Face parameter names (merged where the method trains a
+        reparametrisation), so any inference engine loads them into a plain base model."""
+        return {k: v for k, v in state.items()}
+
+    def export(self, model: torch.nn.Module, out_dir: Path, tokenizer, base_ref: Optional[str]) -> Dict[str, str]:
         """Write `model` (unsharded, on CPU) for `transformers`/`peft`/vLLM; return {kind: path}."""
         raise NotImplementedError
 
@@ -24,3 +78,10 @@ def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"params_total": total, "params_trainable": trainable}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The `transformers` model inside a peft or DeepSpeed wrapper."""
+    model = getattr(model, "module", model)  # DeepSpeedEngine
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+

@@ -1,4 +1,6 @@
-"""Full fine-tuning: every parameter trains; export is a plain `transformers` model."""
+"""Full fine-tuning: every parameter trains; export is a plain `transformers` model.
+
+The reference policy is a frozen copy of the starting weights (a `reference` role)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,12 @@ from typing import Dict
 
 import torch
 
-from orchestrator.methods.base import Method
+from orchestrator.methods.base import Method, Reference
 
 
 class Full(Method):
+    reference = Reference.FROZEN_COPY
+
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         model.requires_grad_(True)
         return model

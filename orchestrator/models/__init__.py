@@ -120,11 +120,5 @@ def build_model(m: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
         ) from exc
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(input_ids[:, t+1] | ...) for every position t: [B, L-1] float32."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
-
 __all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "build_model", "build_tokenizer", "model_config",
-           "master_dtype", "resolve_dtype", "token_logprobs"]
+           "master_dtype", "resolve_dtype"]

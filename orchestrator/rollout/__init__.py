@@ -1,6 +1,27 @@
-"""Rollout: generation workers that sample completions from the current policy.
+"""Rollout: inference engines that sample completions from the current policy.
 
-`RolloutGroup` (driver side) holds `RolloutWorker` actors; each keeps an unsharded copy
-of the policy, updated by weight sync after every optimizer step and versioned, so that a
-generation never mixes two policy versions.
+`RolloutGroup` (driver side) holds `RolloutWorker` actors; each wraps one engine from
+`ROLLOUT_ENGINES` (the `rollout.engine` choice) holding an unsharded copy of the policy,
+updated by weight sync after every optimizer step and versioned, so that a generation
+never mixes two policy versions. Registry: plain dict of factories (an engine's library is
+imported only when it is chosen). Adding an engine: docs/extending.md.
 """
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+
+def _hf() -> type:
+    from orchestrator.rollout.hf import HfEngine
+
+    return HfEngine
+
+
+ROLLOUT_ENGINES: Dict[str, Callable[[], type]] = {
+    "hf": _hf,
+}
+
+
+def get_engine_class(name: str) -> type:
+    return ROLLOUT_ENGINES[name]()

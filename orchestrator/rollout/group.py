@@ -10,22 +10,29 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.errors import WorkerError
+from orchestrator.errors import ConfigError, WorkerError
+from orchestrator.rollout.base import Completion, SamplingParams
 from orchestrator.rollout.worker import RolloutWorker
 
 log = logging.getLogger("orchestrator")
 
+COLOCATED_GPU_SHARE = 0.25
+"""Share of a train bundle's GPU a colocated rollout actor takes (the policy the rest)."""
+
 
 class RolloutGroup:
-    def __init__(self, cfg, tokenizer, train_pg=None):
-        r = cfg.stage.rollout
+    def __init__(self, rollout_cfg, model_spec, tokenizer, cluster, train_pg=None):
+        """Rollout actors of the `rollout` config serving `model_spec`: on their own bundles,
+        or (placement=colocated) one on each of the train workers' bundles (`train_pg`)."""
+        r = self.cfg = rollout_cfg
         self.pg = None
         remote = ray.remote(RolloutWorker)
         if r.placement == "colocated" and train_pg is not None:
             # Share the train workers' bundles: the CPU is time-shared; on GPU the train
             # actor holds most of the bundle's GPU and rollout the rest (same device).
-            n = cfg.cluster.num_workers
-            opts = [dict(num_cpus=0, num_gpus=cfg.cluster.gpus_per_worker * 0.25 if cfg.cluster.gpus_per_worker else 0,
+            n = cluster.num_workers
+            gpus = cluster.gpus_per_worker * COLOCATED_GPU_SHARE if cluster.gpus_per_worker else 0
+            opts = [dict(num_cpus=0, num_gpus=gpus,
                          scheduling_strategy=PlacementGroupSchedulingStrategy(train_pg, placement_group_bundle_index=i))
                     for i in range(n)]
         else:
@@ -33,22 +40,20 @@ class RolloutGroup:
             bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
             self.pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
             try:
-                ray.get(self.pg.ready(), timeout=cfg.cluster.placement_timeout_s)
+                ray.get(self.pg.ready(), timeout=cluster.placement_timeout_s)
             except ray.exceptions.GetTimeoutError as exc:
                 remove_placement_group(self.pg)
-                from orchestrator.errors import ConfigError
-
                 raise ConfigError(
                     f"could not place {n} rollout workers with {bundle} each beside the train workers "
-                    f"within {cfg.cluster.placement_timeout_s}s; cluster has {ray.cluster_resources()}. "
-                    "Lower stage.rollout.num_workers / its resources, or use "
-                    "stage.rollout.placement=colocated.") from exc
+                    f"within {cluster.placement_timeout_s}s; cluster has {ray.cluster_resources()}. "
+                    "Lower rollout.num_workers / its resources, or use "
+                    "rollout.placement=colocated.") from exc
             opts = [dict(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
                     for i in range(n)]
-        self.actors = [remote.options(**o).remote(cfg, i, tokenizer) for i, o in enumerate(opts)]
+        self.actors = [remote.options(**o).remote(r, model_spec, i, tokenizer) for i, o in enumerate(opts)]
         self.version = 0
-        ray.get([a.update_weights.remote(0, {}) for a in self.actors])  # wait until built
+        self._get([a.update_weights.remote(0, {}) for a in self.actors], "start")  # wait until built
 
     def _get(self, refs, what: str):
         try:
@@ -58,7 +63,7 @@ class RolloutGroup:
                               f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
 
     def sync(self, version: int, state: Dict[str, Any]) -> Dict[str, float]:
-        """Send new weights to every rollout actor; returns after all have them."""
+        """Send new weights (Hugging Face names) to every rollout actor; returns after all have them."""
         t = time.time()
         ref = ray.put(state)
         self._get([a.update_weights.remote(version, ref) for a in self.actors], "weight sync")
@@ -66,19 +71,22 @@ class RolloutGroup:
         nbytes = sum(v.numel() * v.element_size() for v in state.values())
         return {"time/sync": time.time() - t, "sync_mbytes": nbytes / 2**20}
 
-    def generate(self, prompts: Sequence[List[int]], n: int, sampling: Dict[str, Any], seed: int) -> List[List[int]]:
-        shards = [list(prompts[i::len(self.actors)]) for i in range(len(self.actors))]
-        refs = [a.generate.remote(s, n, sampling, seed + i) for i, (a, s) in enumerate(zip(self.actors, shards)) if s]
+    def generate(self, prompts: Sequence[List[int]], sampling: SamplingParams, seed: int) -> List[Completion]:
+        """`sampling.n` completions per prompt, grouped by prompt, in prompt order."""
+        k = len(self.actors)
+        shards = [list(prompts[i::k]) for i in range(k)]
+        refs = [a.generate.remote(s, sampling, seed + i) for i, (a, s) in enumerate(zip(self.actors, shards)) if s]
         results = self._get(refs, "generation")
         for res in results:
             if res["version"] != self.version:
                 raise RuntimeError(f"rollout generated with policy v{res['version']}, expected v{self.version}")
         # Re-interleave to the original prompt order (prompt i went to actor i % k).
         per_actor = [res["completions"] for res in results]
-        out: List[List[int]] = []
+        n = sampling.n
+        out: List[Completion] = []
         for i in range(len(prompts)):
-            a, j = i % len(self.actors), i // len(self.actors)
-            out.extend(per_actor[a][j * n:(j + 1) * n])
+            a, j = i % k, i // k
+            out.extend(Completion(**c) for c in per_actor[a][j * n:(j + 1) * n])
         return out
 
     def shutdown(self) -> None:

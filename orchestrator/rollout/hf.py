@@ -1,4 +1,4 @@
-"""Generation with `transformers` `generate` (KV cache, batched, left-padded prompts)."""
+"""`hf` rollout engine: `transformers` `generate` (KV cache, batched, left-padded prompts)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,41 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
+from orchestrator.rollout.base import Completion, RolloutEngine, SamplingParams
 
-def generate(model, tokenizer, prompts: Sequence[List[int]], n: int, sampling: Dict[str, Any],
-             batch_size: int, device: torch.device) -> List[List[int]]:
+
+class HfEngine(RolloutEngine):
+    def __init__(self, model_spec, rollout_cfg, tokenizer, device: torch.device):
+        super().__init__(model_spec, rollout_cfg, tokenizer, device)
+        from orchestrator.models import build_model, resolve_dtype
+
+        dtype = torch.float32 if model_spec.dtype == "auto" and device.type == "cpu" \
+            else resolve_dtype(model_spec, device.type == "cuda")
+        self.model = build_model(model_spec, dtype).to(device).eval()
+        self.model.generation_config.use_cache = True
+
+    def load_weights(self, tensors: Dict[str, torch.Tensor]) -> None:
+        _, unexpected = self.model.load_state_dict(tensors, strict=False)
+        if unexpected:
+            raise RuntimeError(f"weight sync sent keys the rollout model lacks: {unexpected[:3]} (weights "
+                               "must arrive under the base model's Hugging Face names)")
+
+    def generate(self, prompts: Sequence[List[int]], sampling: SamplingParams, seed: int) -> List[Completion]:
+        torch.manual_seed(seed)
+        ids, lps = generate(self.model, self.tokenizer, prompts, sampling, self.cfg.batch_size, self.device)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [Completion(i, t, lp) for i, t, lp in zip(ids, texts, lps)]
+
+
+def generate(model, tokenizer, prompts: Sequence[List[int]], sampling: SamplingParams, batch_size: int,
+             device: torch.device) -> tuple:
     """n completions per prompt (grouped: prompt 0's n, then prompt 1's, ...), each ending at
-    and including EOS when it was produced, without padding."""
+    and including EOS when it was produced, without padding; and their per-token log-probs
+    under the sampling distribution (None unless `sampling.logprobs`)."""
     out: List[List[int]] = []
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    greedy = sampling["temperature"] == 0
+    lps: List[Any] = []
+    pad, eos, n = tokenizer.pad_token_id, tokenizer.eos_token_id, sampling.n
+    greedy = sampling.temperature == 0
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
         width = max(len(p) for p in chunk)
@@ -22,16 +49,21 @@ def generate(model, tokenizer, prompts: Sequence[List[int]], n: int, sampling: D
         for i, p in enumerate(chunk):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        kwargs: Dict[str, Any] = dict(max_new_tokens=sampling["max_new_tokens"], pad_token_id=pad,
+        kwargs: Dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
                                       eos_token_id=eos, num_return_sequences=1 if greedy else n,
                                       do_sample=not greedy)
         if not greedy:
-            kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=0)
-        if sampling.get("stop"):
-            kwargs.update(stop_strings=list(sampling["stop"]), tokenizer=tokenizer)
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
+        if sampling.logprobs:
+            kwargs.update(output_scores=True, return_dict_in_generate=True)
         with torch.no_grad():
-            seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        for row in seqs[:, width:].tolist():
+            res = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        seqs = res.sequences if sampling.logprobs else res
+        scores = model.compute_transition_scores(res.sequences, res.scores, normalize_logits=True) \
+            if sampling.logprobs else None
+        for r, row in enumerate(seqs[:, width:].tolist()):
             comp = []
             for t in row:
                 if t == pad and t != eos:
@@ -40,6 +72,8 @@ def generate(model, tokenizer, prompts: Sequence[List[int]], n: int, sampling: D
                 if t == eos:
                     break
             out.append(comp)
+            lps.append(scores[r, :len(comp)].tolist() if scores is not None else None)
         if greedy and n > 1:  # greedy samples are identical: repeat instead of recomputing
             out[-len(chunk):] = [c for c in out[-len(chunk):] for _ in range(n)]
-    return out
+            lps[-len(chunk):] = [lp for lp in lps[-len(chunk):] for _ in range(n)]
+    return out, lps

@@ -1,4 +1,11 @@
-"""What every stage shares: the driver-side protocol and the train-step call."""
+"""What every stage shares: the driver-side protocol and the train-step call.
+
+A stage is the objective. Driver side, it declares the roles it needs (`roles`), turns
+data into per-rank micro-batches, keeps the data position and reports metrics; worker
+side, its `loss(model, micro_batch)` (a pure function of the batch, shipped in the policy
+role's spec) turns a micro-batch into a loss. The driver hands `step` the live worker
+groups (`orchestrator.roles.Roles`); a stage never builds or restarts them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import time
 from typing import Any, Dict, List, Sequence
 
 from orchestrator.errors import NonFiniteError
+from orchestrator.roles import RoleSpec, policy_spec
 
 log = logging.getLogger("orchestrator")
 
@@ -14,21 +22,25 @@ log = logging.getLogger("orchestrator")
 class Stage:
     """Driver side of an objective. The worker side is the static `loss(model, micro_batch)`."""
 
-    train_gpu_share = 1.0
-    """Fraction of each train bundle's GPU the train actor takes (colocated rollout uses the rest)."""
+    uses_rollout = False
+    """Whether the stage generates with the rollout engine (launchers size Ray for it)."""
 
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
 
+    def roles(self) -> Dict[str, RoleSpec]:
+        """The worker groups this stage trains or reads, by role name (`policy` always)."""
+        return {"policy": policy_spec(self.cfg, loss=type(self).loss)}
+
     @property
     def total_steps(self) -> int:
         raise NotImplementedError
 
-    def setup(self, workers, start_step: int, tracker) -> None:
-        """Called once the workers hold the (possibly resumed) model."""
+    def setup(self, roles, start_step: int, tracker) -> None:
+        """Called once the workers hold the (possibly resumed) model, and again after recovery."""
 
-    def step(self, workers, step: int) -> Dict[str, Any]:
+    def step(self, roles, step: int) -> Dict[str, Any]:
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
@@ -43,6 +55,10 @@ class Stage:
 
     def close(self) -> None:
         pass
+
+    @staticmethod
+    def loss(model, mb: Dict[str, Any]):
+        raise NotImplementedError
 
 
 def train_on_workers(workers, per_rank: Sequence[List[Dict[str, Any]]], on_nonfinite: str,

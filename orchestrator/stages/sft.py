@@ -15,11 +15,11 @@ import time
 from typing import Any, Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from orchestrator.data.batching import BatchSource, count_targets, shard
 from orchestrator.data.sft import IGNORE, tokenize_rows
 from orchestrator.data.sources import load_rows
+from orchestrator.models.logprobs import nll_sum
 from orchestrator.stages.base import Stage, step_metrics, train_on_workers
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,10 @@ class SftStage(Stage):
         t = self.cfg.train
         return t.max_steps or t.epochs * self.source.batches_per_epoch
 
-    def step(self, workers, step: int) -> Dict[str, Any]:
+    def step(self, roles, step: int) -> Dict[str, Any]:
         t = time.time()
         per_rank, info = self.next_step()
-        results = train_on_workers(workers, per_rank, self.cfg.train.on_nonfinite, step)
+        results = train_on_workers(roles.policy, per_rank, self.cfg.train.on_nonfinite, step)
         nll = sum(m["nll_sum"] for m in results)
         return {"loss": nll / max(info["targets"], 1), **step_metrics(results), "tokens": info["tokens"],
                 "epoch": info["epoch"], "step_time": time.time() - t}
@@ -55,7 +55,8 @@ class SftStage(Stage):
         """Per-rank micro-batches for one optimizer step, and what every rank must know."""
         batch = self.source.next()
         targets = count_targets(batch)
-        ctx = {"num_targets": max(targets, 1), "world_size": self.world}
+        ctx = {"num_targets": max(targets, 1), "world_size": self.world,
+               "logits_chunk_mb": self.cfg.train.logits_chunk_mb}
         per_rank = shard(batch, self.world, self.cfg.train.micro_batch_size, self.pad_id)
         info = {"tokens": sum(len(r["input_ids"]) for r in batch), "targets": targets,
                 "rows": len(batch), "epoch": self.source.epoch}
@@ -69,9 +70,6 @@ class SftStage(Stage):
 
     @staticmethod
     def loss(model: torch.nn.Module, mb: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
-        logits = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"],
-                       use_cache=False).logits
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), mb["labels"][:, 1:].flatten(),
-                              ignore_index=IGNORE, reduction="sum")
+        nll = nll_sum(model, mb, mb["logits_chunk_mb"], IGNORE)
         loss = nll * (mb["world_size"] / mb["num_targets"])
         return loss, {"nll_sum": nll.detach()}

@@ -22,40 +22,50 @@ log = logging.getLogger(__name__)
 
 
 class WorkerGroup:
-    def __init__(self, worker_cls: type, cfg, env: Dict[str, str] | None = None, gpu_share: float = 1.0):
-        """`gpu_share` < 1 leaves part of each bundle's GPU for actors colocated with the ranks."""
-        c = cfg.cluster
+    def __init__(self, worker_cls: type, spec, env: Dict[str, str] | None = None,
+                 colocate: "WorkerGroup | None" = None):
+        """One actor per rank of the role `spec` (`orchestrator.roles.RoleSpec`), in a placement
+        group of its own, or on the bundles of `colocate` (another role's group: the CPU is
+        time-shared, and each takes its `gpu_share` of the bundle's GPU)."""
+        c = spec.cluster
+        self.name = spec.name
         self.world_size = c.num_workers
-        bundle = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
-        self._check_capacity(bundle, c.num_workers)
-        self.pg = placement_group([dict(bundle) for _ in range(c.num_workers)], strategy=c.placement_strategy)
-        try:
-            ray.get(self.pg.ready(), timeout=c.placement_timeout_s)
-        except GetTimeoutError as exc:
-            remove_placement_group(self.pg)
-            raise ConfigError(
-                f"could not place {c.num_workers} workers with {bundle} each "
-                f"(strategy {c.placement_strategy}) within {c.placement_timeout_s}s; cluster has "
-                f"{ray.cluster_resources()}. Lower cluster.num_workers or the per-worker resources, "
-                "or use placement_strategy=PACK.") from exc
+        self.owns_pg = colocate is None
+        self.pg = self._placement(c) if colocate is None else colocate.pg
         remote = ray.remote(worker_cls)
         self.actors = [
             remote.options(
-                num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker * gpu_share,
+                num_cpus=c.cpus_per_worker if colocate is None else 0,
+                num_gpus=c.gpus_per_worker * spec.gpu_share,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                 # ORCHESTRATOR_* variables of the driver reach every rank (actors inherit the
                 # raylet's environment otherwise, not the driver's).
                 runtime_env={"env_vars": {**{k: v for k, v in os.environ.items() if k.startswith("ORCHESTRATOR_")},
                                           **(env or {})}},
-            ).remote(cfg, r, c.num_workers)
+            ).remote(spec, r, c.num_workers)
             for r in range(c.num_workers)
         ]
         self.nodes = self.call("node_info")
         master = self.nodes[0]["ip"]
         port = ray.get(self.actors[0].free_port.remote())
         self.call("init_process_group", master, port)
-        log.info("worker group: %d ranks on %d node(s), torch.distributed at %s:%d",
+        log.info("worker group %s: %d ranks on %d node(s), torch.distributed at %s:%d", self.name,
                  self.world_size, len({n["node_id"] for n in self.nodes}), master, port)
+
+    def _placement(self, c):
+        bundle = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
+        self._check_capacity(bundle, c.num_workers)
+        pg = placement_group([dict(bundle) for _ in range(c.num_workers)], strategy=c.placement_strategy)
+        try:
+            ray.get(pg.ready(), timeout=c.placement_timeout_s)
+        except GetTimeoutError as exc:
+            remove_placement_group(pg)
+            raise ConfigError(
+                f"could not place {c.num_workers} workers with {bundle} each "
+                f"(strategy {c.placement_strategy}) within {c.placement_timeout_s}s; cluster has "
+                f"{ray.cluster_resources()}. Lower cluster.num_workers or the per-worker resources, "
+                "or use placement_strategy=PACK.") from exc
+        return pg
 
     @staticmethod
     def _check_capacity(bundle: Dict[str, float], n: int) -> None:
@@ -96,6 +106,7 @@ class WorkerGroup:
                 ray.kill(a)
             except Exception:  # already dead
                 pass
-        remove_placement_group(self.pg)
+        if self.owns_pg:
+            remove_placement_group(self.pg)
 
 

@@ -1,4 +1,7 @@
-"""TrainWorker: one Ray actor per rank, holding one engine and the stage's loss."""
+"""TrainWorker: one Ray actor per rank of a role, holding that role's engine.
+
+It is built from a role spec (`orchestrator.roles.RoleSpec`): the model, method, backend,
+optimizer and loss of one role, never the whole run config."""
 
 from __future__ import annotations
 
@@ -12,10 +15,10 @@ import torch.distributed as dist
 
 
 class TrainWorker:
-    def __init__(self, cfg, rank: int, world_size: int):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.use_gpu = cfg.cluster.gpus_per_worker > 0
-        torch.set_num_threads(max(1, cfg.cluster.cpus_per_worker))
+    def __init__(self, spec, rank: int, world_size: int):
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.use_gpu = spec.cluster.gpus_per_worker > 0
+        torch.set_num_threads(max(1, spec.cluster.cpus_per_worker))
         self.engine = None
 
     # --------------------------------------------------------------- rendezvous
@@ -37,18 +40,17 @@ class TrainWorker:
             backend="nccl" if self.use_gpu else "gloo",
             init_method=f"tcp://{master_addr}:{master_port}",
             rank=self.rank, world_size=self.world_size,
-            timeout=timedelta(seconds=self.cfg.cluster.dist_timeout_s))
+            timeout=timedelta(seconds=self.spec.cluster.dist_timeout_s))
 
     # ------------------------------------------------------------------- engine
     def build(self, total_steps: int) -> Dict[str, int]:
         from orchestrator.engines import get_engine_class
-        from orchestrator.stages import STAGES
 
         device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
-        torch.manual_seed(self.cfg.train.seed + self.rank)
-        self.engine = get_engine_class(self.cfg.backend.name)(
-            self.cfg, self.rank, self.world_size, device, total_steps)
-        self.loss_fn = STAGES[self.cfg.stage.name].loss
+        torch.manual_seed(self.spec.seed + self.rank)
+        self.engine = get_engine_class(self.spec.backend.name)(
+            self.spec, self.rank, self.world_size, device, total_steps)
+        self.loss_fn = self.spec.loss
         return self.engine.param_counts
 
     def train_step(self, micro_batches: List[Dict[str, Any]]) -> Dict[str, float]:
@@ -66,8 +68,8 @@ class TrainWorker:
     def forward_logprobs(self, micro_batches: List[Dict[str, Any]], reference: bool = False) -> List[torch.Tensor]:
         return self.engine.forward_logprobs(micro_batches, reference)
 
-    def trainable_state(self) -> Dict[str, torch.Tensor]:
-        return self.engine.trainable_state()
+    def inference_state(self) -> Dict[str, torch.Tensor]:
+        return self.engine.inference_state()
 
     def save(self, path: str, blocking: bool = True) -> None:
         self.engine.save(path, blocking)

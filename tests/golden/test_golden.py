@@ -34,7 +34,7 @@ CASES: Dict[str, List[str]] = {
 }
 # GRPO starts from a short SFT warm-up (recorded too), so rewards carry signal.
 WARMUP = ["+experiment=sft_arith_warmup", "train.max_steps=60", "checkpoint.every_steps=0"]
-GRPO = ["+experiment=grpo_math", "debug=cpu", "train.max_steps=5", "stage.eval_samples=24",
+GRPO = ["+experiment=grpo_math", "debug=cpu", "train.max_steps=5", "eval.samples=24",
         "stage.prompts_per_step=16", "checkpoint.every_steps=0", "checkpoint.save_final=false",
         "checkpoint.export_hf=false"]
 

@@ -32,7 +32,9 @@ Export: `export/hf` is the merged model under the usual parameter names (loads i
 transformers/vLLM), `export/experts_delta.safetensors` holds only the changed slices (see
 `delta.py`; `python -m orchestrator.methods.experts apply` rebuilds the model from a base),
 and `export/base` the base when it was built locally. GRPO's reference model is the base:
-while only experts train, `model.disable_adapter()` switches the slices off.
+while only experts train, `reference_context` switches the slices off (no second copy);
+with whole modules training too, the reference is a frozen copy (a `reference` role).
+Weight sync to rollout sends the merged fused tensors under their `transformers` names.
 
 Not done: LoRA on the selected experts (full slices are already small; adapters on 3-D
 slices would need a custom layer), per-expert ModuleList layouts (none left in
@@ -44,8 +46,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping
 
 import torch
 import torch.distributed as dist
@@ -53,7 +56,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from orchestrator.errors import ConfigError
-from orchestrator.methods.base import Method
+from orchestrator.methods.base import Method, Reference
 from orchestrator.methods.experts import delta as delta_io
 from orchestrator.methods.experts.selection import (
     SELECTION_FILE,
@@ -145,13 +148,15 @@ def check_model(c, model: nn.Module, label: str) -> List[MoeLayer]:
 
 
 # ------------------------------------------------------------------------ method
-class Experts(Method):
-    needs_run_config = True
+_ORIGINAL = re.compile(r"^(.*)\.parametrizations\.([^.]+)\.original$")
 
-    def __init__(self, cfg, run_cfg=None):
-        super().__init__(cfg)
-        self.run_cfg = run_cfg
-        """The whole run config: the data and run dir for router statistics (None in bare use)."""
+
+class Experts(Method):
+    def __init__(self, cfg, context=None):
+        super().__init__(cfg, context)
+        self.run_cfg = context
+        """The role spec (`orchestrator.roles.RoleSpec`): model, data and run dir for router
+        statistics (None in bare use)."""
         self.selection: Selection | None = None
         self.record: Dict[str, Any] | None = None
         self.base_whole: Dict[str, torch.Tensor] | None = None
@@ -186,10 +191,44 @@ class Experts(Method):
                         self.base_whole[name] = params[name].detach().cpu().clone()
         for name in whole:
             params[name].requires_grad_(True)
-        if not whole:
-            # Only slices train, so the frozen originals are the base: GRPO's reference.
-            model.disable_adapter = lambda: _disabled(slices)
+        # Only slices train: the frozen originals are the base, i.e. the reference policy.
+        model._orchestrator_expert_slices = slices  # type: ignore[assignment]
         return model
+
+    @property
+    def reference(self) -> Reference:  # type: ignore[override]
+        c = self.cfg
+        whole = c.train_router or c.train_attention or c.train_shared_experts
+        return Reference.FROZEN_COPY if whole else Reference.WEIGHTS_OFF
+
+    def reference_context(self, model: nn.Module):
+        if self.reference is not Reference.WEIGHTS_OFF:
+            return super().reference_context(model)
+        return _disabled(model._orchestrator_expert_slices)
+
+    def hf_weights(self, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Each parametrised fused tensor merged (base with the trained slices written in) under
+        its `transformers` name; whole-trained parameters as they are."""
+        out: Dict[str, torch.Tensor] = {}
+        whole = self.reference is Reference.FROZEN_COPY
+        for key, value in state.items():
+            m = _ORIGINAL.match(key)
+            if m is not None:
+                path, name = m.groups()
+                slices = state[f"{path}.parametrizations.{name}.0.weight"]
+                index = state.get(f"{path}.parametrizations.{name}.0.index")
+                if index is None:  # ZeRO-3 state dicts carry parameters only
+                    index = torch.tensor(self._layer_experts(path), dtype=torch.long)
+                out[f"{path}.{name}"] = value.index_copy(0, index, slices.to(value.dtype))
+            elif whole and ".parametrizations." not in key:
+                out[key] = value
+        return out
+
+    def _layer_experts(self, path: str) -> List[int]:
+        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
+        if layer is None or self.selection is None:
+            raise KeyError(f"{path}: expert slices without their indices")
+        return sorted(self.selection[int(layer.group(1))])
 
     def _whole_params(self, model: nn.Module, layers: List[MoeLayer]) -> List[str]:
         c, names = self.cfg, []
@@ -216,7 +255,9 @@ class Experts(Method):
 
     @property
     def run_dir(self) -> Path | None:
-        return Path(self.run_cfg.run.output_dir).resolve() if self.run_cfg is not None else None
+        if self.run_cfg is None or self.run_cfg.run_dir is None:
+            return None
+        return Path(self.run_cfg.run_dir).resolve()
 
     def _request(self) -> Dict[str, Any]:
         """What determines the selection; a saved record is reused only if this matches."""
@@ -251,7 +292,7 @@ class Experts(Method):
         c, base = self.cfg, self._base_record(layers)
         if self.run_cfg is None:
             raise ConfigError("method=experts without method.experts chooses experts from the "
-                              "training data, which needs the run config (Experts(cfg, run_cfg))")
+                              "training data, which needs the role spec (Experts(cfg, spec))")
         from orchestrator.models import build_tokenizer
 
         rows = stats_rows(self.run_cfg, build_tokenizer(self.run_cfg.model), c.stats_tokens)

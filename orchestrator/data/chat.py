@@ -1,0 +1,134 @@
+"""The one chat encoder: messages -> token ids, and which of those ids are completion.
+
+Every stage renders chat through this module: SFT rows (`data/sft.py`), preference rows
+(`data/preference.py`), RL and evaluation prompts (`encode_prompt`). A conversation is
+rendered to text with the tokenizer's chat template, then tokenized with
+`add_special_tokens=False`, because the template already writes any BOS/EOS it wants
+(tokenizing with special tokens would add a second BOS on Llama-style tokenizers).
+
+Completion tokens are located by rendering: an assistant turn `i` spans
+`[len(render(msgs[:i], generation prompt)), len(render(msgs[:i + 1])))`. That needs a
+prefix-stable template (rendering k messages is a prefix of rendering k+1), which holds
+for ChatML, Llama-3 and Qwen templates; a template that breaks it is reported instead of
+silently mis-masking.
+
+Row-shape checks raise `ValueError` with the reason alone (also for a wrong type: that
+is a bad row, not a caller's bug); `data/bad_rows.py` adds the file and row number and
+applies `data.on_bad_rows`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from orchestrator.errors import DataError
+
+IGNORE = -100
+"""Label of a token that carries no loss (the `ignore_index` of cross-entropy)."""
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+Messages = list[dict[str, str]]
+
+_NO_TEMPLATE = (
+    "the tokenizer has no chat template, so chat rows cannot be rendered. Set "
+    "model.chat_template to a Jinja template (or use the tokenizer of the model's "
+    "instruct variant via model.tokenizer)."
+)
+_NOT_PREFIX_STABLE = (
+    "the chat template is not prefix-stable (rendering the first messages is not a "
+    "prefix of rendering all), so assistant tokens cannot be located. Set "
+    "model.chat_template to a template that is."
+)
+
+
+def require_chat_template(tokenizer: Any) -> None:
+    """Fail the run (not the row) when the tokenizer cannot render chat."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(_NO_TEMPLATE)
+
+
+def check_messages(msgs: Any, field: str = "messages") -> Messages:
+    """Validate a message list; return copies holding only `role` and `content`.
+
+    An empty or whitespace-only assistant message is malformed: training on it teaches
+    the model to stop at once, and a preference pair with one is meaningless.
+    """
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"'{field}' must be a non-empty list")
+    name = "message" if field == "messages" else f"'{field}' message"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{name} {i} must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(
+                f"{name} {i} has role {m['role']!r}; expected one of {sorted(ROLES)}"
+            )
+        if not isinstance(m["content"], str):
+            raise ValueError(  # noqa: TRY004 (a bad row: ValueError is the bad-row signal)
+                f"{name} {i} content must be a string, got {type(m['content']).__name__}"
+            )
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise ValueError(f"{name} {i} (assistant) is empty")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def as_messages(value: Any, field: str, role: str) -> list[Any]:
+    """A row field that is a string (one `role` message) or a list of messages, as a list
+    (validate the whole conversation with `check_messages`). An empty string for an
+    assistant field (a completion) is malformed."""
+    if isinstance(value, str):
+        if role == "assistant" and not value.strip():
+            raise ValueError(f"empty '{field}'")
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list):
+        raise ValueError(f"'{field}' must be a string or a list of messages")  # noqa: TRY004
+    return value
+
+
+def render(
+    tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool
+) -> list[int]:
+    """Chat template -> text -> ids, with no special tokens beyond the template's own."""
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The ids a model continues from: the conversation plus the assistant header."""
+    return render(tokenizer, messages, True)
+
+
+def assistant_labels(
+    tokenizer: Any, messages: Sequence[dict[str, str]], ids: Sequence[int]
+) -> list[int]:
+    """Labels for `ids = render(messages, False)`: the ids on every assistant turn
+    (its content and end-of-turn tokens), IGNORE elsewhere."""
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], True)) if i else 0
+        upto = render(tokenizer, messages[: i + 1], False)
+        end = len(upto)
+        if upto != list(ids[:end]):
+            raise DataError(_NOT_PREFIX_STABLE)
+        labels[start:end] = ids[start:end]
+    return labels
+
+
+def split_completion(
+    tokenizer: Any,
+    prompt: Sequence[dict[str, str]],
+    completion: Sequence[dict[str, str]],
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) with `prompt ids + completion ids` equal to the
+    rendering of the whole conversation and `prompt ids == encode_prompt(prompt)`, so a
+    completion scored here is the one a rollout would have generated after that prompt."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    full = render(tokenizer, list(prompt) + list(completion), False)
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise DataError(_NOT_PREFIX_STABLE)
+    return prompt_ids, full[len(prompt_ids) :]
