@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import local_worker
+from benchmarks.common import local_worker, policy_spec_of
 from benchmarks.harness import interleave, result, time_ratio
 from benchmarks.sft import _cfg, _rows, _work
 
@@ -30,9 +30,9 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def ours(ch, cfg, root: Path, mode: str) -> Dict[str, Any]:
+def ours(ch, cfg, root: Path, mode: str) -> dict[str, Any]:
     stage, _ = _rows(cfg)
-    worker = local_worker(cfg)
+    worker = local_worker(policy_spec_of(stage))
     worker.train_step(stage.next_step()[0][0])
     i, size = 0, 0
     while ch.next():
@@ -50,7 +50,7 @@ def ours(ch, cfg, root: Path, mode: str) -> Dict[str, Any]:
     return {"bytes_written": size}
 
 
-def peer(ch, cfg, root: Path) -> Dict[str, Any]:
+def peer(ch, cfg, root: Path) -> dict[str, Any]:
     from orchestrator.data.batching import collate
     from orchestrator.models import build_model
 
@@ -58,7 +58,7 @@ def peer(ch, cfg, root: Path) -> Dict[str, Any]:
     t = cfg.train
     model = build_model(cfg.model, torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-    b = collate(stage.source.rows[:t.micro_batch_size], tok.pad_token_id)
+    b = collate(stage.source.rows[: t.micro_batch_size], tok.pad_token_id)
     logits = model(input_ids=b["input_ids"]).logits
     F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100).backward()
     opt.step()
@@ -74,22 +74,40 @@ def peer(ch, cfg, root: Path) -> Dict[str, Any]:
     return {"bytes_written": size}
 
 
-def checkpoint_save(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> Dict[str, Any]:
+def checkpoint_save(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> dict[str, Any]:
     w = _work(smoke)
     cfg = _cfg(work_dir, w, 2, threads)
     root = work_dir / "ckpt"
     root.mkdir()
-    res = interleave({"ours": (ours, {"cfg": cfg, "root": root, "mode": "sync"}),
-                      "torch_save": (peer, {"cfg": cfg, "root": root}),
-                      "ours_async": (ours, {"cfg": cfg, "root": root, "mode": "async"})},
-                     warmup, repeats, threads)
+    res = interleave(
+        {
+            "ours": (ours, {"cfg": cfg, "root": root, "mode": "sync"}),
+            "torch_save": (peer, {"cfg": cfg, "root": root}),
+            "ours_async": (ours, {"cfg": cfg, "root": root, "mode": "async"}),
+        },
+        warmup,
+        repeats,
+        threads,
+    )
     out = {name: result(r) for name, r in res.items()}
     out["ours_async"]["note"] = "checkpoint.async_save=true: time the training loop is blocked"
-    return {"title": "Checkpoint save, model + AdamW state", "unit": "s/save",
-            "work": {**w, "bytes_ours": out["ours"]["bytes_written"],
-                     "bytes_torch_save": out["torch_save"]["bytes_written"]},
-            "contenders": out,
-            "ratios": [time_ratio("ours/torch_save (sync)", out, "ours", "torch_save", 1.2),
-                       time_ratio("ours_async blocking/ours sync", out, "ours_async", "ours", 0.1)],
-            "notes": ["ours fsyncs every file (DCP default) and writes per-rank shards with a plan; "
-                      "torch.save writes one pickle without fsync"]}
+    return {
+        "title": "Checkpoint save, model + AdamW state",
+        "unit": "s/save",
+        "work": {
+            **w,
+            "bytes_ours": out["ours"]["bytes_written"],
+            "bytes_torch_save": out["torch_save"]["bytes_written"],
+        },
+        "contenders": out,
+        "ratios": [
+            time_ratio("ours/torch_save (sync)", out, "ours", "torch_save", 1.2),
+            time_ratio("ours_async blocking/ours sync", out, "ours_async", "ours", 0.1),
+        ],
+        "notes": [
+            (
+                "ours fsyncs every file (DCP default) and writes per-rank shards with a plan; "
+                "torch.save writes one pickle without fsync"
+            )
+        ],
+    }

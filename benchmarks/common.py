@@ -1,9 +1,10 @@
 """What every benchmark shares: the config, the data, our worker run in-process, the TRL clock.
 
 "Ours" is the code a Ray worker runs, called without Ray: a `TrainWorker` joined to a
-one-rank gloo (or NCCL) process group, building its engine from the composed config and
-stepping on micro-batches from our data pipeline, exactly as `Stage.step` hands them
-over. Ray's transport (object store, actor calls) is left out here and measured by the
+one-rank gloo (or NCCL) process group, building its engine from the policy's role spec
+(`Stage.roles()["policy"]`, as the driver builds its worker group) and stepping on
+micro-batches from our data pipeline, exactly as `Stage.step` hands them over. Ray's
+transport (object store, actor calls) is left out here and measured by the
 time-to-first-step benchmark, which runs the real CLI.
 """
 
@@ -11,15 +12,33 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any
 
 import torch
 
 # Long rows, so that every example is cut to exactly `max_seq_len` tokens (byte tokenizer:
 # one token per byte): each batch has the same shape, with no padding and no packing.
-_WORDS = ["alpha", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "garden",
-          "silver", "window", "forest", "candle", "planet", "butter", "orange", "marble"]
+_WORDS = [
+    "alpha",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "lemon",
+    "piano",
+    "rocket",
+    "garden",
+    "silver",
+    "window",
+    "forest",
+    "candle",
+    "planet",
+    "butter",
+    "orange",
+    "marble",
+]
 
 
 def write_long_rows(path: Path, n: int, seq: int, seed: int = 0) -> Path:
@@ -31,8 +50,7 @@ def write_long_rows(path: Path, n: int, seq: int, seed: int = 0) -> Path:
         return " ".join(rng.choice(_WORDS) for _ in range(max(1, chars // 6)))
 
     with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"prompt": text(seq // 4), "completion": text(2 * seq)}) + "\n")
+        f.writelines(json.dumps({"prompt": text(seq // 4), "completion": text(2 * seq)}) + "\n" for _ in range(n))
     return path
 
 
@@ -45,25 +63,59 @@ def compose_cfg(overrides: Sequence[str]):
     return cfg
 
 
-def sft_overrides(data: Path, seq: int, batch: int, model: Sequence[str], run_dir: Path,
-                  threads: int, extra: Sequence[str] = (), micro: int | None = None) -> List[str]:
+def sft_overrides(
+    data: Path,
+    seq: int,
+    batch: int,
+    model: Sequence[str],
+    run_dir: Path,
+    threads: int,
+    extra: Sequence[str] = (),
+    micro: int | None = None,
+) -> list[str]:
     """The SFT config every benchmark starts from: one worker, one micro-batch per step
     unless `micro` says otherwise, constant LR, logging/checkpoints/export off (they are
     not part of a step)."""
-    return ["+experiment=sft_tiny", "logger=console", "data=jsonl", f"data.source={data}",
-            f"data.max_seq_len={seq}", "data.batching=padded", "data.shuffle=false",
-            "data.group_by_length=false", "data.truncate=true", "cluster.num_workers=1",
-            f"cluster.cpus_per_worker={threads}", f"train.global_batch_size={batch}",
-            f"train.micro_batch_size={micro or batch}", "train.scheduler=constant", "train.warmup_steps=0",
-            "train.max_steps=100000", "checkpoint.every_steps=0", "checkpoint.save_final=false",
-            "checkpoint.export_hf=false", f"run.output_dir={run_dir}", *model, *extra]
+    return [
+        "+experiment=sft_tiny",
+        "logger=console",
+        "data=jsonl",
+        f"data.source={data}",
+        f"data.max_seq_len={seq}",
+        "data.batching=padded",
+        "data.shuffle=false",
+        "data.group_by_length=false",
+        "data.truncate=true",
+        "cluster.num_workers=1",
+        f"cluster.cpus_per_worker={threads}",
+        f"train.global_batch_size={batch}",
+        f"train.micro_batch_size={micro or batch}",
+        "train.scheduler=constant",
+        "train.warmup_steps=0",
+        "train.max_steps=100000",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_final=false",
+        "checkpoint.export_hf=false",
+        f"run.output_dir={run_dir}",
+        *model,
+        *extra,
+    ]
 
 
-def local_worker(cfg, total_steps: int = 100000):
-    """A TrainWorker (the Ray actor's class, called directly) on a one-rank process group."""
+def policy_spec_of(stage):
+    """The policy's role spec, as the stage declares it to the driver (model, method,
+    backend, optimizer and the stage's loss)."""
+    from orchestrator.roles import POLICY
+
+    return stage.roles()[POLICY]
+
+
+def local_worker(spec, total_steps: int = 100000):
+    """A TrainWorker (the Ray actor's class, called directly) of role `spec`, on a one-rank
+    process group."""
     from orchestrator.workers.train_worker import TrainWorker
 
-    w = TrainWorker(cfg, 0, 1)
+    w = TrainWorker(spec, 0, 1)
     w.init_process_group("127.0.0.1", w.free_port())
     w.build(total_steps)
     return w
@@ -88,11 +140,21 @@ class LocalWorkers:
     def __init__(self, worker):
         self.worker = worker
 
-    def call(self, method: str, *args, **kwargs) -> List[Any]:
+    def call(self, method: str, *args, **kwargs) -> list[Any]:
         return [getattr(self.worker, method)(*args, **kwargs)]
 
-    def call_per_rank(self, method: str, per_rank: Sequence[Any], **kwargs) -> List[Any]:
+    def call_per_rank(self, method: str, per_rank: Sequence[Any], **kwargs) -> list[Any]:
         return [getattr(self.worker, method)(per_rank[0], **kwargs)]
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
+
+
+def local_roles(spec, worker):
+    """The `Roles` a stage's `step` takes: the policy's group, one in-process worker."""
+    from orchestrator.roles import POLICY, Roles
+
+    return Roles(groups={POLICY: LocalWorkers(worker)}, specs={POLICY: spec})
 
 
 class LocalRollout:
@@ -102,37 +164,56 @@ class LocalRollout:
         self.actors = [worker]
         self.version = 0
 
-    def generate(self, prompts, n: int, sampling: Dict[str, Any], seed: int) -> List[List[int]]:
-        res = self.actors[0].generate(prompts, n, sampling, seed)
-        assert res["version"] == self.version
-        return res["completions"]
+    def generate(self, prompts, sampling, seed: int):
+        from orchestrator.rollout.base import Completion
 
-    def sync(self, version: int, state: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        res = self.actors[0].generate(prompts, sampling, seed)
+        assert res["version"] == self.version
+        return [Completion(**c) for c in res["completions"]]
+
+    def sync(self, version: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
         import time
 
         t = time.time()
         self.actors[0].update_weights(version, state)
         self.version = version
-        return {"time/sync": time.time() - t}
+        nbytes = sum(v.numel() * v.element_size() for v in state.values())
+        return {"time/sync": time.time() - t, "sync_mbytes": nbytes / 2**20}
 
     def shutdown(self) -> None:
         pass
 
 
 # ------------------------------------------------------------------------- TRL
-def trl_args(out_dir: Path, cfg) -> Dict[str, Any]:
+def trl_args(out_dir: Path, cfg) -> dict[str, Any]:
     """TrainingArguments that make TRL do our work: same batch split, optimizer settings,
     constant LR and precision (fp32 on CPU; bf16 autocast over fp32 weights on GPU, as our
     FSDP2 mixed precision), gradient checkpointing only where ours has it on (TRL defaults
     to it), and no logging, saving, evaluation, progress bar or data-loader workers."""
     t, on_gpu = cfg.train, cfg.cluster.gpus_per_worker > 0
-    return dict(output_dir=str(out_dir), report_to=[], logging_strategy="no", save_strategy="no",
-                eval_strategy="no", disable_tqdm=True, use_cpu=not on_gpu, bf16=on_gpu,
-                gradient_checkpointing=cfg.backend.activation_checkpointing, dataloader_num_workers=0,
-                seed=t.seed, max_steps=100000,
-                learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0,
-                weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
-                adam_epsilon=t.adam_eps, max_grad_norm=t.max_grad_norm, save_only_model=True)
+    return {
+        "output_dir": str(out_dir),
+        "report_to": [],
+        "logging_strategy": "no",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "disable_tqdm": True,
+        "use_cpu": not on_gpu,
+        "bf16": on_gpu,
+        "gradient_checkpointing": cfg.backend.activation_checkpointing,
+        "dataloader_num_workers": 0,
+        "seed": t.seed,
+        "max_steps": 100000,
+        "learning_rate": t.lr,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": t.weight_decay,
+        "adam_beta1": t.adam_beta1,
+        "adam_beta2": t.adam_beta2,
+        "adam_epsilon": t.adam_eps,
+        "max_grad_norm": t.max_grad_norm,
+        "save_only_model": True,
+    }
 
 
 def channel_callback(ch):

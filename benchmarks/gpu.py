@@ -28,22 +28,50 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 from benchmarks import grpo, sft
 from benchmarks.common import compose_cfg, sft_overrides, write_long_rows
 from benchmarks.harness import gpu_info, interleave, result, time_ratio
 
-SHAPES: Dict[str, Dict[str, Any]] = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-0.5b": {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-1.5b": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-7b": {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    },
     # --smoke on a machine without CUDA: the code path only.
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True),
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 512,
+        "tie_word_embeddings": True,
+    },
 }
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
@@ -79,15 +107,21 @@ def prepare_model(shape: str, cache: Path, cuda: bool) -> Path:
     return out
 
 
-def matmul_params(c: Dict[str, Any]) -> int:
-    d, f, L, h, kv, V = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
-                         c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"])
+def matmul_params(c: dict[str, Any]) -> int:
+    d, f, L, h, kv, V = (
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_hidden_layers"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["vocab_size"],
+    )
     q = d // h
     attn = d * h * q + 2 * d * kv * q + h * q * d
     return L * (attn + 3 * d * f) + d * V
 
 
-def flops_per_token(c: Dict[str, Any], seq: int) -> float:
+def flops_per_token(c: dict[str, Any], seq: int) -> float:
     q = c["hidden_size"] // c["num_attention_heads"]
     return 6 * matmul_params(c) + 12 * c["num_hidden_layers"] * c["num_attention_heads"] * q * seq
 
@@ -97,8 +131,14 @@ def _peak(gpu_name: str) -> float | None:
 
 
 def _model_overrides(path: Path, shape: str, dtype: str):
-    return ["model=qwen2_5_0_5b", f"model.name={shape}-shaped", f"model.pretrained={path}", "model.tokenizer=null",
-            f"model.dtype={dtype}", "model.chat_template=null"]
+    return [
+        "model=qwen2_5_0_5b",
+        f"model.name={shape}-shaped",
+        f"model.pretrained={path}",
+        "model.tokenizer=null",
+        f"model.dtype={dtype}",
+        "model.chat_template=null",
+    ]
 
 
 def _start(smoke: bool):
@@ -108,8 +148,9 @@ def _start(smoke: bool):
     return True, "spawn", ["cluster.gpus_per_worker=1", "backend.mixed_precision=bf16"]
 
 
-def _sft(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool, shape: str, lora: bool,
-         ckpt: bool) -> Dict[str, Any]:
+def _sft(
+    work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool, shape: str, lora: bool, ckpt: bool
+) -> dict[str, Any]:
     cuda, start, device = _start(smoke)
     shape = shape if cuda else "tiny"
     seq, batch, micro = (4096, 4, 1) if cuda else (64, 2, 1)
@@ -117,13 +158,23 @@ def _sft(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool, s
     data = write_long_rows(work_dir / "rows.jsonl", n=batch * (warmup + repeats + 2), seq=seq)
     extra = [*device, f"backend.activation_checkpointing={str(ckpt).lower()}"]
     if lora:
-        extra += ["method=lora", "method.r=16", "method.alpha=32", "method.dropout=0.0",
-                  "method.target_modules=[all-linear]"]
+        extra += [
+            "method=lora",
+            "method.r=16",
+            "method.alpha=32",
+            "method.dropout=0.0",
+            "method.target_modules=[all-linear]",
+        ]
     model = _model_overrides(path, shape, "bfloat16" if lora else "float32")
     cfg = compose_cfg(sft_overrides(data, seq, batch, model, work_dir, threads, extra, micro=micro))
     peer = "trl_peft" if lora else "trl"
-    res = interleave({"ours": (sft.ours, {"cfg": cfg}), peer: (sft.trl, {"cfg": cfg, "lora": lora})},
-                     warmup, repeats, threads, start_method=start)
+    res = interleave(
+        {"ours": (sft.ours, {"cfg": cfg}), peer: (sft.trl, {"cfg": cfg, "lora": lora})},
+        warmup,
+        repeats,
+        threads,
+        start_method=start,
+    )
     out = {name: result(r) for name, r in res.items()}
     tokens = seq * batch
     shape_cfg = SHAPES[shape]
@@ -132,44 +183,69 @@ def _sft(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool, s
         c["tokens_per_s"] = round(tokens / c["median_s"], 1)
         if peak and not lora:
             c["mfu"] = round(flops_per_token(shape_cfg, seq) * tokens / c["median_s"] / peak, 4)
-    return {"title": f"{'LoRA' if lora else 'Full SFT'}, {shape}-shaped, seq {seq}", "unit": "s/step",
-            "work": {"shape": shape, "seq": seq, "rows_per_step": batch, "micro_batch": micro, "tokens_per_step": tokens,
-                     "matmul_params": matmul_params(shape_cfg), "flops_per_token": flops_per_token(shape_cfg, seq),
-                     "peak_flops": peak, "activation_checkpointing": ckpt, "on_gpu": cuda,
-                     **({"lora_r": 16} if lora else {})},
-            "contenders": out, "ratios": [time_ratio(f"ours/{peer}", out, "ours", peer, None)]}
+    return {
+        "title": f"{'LoRA' if lora else 'Full SFT'}, {shape}-shaped, seq {seq}",
+        "unit": "s/step",
+        "work": {
+            "shape": shape,
+            "seq": seq,
+            "rows_per_step": batch,
+            "micro_batch": micro,
+            "tokens_per_step": tokens,
+            "matmul_params": matmul_params(shape_cfg),
+            "flops_per_token": flops_per_token(shape_cfg, seq),
+            "peak_flops": peak,
+            "activation_checkpointing": ckpt,
+            "on_gpu": cuda,
+            **({"lora_r": 16} if lora else {}),
+        },
+        "contenders": out,
+        "ratios": [time_ratio(f"ours/{peer}", out, "ours", peer, None)],
+    }
 
 
-def gpu_sft_0_5b(work_dir: Path, **kw) -> Dict[str, Any]:
+def gpu_sft_0_5b(work_dir: Path, **kw) -> dict[str, Any]:
     return _sft(work_dir, shape="qwen2.5-0.5b", lora=False, ckpt=False, **kw)
 
 
-def gpu_sft_1_5b(work_dir: Path, **kw) -> Dict[str, Any]:
+def gpu_sft_1_5b(work_dir: Path, **kw) -> dict[str, Any]:
     return _sft(work_dir, shape="qwen2.5-1.5b", lora=False, ckpt=True, **kw)
 
 
-def gpu_lora_7b(work_dir: Path, **kw) -> Dict[str, Any]:
+def gpu_lora_7b(work_dir: Path, **kw) -> dict[str, Any]:
     return _sft(work_dir, shape="qwen2.5-7b", lora=True, ckpt=True, **kw)
 
 
-def gpu_grpo(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> Dict[str, Any]:
+def gpu_grpo(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> dict[str, Any]:
     cuda, start, device = _start(smoke)
     shape = "qwen2.5-0.5b" if cuda else "tiny"
-    w = ({"prompts": 8, "n": 8, "completion": 256, "micro": 16} if cuda else
-         {"prompts": 2, "n": 4, "completion": 4, "micro": 8})
+    w = (
+        {"prompts": 8, "n": 8, "completion": 256, "micro": 16}
+        if cuda
+        else {"prompts": 2, "n": 4, "completion": 4, "micro": 8}
+    )
     path = prepare_model(shape, work_dir / "models", cuda)
-    rollout = ["stage.rollout.gpus_per_worker=0.25", "stage.rollout.placement=colocated"] if cuda else []
-    cfg = grpo.grpo_cfg(work_dir, w, warmup + repeats + 2, threads,
-                        model=_model_overrides(path, shape, "float32"), extra=[*device, *rollout])
+    rollout = ["rollout.gpus_per_worker=0.25", "rollout.placement=colocated"] if cuda else []
+    cfg = grpo.grpo_cfg(
+        work_dir,
+        w,
+        warmup + repeats + 2,
+        threads,
+        model=_model_overrides(path, shape, "float32"),
+        extra=[*device, *rollout],
+    )
     out = grpo.run_grpo(cfg, w, warmup, repeats, threads, start_method=start)
     samples = w["prompts"] * w["n"]
     for c in out.values():
         c["samples_per_s"] = round(samples / c["median_s"], 2)
         c["completion_tokens_per_s"] = round(samples * w["completion"] / c["median_s"], 1)
-    return {"title": f"GRPO iteration, {shape}-shaped", "unit": "s/iteration",
-            "work": {"shape": shape, **w, "samples_per_iteration": samples, "on_gpu": cuda},
-            "contenders": out, "ratios": [time_ratio("ours/trl", out, "ours", "trl", None)]}
+    return {
+        "title": f"GRPO iteration, {shape}-shaped",
+        "unit": "s/iteration",
+        "work": {"shape": shape, **w, "samples_per_iteration": samples, "on_gpu": cuda},
+        "contenders": out,
+        "ratios": [time_ratio("ours/trl", out, "ours", "trl", None)],
+    }
 
 
-SUITE = {"gpu_sft_0_5b": gpu_sft_0_5b, "gpu_sft_1_5b": gpu_sft_1_5b, "gpu_lora_7b": gpu_lora_7b,
-         "gpu_grpo": gpu_grpo}
+SUITE = {"gpu_sft_0_5b": gpu_sft_0_5b, "gpu_sft_1_5b": gpu_sft_1_5b, "gpu_lora_7b": gpu_lora_7b, "gpu_grpo": gpu_grpo}

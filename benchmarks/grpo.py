@@ -8,24 +8,26 @@ same sampling (temperature 1, no top-k/top-p) and a fixed completion length (EOS
 suppressed, `min_new_tokens = max_new_tokens` on both sides), no KL term (so no reference
 model), one iteration per batch (so no old-log-prob pass), fp32, logging off.
 
-Ours runs the real `GrpoStage.step` with its TrainWorker and RolloutWorker in-process
-(the Ray actors' classes, called directly) and its reward process pool; the time split
-comes from the stage's own `time/*` metrics. TRL's split is measured by wrapping its
-`_generate` and `_calculate_rewards` methods with timers.
+Ours runs the real `GrpoStage.step` with its TrainWorker (built from the stage's policy
+role spec) and a RolloutWorker wrapping the `hf` rollout engine in-process (the Ray
+actors' classes, called directly), the weight sync in Hugging Face names, and its reward
+process pool; the time split comes from the stage's own `time/*` metrics. TRL's split is
+measured by wrapping its `_generate` and `_calculate_rewards` methods with timers.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 from benchmarks.common import (
     LocalRollout,
-    LocalWorkers,
     channel_callback,
     compose_cfg,
+    local_roles,
     local_worker,
+    policy_spec_of,
     quiet,
     trl_args,
 )
@@ -37,34 +39,37 @@ _SPLIT = ("time/rollout", "time/reward", "time/old_logprob", "time/train", "time
 def _fixed_length(model, cfg, tok) -> None:
     """Every completion exactly max_new_tokens long: EOS and pad can never be sampled."""
     g = model.generation_config
-    g.min_new_tokens = cfg.stage.rollout.max_new_tokens
+    g.min_new_tokens = cfg.rollout.max_new_tokens
     g.suppress_tokens = [tok.pad_token_id]
 
 
-def ours(ch, cfg) -> Dict[str, Any]:
+def ours(ch, cfg) -> dict[str, Any]:
     from orchestrator.models import build_tokenizer
     from orchestrator.rollout.worker import RolloutWorker
     from orchestrator.stages.grpo import GrpoStage
 
     tok = build_tokenizer(cfg.model)
     stage = GrpoStage(cfg, tok)
-    workers = LocalWorkers(local_worker(cfg, stage.total_steps))
-    rollout = RolloutWorker(cfg, 0, tok)
-    _fixed_length(rollout.model, cfg, tok)
+    spec = policy_spec_of(stage)
+    roles = local_roles(spec, local_worker(spec, stage.total_steps))
+    # What GrpoStage.setup does, minus Ray: the rollout engine the `rollout` group names,
+    # serving the policy's model, and the initial weight sync (Hugging Face names).
+    rollout = RolloutWorker(cfg.rollout, cfg.model, 0, tok)
+    _fixed_length(rollout.engine.model, cfg, tok)
     stage.rollout = LocalRollout(rollout)
-    stage.rollout.sync(stage.version, workers.call("trainable_state")[0])
+    stage.rollout.sync(stage.version, roles.policy.call("inference_state")[0])
     step = 0
     try:
         while ch.next():
             step += 1
-            m = stage.step(workers, step)
+            m = stage.step(roles, step)
             ch.done(**{k: m[k] for k in _SPLIT if k in m}, completion_len=m["completion_len"])
     finally:
         stage.close()
     return {}
 
 
-def trl(ch, cfg) -> Dict[str, Any]:
+def trl(ch, cfg) -> dict[str, Any]:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -72,7 +77,7 @@ def trl(ch, cfg) -> Dict[str, Any]:
     from orchestrator.models import build_model, build_tokenizer, master_dtype
     from orchestrator.rewards import resolve
 
-    g, r = cfg.stage, cfg.stage.rollout
+    g, r = cfg.stage, cfg.rollout
     tok = build_tokenizer(cfg.model)
     data = Dataset.from_list([{"prompt": p["messages"], "answer": p["answer"]} for p in load_prompts(cfg.data)])
     fn = resolve(g.rewards[0].name)
@@ -83,15 +88,34 @@ def trl(ch, cfg) -> Dict[str, Any]:
     reward.__name__ = g.rewards[0].name
     batch = g.prompts_per_step * r.n
     micro = min(cfg.train.micro_batch_size, batch)
-    args = GRPOConfig(**trl_args(Path(cfg.run.output_dir) / "trl", cfg), per_device_train_batch_size=micro,
-                      gradient_accumulation_steps=batch // micro, num_generations=r.n, max_completion_length=r.max_new_tokens,
-                      temperature=r.temperature, top_p=r.top_p, top_k=0, beta=g.kl_coef,
-                      num_iterations=g.num_iterations, epsilon=g.clip_low, epsilon_high=g.clip_high,
-                      loss_type="grpo", scale_rewards="group" if g.std_normalize else "none",
-                      shuffle_dataset=False, log_completions=False, mask_truncated_completions=False,
-                      generation_kwargs={"min_new_tokens": r.max_new_tokens, "suppress_tokens": [tok.pad_token_id]})
-    trainer = GRPOTrainer(model=build_model(cfg.model, master_dtype(cfg.model)), reward_funcs=[reward], args=args,
-                          train_dataset=data, processing_class=tok, callbacks=[channel_callback(ch)])
+    args = GRPOConfig(
+        **trl_args(Path(cfg.run.output_dir) / "trl", cfg),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
+        num_generations=r.n,
+        max_completion_length=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=0,
+        beta=g.kl_coef,
+        num_iterations=g.num_iterations,
+        epsilon=g.clip_low,
+        epsilon_high=g.clip_high,
+        loss_type="grpo",
+        scale_rewards="group" if g.std_normalize else "none",
+        shuffle_dataset=False,
+        log_completions=False,
+        mask_truncated_completions=False,
+        generation_kwargs={"min_new_tokens": r.max_new_tokens, "suppress_tokens": [tok.pad_token_id]},
+    )
+    trainer = GRPOTrainer(
+        model=build_model(cfg.model, master_dtype(cfg.model)),
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[channel_callback(ch)],
+    )
     split = {"time/rollout": 0.0, "time/reward": 0.0}
 
     def timed(key, inner):
@@ -101,6 +125,7 @@ def trl(ch, cfg) -> Dict[str, Any]:
                 return inner(*a, **k)
             finally:
                 split[key] += time.perf_counter() - t
+
         return call
 
     trainer._generate = timed("time/rollout", trainer._generate)
@@ -116,41 +141,80 @@ def trl(ch, cfg) -> Dict[str, Any]:
     return {}
 
 
-def grpo_cfg(work_dir: Path, w: Dict[str, Any], steps: int, threads: int, model=None, extra=()):
-    model = model or ["model=tiny_llama", f"model.hidden_size={w['hidden']}",
-                      f"model.intermediate_size={w['intermediate']}", f"model.num_layers={w['layers']}",
-                      f"model.num_heads={w['heads']}", f"model.num_kv_heads={w['heads']}"]
-    return compose_cfg([
-        "stage=grpo", "method=full", "data=arithmetic", "logger=console", *model,
-        f"data.num_samples={w['prompts'] * steps}", "data.shuffle=false", "cluster.num_workers=1",
-        f"cluster.cpus_per_worker={threads}", f"stage.rollout.cpus_per_worker={threads}",
-        f"stage.prompts_per_step={w['prompts']}", f"stage.rollout.n={w['n']}",
-        f"stage.rollout.max_new_tokens={w['completion']}", "stage.rollout.temperature=1.0", "stage.rollout.top_p=1.0",
-        "stage.clip_high=0.2", "stage.eval_samples=0", "stage.log_samples_every=0", "stage.kl_coef=0.0",
-        f"train.micro_batch_size={w.get('micro', w['prompts'] * w['n'])}", f"train.max_steps={steps}",
-        "train.scheduler=constant", "train.warmup_steps=0", "train.lr=1e-5", "checkpoint.every_steps=0",
-        "checkpoint.save_final=false", "checkpoint.export_hf=false", f"run.output_dir={work_dir}", *extra])
+def grpo_cfg(work_dir: Path, w: dict[str, Any], steps: int, threads: int, model=None, extra=()):
+    model = model or [
+        "model=tiny_llama",
+        f"model.hidden_size={w['hidden']}",
+        f"model.intermediate_size={w['intermediate']}",
+        f"model.num_layers={w['layers']}",
+        f"model.num_heads={w['heads']}",
+        f"model.num_kv_heads={w['heads']}",
+    ]
+    return compose_cfg(
+        [
+            "stage=grpo",
+            "method=full",
+            "data=arithmetic",
+            "logger=console",
+            *model,
+            f"data.num_samples={w['prompts'] * steps}",
+            "data.shuffle=false",
+            "cluster.num_workers=1",
+            f"cluster.cpus_per_worker={threads}",
+            "rollout=hf",
+            f"rollout.cpus_per_worker={threads}",
+            f"stage.prompts_per_step={w['prompts']}",
+            f"rollout.n={w['n']}",
+            f"rollout.max_new_tokens={w['completion']}",
+            "rollout.temperature=1.0",
+            "rollout.top_p=1.0",
+            "stage.clip_high=0.2",
+            "eval.samples=0",
+            "stage.log_samples_every=0",
+            "stage.kl_coef=0.0",
+            f"train.micro_batch_size={w.get('micro', w['prompts'] * w['n'])}",
+            f"train.max_steps={steps}",
+            "train.scheduler=constant",
+            "train.warmup_steps=0",
+            "train.lr=1e-5",
+            "checkpoint.every_steps=0",
+            "checkpoint.save_final=false",
+            "checkpoint.export_hf=false",
+            f"run.output_dir={work_dir}",
+            *extra,
+        ]
+    )
 
 
-def run_grpo(cfg, w: Dict[str, Any], warmup: int, repeats: int, threads: int, **kw) -> Dict[str, Dict[str, Any]]:
+def run_grpo(cfg, w: dict[str, Any], warmup: int, repeats: int, threads: int, **kw) -> dict[str, dict[str, Any]]:
     res = interleave({"ours": (ours, {"cfg": cfg}), "trl": (trl, {"cfg": cfg})}, warmup, repeats, threads, **kw)
     out = {}
     for name, r in res.items():
         out[name] = result(r)
-        out[name]["split_median_s"] = {k: median_extra(r["extras"], k) for k in _SPLIT
-                                       if any(k in e for e in r["extras"])}
+        out[name]["split_median_s"] = {
+            k: median_extra(r["extras"], k) for k in _SPLIT if any(k in e for e in r["extras"])
+        }
     out["ours"]["completion_len"] = median_extra(res["ours"]["extras"], "completion_len")
     return out
 
 
-def grpo_iteration(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> Dict[str, Any]:
-    w = ({"hidden": 64, "intermediate": 128, "layers": 2, "heads": 2, "prompts": 2, "n": 4, "completion": 4}
-         if smoke else
-         {"hidden": 256, "intermediate": 1024, "layers": 4, "heads": 4, "prompts": 2, "n": 8, "completion": 32})
+def grpo_iteration(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> dict[str, Any]:
+    w = (
+        {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 2, "prompts": 2, "n": 4, "completion": 4}
+        if smoke
+        else {"hidden": 256, "intermediate": 1024, "layers": 4, "heads": 4, "prompts": 2, "n": 8, "completion": 32}
+    )
     cfg = grpo_cfg(work_dir, w, warmup + repeats + 2, threads)
     out = run_grpo(cfg, w, warmup, repeats, threads)
-    return {"title": "GRPO iteration (rollout + reward + update), tiny Llama", "unit": "s/iteration",
-            "work": {**w, "samples_per_iteration": w["prompts"] * w["n"], "reward": cfg.stage.rewards[0].name,
-                     "dtype": "float32"},
-            "contenders": out,
-            "ratios": [time_ratio("ours/trl", out, "ours", "trl", 0.8)]}
+    return {
+        "title": "GRPO iteration (rollout + reward + update), tiny Llama",
+        "unit": "s/iteration",
+        "work": {
+            **w,
+            "samples_per_iteration": w["prompts"] * w["n"],
+            "reward": cfg.stage.rewards[0].name,
+            "dtype": "float32",
+        },
+        "contenders": out,
+        "ratios": [time_ratio("ours/trl", out, "ours", "trl", 0.8)],
+    }

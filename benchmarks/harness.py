@@ -25,8 +25,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any
 
 
 class BenchError(RuntimeError):
@@ -72,7 +73,7 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _child(conn, fn: Callable, kwargs: Dict[str, Any], threads: int) -> None:
+def _child(conn, fn: Callable, kwargs: dict[str, Any], threads: int) -> None:
     import torch
 
     code = 0
@@ -86,7 +87,7 @@ def _child(conn, fn: Callable, kwargs: Dict[str, Any], threads: int) -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             report["gpu_peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         conn.send(("report", report, None))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any failure goes to the parent as a report
         code = 1
         try:
             conn.send(("error", traceback.format_exc(), None))
@@ -100,7 +101,7 @@ def _child(conn, fn: Callable, kwargs: Dict[str, Any], threads: int) -> None:
 
 
 # ----------------------------------------------------------------- parent side
-def _recv(conn, name: str, timeout: float) -> Tuple[str, Any, Any]:
+def _recv(conn, name: str, timeout: float) -> tuple[str, Any, Any]:
     if not conn.poll(timeout):
         raise BenchError(f"{name}: no answer within {timeout:.0f}s")
     try:
@@ -112,8 +113,14 @@ def _recv(conn, name: str, timeout: float) -> Tuple[str, Any, Any]:
     return kind, value, extra
 
 
-def interleave(contenders: Dict[str, Tuple[Callable, Dict[str, Any]]], warmup: int, repeats: int,
-               threads: int, start_method: str = "fork", timeout: float = 900.0) -> Dict[str, Dict[str, Any]]:
+def interleave(
+    contenders: dict[str, tuple[Callable, dict[str, Any]]],
+    warmup: int,
+    repeats: int,
+    threads: int,
+    start_method: str = "fork",
+    timeout: float = 900.0,
+) -> dict[str, dict[str, Any]]:
     """{name: {"times": [wall s, ...], "cpu_times": [...] (after warm-up), "extras": [...], "report": {...}}}.
 
     CPU time is the child's process time: with one thread it is the work's cost, and it does
@@ -133,7 +140,7 @@ def interleave(contenders: Dict[str, Tuple[Callable, Dict[str, Any]]], warmup: i
         out = {name: {"times": [], "cpu_times": [], "extras": [], "report": {}} for name in contenders}
         names = list(contenders)
         for r in range(warmup + repeats):
-            for name in (names if r % 2 == 0 else names[::-1]):
+            for name in names if r % 2 == 0 else names[::-1]:
                 conns[name].send("step")
                 _, (wall, cpu), extra = _recv(conns[name], name, timeout)
                 if r >= warmup:
@@ -154,28 +161,34 @@ def interleave(contenders: Dict[str, Tuple[Callable, Dict[str, Any]]], warmup: i
 
 
 # ---------------------------------------------------------------------- stats
-def summarize(times: List[float], cpu_times: List[float] | None = None) -> Dict[str, Any]:
+def summarize(times: list[float], cpu_times: list[float] | None = None) -> dict[str, Any]:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    out = {"median_s": round(statistics.median(times), 5), "p25_s": round(q[0], 5),
-           "p75_s": round(q[2], 5), "min_s": round(min(times), 5), "n": len(times),
-           "times_s": [round(t, 5) for t in times]}
+    out = {
+        "median_s": round(statistics.median(times), 5),
+        "p25_s": round(q[0], 5),
+        "p75_s": round(q[2], 5),
+        "min_s": round(min(times), 5),
+        "n": len(times),
+        "times_s": [round(t, 5) for t in times],
+    }
     if cpu_times:
         out["cpu_median_s"] = round(statistics.median(cpu_times), 5)
     return out
 
 
-def result(r: Dict[str, Any]) -> Dict[str, Any]:
+def result(r: dict[str, Any]) -> dict[str, Any]:
     """One contender's entry: timing summary plus its child's report."""
     return {**summarize(r["times"], r["cpu_times"]), **r["report"]}
 
 
-def median_extra(extras: List[Dict[str, Any]], key: str) -> float:
+def median_extra(extras: list[dict[str, Any]], key: str) -> float:
     vals = [e[key] for e in extras if key in e]
     return round(statistics.median(vals), 5) if vals else float("nan")
 
 
-def ratio(name: str, num: float, den: float, goal: float | None, cpu: Tuple[float, float] | None = None
-          ) -> Dict[str, Any]:
+def ratio(
+    name: str, num: float, den: float, goal: float | None, cpu: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """num/den against a goal (lower is better); `cpu` = (num, den) in CPU time, reported beside it."""
     value = num / den if den else float("nan")
     out = {"name": name, "value": round(value, 4), "goal": goal, "met": None if goal is None else value <= goal}
@@ -184,7 +197,7 @@ def ratio(name: str, num: float, den: float, goal: float | None, cpu: Tuple[floa
     return out
 
 
-def time_ratio(name: str, out: Dict[str, Dict[str, Any]], a: str, b: str, goal: float | None) -> Dict[str, Any]:
+def time_ratio(name: str, out: dict[str, dict[str, Any]], a: str, b: str, goal: float | None) -> dict[str, Any]:
     """Median wall time of contender a over b (the goal applies to it), and the same in CPU time."""
     cpu = (out[a].get("cpu_median_s"), out[b].get("cpu_median_s"))
     return ratio(name, out[a]["median_s"], out[b]["median_s"], goal, cpu if None not in cpu else None)
@@ -202,15 +215,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> Dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     import torch
     import transformers
 
-    info: Dict[str, Any] = {
+    info: dict[str, Any] = {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
     for mod in ("trl", "peft"):
         try:
@@ -225,19 +242,23 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
-@functools.lru_cache(maxsize=None)
-def gpu_info() -> Dict[str, Any]:
+@functools.cache
+def gpu_info() -> dict[str, Any]:
     """Queried in a child process, so that the parent never initialises CUDA (it forks)."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
         return pool.apply(_gpu_info)
 
 
-def _gpu_info() -> Dict[str, Any]:
+def _gpu_info() -> dict[str, Any]:
     import torch
 
     if not torch.cuda.is_available():
         return {}
     p = torch.cuda.get_device_properties(0)
-    return {"gpu": p.name, "gpu_mem_gib": round(p.total_memory / 2**30, 1), "cuda": torch.version.cuda,
-            "gpu_count": torch.cuda.device_count()}
+    return {
+        "gpu": p.name,
+        "gpu_mem_gib": round(p.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "gpu_count": torch.cuda.device_count(),
+    }

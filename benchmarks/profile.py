@@ -22,20 +22,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks import sft
-from benchmarks.common import local_worker
+from benchmarks.common import local_worker, policy_spec_of
 from benchmarks.harness import machine_info
 from benchmarks.startup import _REPO, _env
 
 PHASES = ("forward_loss", "backward", "clip", "optimizer")
 
 
-def _ops(fn, steps: int = 5) -> Dict[str, float]:
+def _ops(fn, steps: int = 5) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -44,29 +44,29 @@ def _ops(fn, steps: int = 5) -> Dict[str, float]:
     return {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}  # ms per step
 
 
-def step_phases(work: Path, lora: bool, rounds: int = 12) -> Dict[str, Any]:
+def step_phases(work: Path, lora: bool, rounds: int = 12) -> dict[str, Any]:
     from orchestrator.data.batching import collate
     from orchestrator.stages.sft import SftStage
 
     extra = ["method=lora", "method.r=8", "method.alpha=16"] if lora else []
     cfg = sft._cfg(work, sft._work(False), 4, 1, extra)
     stage, tok = sft._rows(cfg)
-    worker = local_worker(cfg)
+    worker = local_worker(policy_spec_of(stage))
     e = worker.engine
     model = _plain_model(cfg, lora)
     params = [p for p in model.parameters() if p.requires_grad]
     t = cfg.train
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2))
-    rows, times = stage.source.rows[:t.micro_batch_size], collections.defaultdict(list)
+    rows, times = stage.source.rows[: t.micro_batch_size], collections.defaultdict(list)
 
-    def run(who, forward, params_, optim, clip_full=False):
+    def run(who, forward, params_, optim):
         c = [time.process_time()]
         loss = forward()
         c.append(time.process_time())
         loss.backward()
         c.append(time.process_time())
         norm = torch.nn.utils.clip_grad_norm_(params_, t.max_grad_norm, foreach=True)
-        bool(torch.isfinite(norm.full_tensor() if clip_full else norm))
+        bool(torch.isfinite(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))  # as the engine
         c.append(time.process_time())
         optim.step()
         optim.zero_grad(set_to_none=True)
@@ -77,7 +77,7 @@ def step_phases(work: Path, lora: bool, rounds: int = 12) -> Dict[str, Any]:
     def ours():
         e.model.train()
         mb = stage.next_step()[0][0][0]
-        run("ours", lambda: SftStage.loss(e.model, mb)[0], e._params, e.optimizer, clip_full=True)
+        run("ours", lambda: SftStage.loss(e.model, mb)[0], e._params, e.optimizer)
 
     def plain():
         b = collate(rows, tok.pad_token_id)
@@ -85,13 +85,14 @@ def step_phases(work: Path, lora: bool, rounds: int = 12) -> Dict[str, Any]:
         def fwd():
             logits = model(input_ids=b["input_ids"], use_cache=False).logits
             return F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100)
+
         run("plain", fwd, params, opt)
 
     for f in (ours, plain, ours, plain):
         f()
     times.clear()
     for i in range(rounds):
-        for f in ((ours, plain) if i % 2 else (plain, ours)):
+        for f in (ours, plain) if i % 2 else (plain, ours):
             f()
     out = {k: round(statistics.median(v) * 1e3, 2) for k, v in sorted(times.items())}  # ms
     for who in ("ours", "plain"):
@@ -111,24 +112,30 @@ def _plain_model(cfg, lora: bool):
         from peft import LoraConfig, get_peft_model
 
         m = cfg.method
-        model = get_peft_model(model, LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules="all-linear", task_type="CAUSAL_LM"
+            ),
+        )
     return model
 
 
-def checkpoint_phases(work: Path, rounds: int = 8) -> Dict[str, Any]:
+def checkpoint_phases(work: Path, rounds: int = 8) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from orchestrator.engines.fsdp2 import _OPTS
+
     cfg = sft._cfg(work, sft._work(False), 2, 1)
     stage, _ = sft._rows(cfg)
-    worker = local_worker(cfg)
+    worker = local_worker(policy_spec_of(stage))
     worker.train_step(stage.next_step()[0][0])
     e, times = worker.engine, collections.defaultdict(list)
     for i in range(rounds):
         t = [time.perf_counter()]
-        msd, osd = get_state_dict(e.model, e.optimizer, options=e._OPTS)
+        msd, osd = get_state_dict(e.model, e.optimizer, options=_OPTS)
         t.append(time.perf_counter())
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(work / f"a{i}"))
         t.append(time.perf_counter())
@@ -145,31 +152,58 @@ def checkpoint_phases(work: Path, rounds: int = 8) -> Dict[str, Any]:
     return {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items()}  # ms
 
 
-def startup(work: Path) -> Dict[str, Any]:
+def startup(work: Path) -> dict[str, Any]:
     if shutil.which("py-spy") is None:
         return {"skipped": "py-spy is not installed"}
     raw, rate = work / "startup.txt", 50
-    cmd = ["py-spy", "record", "-r", str(rate), "--subprocesses", "--format", "raw", "-o", str(raw), "--",
-           sys.executable, "-m", "orchestrator", "+experiment=sft_tiny", "logger=console", "cluster.num_workers=2",
-           "train.max_steps=1", "checkpoint.every_steps=0", "checkpoint.save_final=false",
-           "checkpoint.export_hf=false", "data.num_samples=256", f"run.output_dir={work / 'run'}"]
+    cmd = [
+        "py-spy",
+        "record",
+        "-r",
+        str(rate),
+        "--subprocesses",
+        "--format",
+        "raw",
+        "-o",
+        str(raw),
+        "--",
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "+experiment=sft_tiny",
+        "logger=console",
+        "cluster.num_workers=2",
+        "train.max_steps=1",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_final=false",
+        "checkpoint.export_hf=false",
+        "data.num_samples=256",
+        f"run.output_dir={work / 'run'}",
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=_REPO, env=_env(), capture_output=True, text=True, timeout=600, check=True)
-    samples: Dict[str, Dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+    samples: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         frames = stack.split(";")
         procs = [f for f in frames if f.startswith("process ")]
-        kind = ("driver" if procs and "-m orchestrator" in procs[-1] else
-                "train worker actors" if procs and "default_worker" in procs[-1] else "ray daemons")
+        kind = (
+            "driver"
+            if procs and "-m orchestrator" in procs[-1]
+            else "train worker actors"
+            if procs and "default_worker" in procs[-1]
+            else "ray daemons"
+        )
         s = int(n) / rate
         samples[kind]["cpu_s"] += s
         if any("_find_and_load" in f for f in frames):
             samples[kind]["importing_s"] += s
         if any("TrainWorker.build" in f or "train_step" in f for f in frames):
             samples[kind]["build_and_step_s"] += s
-    return {"wall_s_with_py_spy": round(time.perf_counter() - t0, 2),
-            **{k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in samples.items()}}
+    return {
+        "wall_s_with_py_spy": round(time.perf_counter() - t0, 2),
+        **{k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in samples.items()},
+    }
 
 
 def main() -> int:
@@ -178,8 +212,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     try:
         doc = {"machine": machine_info(), "units": "ms of CPU time per step (sft, lora); ms wall (checkpoint)"}
-        for name, fn in (("sft", lambda w: step_phases(w, False)), ("lora", lambda w: step_phases(w, True)),
-                         ("checkpoint", checkpoint_phases), ("startup", startup)):
+        for name, fn in (
+            ("sft", lambda w: step_phases(w, False)),
+            ("lora", lambda w: step_phases(w, True)),
+            ("checkpoint", checkpoint_phases),
+            ("startup", startup),
+        ):
             (work / name).mkdir()
             print(f"[{name}] ...", flush=True)
             doc[name] = fn(work / name)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 
-def write_results(out_dir: Path, kind: str, machine: Dict[str, Any], settings: Dict[str, Any],
-                  entries: Dict[str, Any]) -> List[Path]:
+def write_results(
+    out_dir: Path, kind: str, machine: dict[str, Any], settings: dict[str, Any], entries: dict[str, Any]
+) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{kind}.json"
-    doc: Dict[str, Any] = {"benchmarks": {}}
+    doc: dict[str, Any] = {"benchmarks": {}}
     if path.exists():  # a partial run (--only) keeps the other entries, each with its own date and load
         try:
             doc = json.loads(path.read_text())
@@ -38,18 +39,33 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _machine_line(m: Dict[str, Any]) -> str:
-    parts = [m.get("gpu"), f"{m.get('cpu')} ({m.get('cores')} cores)", f"torch {m.get('torch')}",
-             f"transformers {m.get('transformers')}", f"trl {m.get('trl')}", f"peft {m.get('peft')}",
-             m.get("date_utc")]
+def _machine_line(m: dict[str, Any]) -> str:
+    parts = [
+        m.get("gpu"),
+        f"{m.get('cpu')} ({m.get('cores')} cores)",
+        f"torch {m.get('torch')}",
+        f"transformers {m.get('transformers')}",
+        f"trl {m.get('trl')}",
+        f"peft {m.get('peft')}",
+        m.get("date_utc"),
+    ]
     return ", ".join(p for p in parts if p)
 
 
-_DETAILS = ("tokens_per_s", "mfu", "gpu_peak_mem_gib", "samples_per_s", "optimizer_state_mib", "bytes_written",
-            "exit_median_s", "split_median_s", "note")
+_DETAILS = (
+    "tokens_per_s",
+    "mfu",
+    "gpu_peak_mem_gib",
+    "samples_per_s",
+    "optimizer_state_mib",
+    "bytes_written",
+    "exit_median_s",
+    "split_median_s",
+    "note",
+)
 
 
-def _details(c: Dict[str, Any]) -> str:
+def _details(c: dict[str, Any]) -> str:
     out = []
     for k in _DETAILS:
         if k not in c:
@@ -61,46 +77,65 @@ def _details(c: Dict[str, Any]) -> str:
     return "; ".join(out)
 
 
-def markdown(doc: Dict[str, Any]) -> str:
+def markdown(doc: dict[str, Any]) -> str:
     m, s = doc["machine"], doc["settings"]
-    lines = [f"# {doc['kind'].upper()} benchmarks", "",
-             f"Machine: {_machine_line(m)}. Settings: {s['warmup']} warm-up + {s['repeats']} timed rounds, "
-             f"interleaved; {s['threads']} torch thread(s) per contender{' (smoke sizes)' if s['smoke'] else ''}.",
-             "Wall-clock medians decide the goals; CPU time (the contender process's own, one thread) is "
-             "shown beside them because it does not grow with the load of other processes.",
-             "", "| benchmark | contender | median (wall) | p25 - p75 | median (CPU) | peak RSS delta MB | details |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {doc['kind'].upper()} benchmarks",
+        "",
+        (
+            f"Machine: {_machine_line(m)}. Settings: {s['warmup']} warm-up + {s['repeats']} timed rounds, "
+            f"interleaved; {s['threads']} torch thread(s) per contender{' (smoke sizes)' if s['smoke'] else ''}."
+        ),
+        (
+            "Wall-clock medians decide the goals; CPU time (the contender process's own, one thread) is "
+            "shown beside them because it does not grow with the load of other processes."
+        ),
+        "",
+        "| benchmark | contender | median (wall) | p25 - p75 | median (CPU) | peak RSS delta MB | details |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, e in doc["benchmarks"].items():
         if "error" in e:
             lines.append(f"| {name} | (failed) | | | | | see JSON |")
             continue
         unit = e.get("unit", "s")
         for cname, c in e["contenders"].items():
-            lines.append(f"| {name} | {cname} | {_fmt(c['median_s'])} {unit} | {_fmt(c['p25_s'])} - "
-                         f"{_fmt(c['p75_s'])} | {_fmt(c.get('cpu_median_s', ''))} | "
-                         f"{_fmt(c.get('rss_peak_delta_mb', ''))} | {_details(c)} |")
-    lines += ["", "| benchmark | ratio | wall | CPU | goal | met | load avg 1/5/15 min |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {name} | {cname} | {_fmt(c['median_s'])} {unit} | {_fmt(c['p25_s'])} - "
+                f"{_fmt(c['p75_s'])} | {_fmt(c.get('cpu_median_s', ''))} | "
+                f"{_fmt(c.get('rss_peak_delta_mb', ''))} | {_details(c)} |"
+            )
+    lines += [
+        "",
+        "| benchmark | ratio | wall | CPU | goal | met | load avg 1/5/15 min |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, e in doc["benchmarks"].items():
         for r in e.get("ratios", []):
             goal = "" if r["goal"] is None else f"<= {r['goal']}"
             met = {True: "yes", False: "**no**", None: ""}[r["met"]]
-            lines.append(f"| {name} | {r['name']} | {_fmt(r['value'])} | {_fmt(r.get('cpu_value', ''))} | {goal} | "
-                         f"{met} | {'/'.join(str(x) for x in e.get('loadavg_1_5_15', []))} |")
+            lines.append(
+                f"| {name} | {r['name']} | {_fmt(r['value'])} | {_fmt(r.get('cpu_value', ''))} | {goal} | "
+                f"{met} | {'/'.join(str(x) for x in e.get('loadavg_1_5_15', []))} |"
+            )
     notes = [(name, n) for name, e in doc["benchmarks"].items() for n in e.get("notes", [])]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {name}: {n}" for name, n in notes]
     return "\n".join(lines) + "\n"
 
 
-def chart(doc: Dict[str, Any], path: Path) -> None:
+def chart(doc: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(f"{name}: {r['name']}", r["value"], r["goal"]) for name, e in doc["benchmarks"].items()
-            for r in e.get("ratios", []) if not r.get("absolute")
-            and isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])]
+    rows = [
+        (f"{name}: {r['name']}", r["value"], r["goal"])
+        for name, e in doc["benchmarks"].items()
+        for r in e.get("ratios", [])
+        if not r.get("absolute") and isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])
+    ]
     fig, ax = plt.subplots(figsize=(9, 0.45 * max(len(rows), 1) + 1.6))
     if rows:
         labels, values, goals = zip(*rows)
@@ -113,11 +148,14 @@ def chart(doc: Dict[str, Any], path: Path) -> None:
         ax.axvline(1.0, color="grey", ls=":", lw=1)
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlabel("ratio, lower is better for ours (black tick: goal, met in green, missed in red; "
-                  "grey: no goal; dotted: parity)", fontsize=8)
+    ax.set_xlabel(
+        "ratio, lower is better for ours (black tick: goal, met in green, missed in red; "
+        "grey: no goal; dotted: parity)",
+        fontsize=8,
+    )
     title = _machine_line(doc["machine"])
     cut = title.find(", torch")
-    ax.set_title(f"{doc['kind'].upper()}: {title[:cut]}\n{title[cut + 2:]}" if cut > 0 else title, fontsize=8)
+    ax.set_title(f"{doc['kind'].upper()}: {title[:cut]}\n{title[cut + 2 :]}" if cut > 0 else title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -14,8 +14,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -24,15 +25,20 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _cpu_suite() -> Dict[str, Callable[..., Dict[str, Any]]]:
+def _cpu_suite() -> dict[str, Callable[..., dict[str, Any]]]:
     from benchmarks import checkpoint, grpo, moe, sft, startup
 
-    return {"sft_step": sft.sft_step, "lora_step": sft.lora_step, "grpo_iteration": grpo.grpo_iteration,
-            "checkpoint_save": checkpoint.checkpoint_save, "time_to_first_step": startup.time_to_first_step,
-            "moe_experts": moe.moe_experts}
+    return {
+        "sft_step": sft.sft_step,
+        "lora_step": sft.lora_step,
+        "grpo_iteration": grpo.grpo_iteration,
+        "checkpoint_save": checkpoint.checkpoint_save,
+        "time_to_first_step": startup.time_to_first_step,
+        "moe_experts": moe.moe_experts,
+    }
 
 
-def _gpu_suite() -> Dict[str, Callable[..., Dict[str, Any]]]:
+def _gpu_suite() -> dict[str, Callable[..., dict[str, Any]]]:
     from benchmarks import gpu
 
     return dict(gpu.SUITE)
@@ -46,10 +52,11 @@ def _preload() -> None:
     import trl  # noqa: F401
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: F401
 
-    import orchestrator.engines.fsdp2  # noqa: F401
-    import orchestrator.rollout.worker  # noqa: F401
-    import orchestrator.stages.grpo  # noqa: F401
-    import orchestrator.stages.sft  # noqa: F401
+    import orchestrator.engines.fsdp2
+    import orchestrator.rollout.hf
+    import orchestrator.rollout.worker
+    import orchestrator.stages.grpo
+    import orchestrator.stages.sft
     import orchestrator.workers.train_worker  # noqa: F401
 
     datasets.disable_progress_bars()
@@ -57,8 +64,9 @@ def _preload() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _run_suite(kind: str, suite: Dict[str, Callable[..., Dict[str, Any]]], names, out_dir: Path,
-               settings: Dict[str, Any]) -> bool:
+def _run_suite(
+    kind: str, suite: dict[str, Callable[..., dict[str, Any]]], names, out_dir: Path, settings: dict[str, Any]
+) -> bool:
     from benchmarks.harness import gpu_info, machine_info
     from benchmarks.report import write_results
 
@@ -69,24 +77,32 @@ def _run_suite(kind: str, suite: Dict[str, Callable[..., Dict[str, Any]]], names
             print("GPU suite skipped: no CUDA device (nothing written). `--gpu --smoke` runs its code path on CPU.")
             return True
         machine.setdefault("gpu", "none: --smoke ran the GPU suite's code path on CPU, tiny model")
-    entries: Dict[str, Any] = {}
+    entries: dict[str, Any] = {}
     ok = True
     for name in names:
         work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         t0, load0 = time.time(), [round(x, 2) for x in os.getloadavg()]
         print(f"[{name}] running ...", flush=True)
         try:
-            entry = suite[name](work_dir=work, warmup=settings["warmup"], repeats=settings["repeats"],
-                                threads=settings["threads"], smoke=settings["smoke"])
-        except Exception:
+            entry = suite[name](
+                work_dir=work,
+                warmup=settings["warmup"],
+                repeats=settings["repeats"],
+                threads=settings["threads"],
+                smoke=settings["smoke"],
+            )
+        except Exception:  # noqa: BLE001 - one failed benchmark is recorded, the rest still run
             ok = False
             entry = {"error": traceback.format_exc()}
             print(entry["error"], file=sys.stderr)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        entry.update(wall_s=round(time.time() - t0, 1), loadavg_start_1_5_15=load0,
-                     loadavg_1_5_15=[round(x, 2) for x in os.getloadavg()],
-                     date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        entry.update(
+            wall_s=round(time.time() - t0, 1),
+            loadavg_start_1_5_15=load0,
+            loadavg_1_5_15=[round(x, 2) for x in os.getloadavg()],
+            date_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        )
         entries[name] = entry
         print(f"[{name}] done in {entry['wall_s']}s", flush=True)
     paths = write_results(out_dir, kind, machine, settings, entries)
@@ -100,11 +116,19 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per contender (after warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every contender")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 warm-up + 2 rounds, both suites (the GPU "
-                   "one on CPU without CUDA): checks that everything runs, not speed")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, 1 warm-up + 2 rounds, both suites (the GPU "
+        "one on CPU without CUDA): checks that everything runs, not speed",
+    )
     p.add_argument("--gpu", action="store_true", help="the GPU suite (skipped without CUDA)")
-    p.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results, "
-                   "or benchmarks/results/smoke with --smoke)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default benchmarks/results, or benchmarks/results/smoke with --smoke)",
+    )
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     a = p.parse_args(argv)
 
@@ -118,9 +142,12 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; valid: {', '.join(n for s in suites.values() for n in s)}")
     out_dir = a.out or (RESULTS / "smoke" if a.smoke else RESULTS)
-    settings = {"warmup": 1 if a.smoke else a.warmup,
-                "repeats": 2 if a.smoke and a.repeats == p.get_default("repeats") else a.repeats,
-                "threads": a.threads, "smoke": a.smoke}
+    settings = {
+        "warmup": 1 if a.smoke else a.warmup,
+        "repeats": 2 if a.smoke and a.repeats == p.get_default("repeats") else a.repeats,
+        "threads": a.threads,
+        "smoke": a.smoke,
+    }
     _preload()
     ok = True
     for kind, suite in suites.items():

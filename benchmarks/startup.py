@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 from benchmarks.harness import ratio, summarize
 
@@ -47,18 +47,24 @@ print("FIRST_STEP_DONE", flush=True)
 """
 
 
-def _env() -> Dict[str, str]:
+def _env() -> dict[str, str]:
     env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled")
     env["PYTHONPATH"] = os.pathsep.join([str(_REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("RAY_ADDRESS", None)  # the local launcher starts its own Ray
     return env
 
 
-def _ours(run_dir: Path, overrides: List[str], timeout: float) -> Dict[str, float]:
+def _ours(run_dir: Path, overrides: list[str], timeout: float) -> dict[str, float]:
     metrics = run_dir / "metrics.jsonl"
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "orchestrator", *overrides, f"run.output_dir={run_dir}"],
-                         cwd=_REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *overrides, f"run.output_dir={run_dir}"],
+        cwd=_REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = None
     while p.poll() is None and time.perf_counter() - t0 < timeout:
         if first is None and metrics.exists() and metrics.stat().st_size > 0:
@@ -73,24 +79,38 @@ def _ours(run_dir: Path, overrides: List[str], timeout: float) -> Dict[str, floa
     return {"first_step_s": first, "exit_s": total}
 
 
-def _peer(timeout: float) -> Dict[str, float]:
+def _peer(timeout: float) -> dict[str, float]:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _PEER], cwd=_REPO, env=_env(), capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEER],
+        cwd=_REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if "FIRST_STEP_DONE" not in out.stdout:
         raise RuntimeError(f"in-process loop failed:\n{out.stderr[-3000:]}")
     return {"first_step_s": time.perf_counter() - t0}
 
 
-def time_to_first_step(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> Dict[str, Any]:
+def time_to_first_step(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> dict[str, Any]:
     # --smoke checks the code path with one worker: a second one costs the smoke test seconds of imports.
-    overrides = ["+experiment=sft_tiny", "logger=console", f"cluster.num_workers={1 if smoke else 2}",
-                 "cluster.cpus_per_worker=1",
-                 "train.max_steps=2", "checkpoint.every_steps=0", "checkpoint.save_final=false",
-                 "checkpoint.export_hf=false", "data.num_samples=256"]
+    overrides = [
+        "+experiment=sft_tiny",
+        "logger=console",
+        f"cluster.num_workers={1 if smoke else 2}",
+        "cluster.cpus_per_worker=1",
+        "train.max_steps=2",
+        "checkpoint.every_steps=0",
+        "checkpoint.save_final=false",
+        "checkpoint.export_hf=false",
+        "data.num_samples=256",
+    ]
     # Process start-up costs seconds: one round each is enough to see it, three to take a median.
     rounds = 1 if smoke else min(repeats, 3)
-    times: Dict[str, List[Dict[str, float]]] = {"ours": [], "torch_loop": []}
+    times: dict[str, list[dict[str, float]]] = {"ours": [], "torch_loop": []}
     for r in range(rounds):
         order = ["ours", "torch_loop"] if r % 2 == 0 else ["torch_loop", "ours"]
         for name in order:
@@ -103,11 +123,24 @@ def time_to_first_step(work_dir: Path, warmup: int, repeats: int, threads: int, 
     out = {name: summarize([t["first_step_s"] for t in ts]) for name, ts in times.items()}
     out["ours"]["exit_median_s"] = summarize([t["exit_s"] for t in times["ours"]])["median_s"]
     first = out["ours"]["median_s"]
-    return {"title": "Time to first step, `python -m orchestrator`, 2 workers", "unit": "s",
-            "work": {"command": "python -m orchestrator " + " ".join(overrides), "workers": 1 if smoke else 2,
-                     "rounds": rounds,
-                     "warm_up_rounds": 0},
-            "contenders": out,
-            "ratios": [{"name": "ours time to first step (s)", "value": round(first, 2), "goal": GOAL_S,
-                        "met": first <= GOAL_S, "absolute": True},
-                       ratio("ours/torch_loop", first, out["torch_loop"]["median_s"], None)]}
+    return {
+        "title": "Time to first step, `python -m orchestrator`, 2 workers",
+        "unit": "s",
+        "work": {
+            "command": "python -m orchestrator " + " ".join(overrides),
+            "workers": 1 if smoke else 2,
+            "rounds": rounds,
+            "warm_up_rounds": 0,
+        },
+        "contenders": out,
+        "ratios": [
+            {
+                "name": "ours time to first step (s)",
+                "value": round(first, 2),
+                "goal": GOAL_S,
+                "met": first <= GOAL_S,
+                "absolute": True,
+            },
+            ratio("ours/torch_loop", first, out["torch_loop"]["median_s"], None),
+        ],
+    }

@@ -9,7 +9,7 @@ Registry: plain dict, greppable.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict
+from collections.abc import Callable
 
 from launchers.local import run_local
 from launchers.ray_cluster import run_attached
@@ -18,12 +18,14 @@ from launchers.ray_cluster import run_attached
 def _submitter(module: str) -> Callable:
     """`module.submit`, imported on use: `python -m launchers.ray_job ...` must not find its
     own module already imported by this package, and their libraries load only when used."""
-    def submit(cfg, choices: Dict[str, str]):
+
+    def submit(cfg, choices: dict[str, str]):
         return importlib.import_module(module).submit(cfg, choices)
+
     return submit
 
 
-LAUNCHERS: Dict[str, Callable] = {
+LAUNCHERS: dict[str, Callable] = {
     "local": run_local,
     "ray": run_attached,
     "slurm": _submitter("launchers.slurm"),

@@ -28,7 +28,7 @@ import re
 import shlex
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -57,14 +57,14 @@ def job_name(cfg) -> str:
     return (name or "run")[:40].rstrip("-")
 
 
-def job_config(cfg, base: Optional[str] = None) -> Dict[str, Any]:
+def job_config(cfg, base: Optional[str] = None) -> dict[str, Any]:
     """The resolved config as the job runs it: cluster=ray with the same worker layout.
 
     Relative run/checkpoint directories are placed under `base` (the shared volume of a
     pod), or made absolute here when the cluster shares this filesystem (base=None), in
     which case local data and model paths given relative to here are made absolute too.
     """
-    d = OmegaConf.to_container(OmegaConf.structured(cfg))
+    d = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
     root = base or os.getcwd()
     for section, key in (("run", "output_dir"), ("checkpoint", "dir")):
         if d[section][key] is not None:
@@ -75,8 +75,7 @@ def job_config(cfg, base: Optional[str] = None) -> Dict[str, Any]:
             if value and not os.path.isabs(value) and os.path.exists(value):
                 d[section][key] = os.path.abspath(value)
     shared = {f.name for f in dataclasses.fields(ClusterConfig)} - {"name"}
-    d["cluster"] = {"name": "ray", "address": "auto",
-                    **{k: v for k, v in d["cluster"].items() if k in shared}}
+    d["cluster"] = {"name": "ray", "address": "auto", **{k: v for k, v in d["cluster"].items() if k in shared}}
     RayClusterConfig(**d["cluster"])  # fails here, not in the job, if the two schemas drift
     return d
 
@@ -88,8 +87,9 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
-_Dumper.add_representer(str, lambda d, s: d.represent_scalar(
-    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+_Dumper.add_representer(
+    str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+)
 
 
 def dump_yaml(data, *, many: bool = False) -> str:
@@ -97,16 +97,18 @@ def dump_yaml(data, *, many: bool = False) -> str:
     return dump(data, Dumper=_Dumper, sort_keys=False)
 
 
-def overlay_yaml(cfg, choices: Dict[str, str], base: Optional[str] = None) -> str:
+def overlay_yaml(cfg, choices: dict[str, str], base: Optional[str] = None) -> str:
     overrides = [{f"override /{g}": choices[g]} for g in _REAPPLIED if choices.get(g)]
     body = {"defaults": overrides + [{"override /cluster": "ray"}], **job_config(cfg, base)}
-    header = ("# @package _global_\n# The resolved config of this job (written by the launcher). "
-              "Run it with:\n#   python -m orchestrator 'hydra.searchpath=[file://DIR]' "
-              f"+{RESOLVED_GROUP}=config\n# where DIR holds {RESOLVED_GROUP}/config.yaml.\n")
+    header = (
+        "# @package _global_\n# The resolved config of this job (written by the launcher). "
+        "Run it with:\n#   python -m orchestrator 'hydra.searchpath=[file://DIR]' "
+        f"+{RESOLVED_GROUP}=config\n# where DIR holds {RESOLVED_GROUP}/config.yaml.\n"
+    )
     return header + dump_yaml(body)
 
 
-def write_overlay(cfg, choices: Dict[str, str], root: Path) -> Path:
+def write_overlay(cfg, choices: dict[str, str], root: Path) -> Path:
     path = root / RESOLVED_GROUP / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(overlay_yaml(cfg, choices))
@@ -118,16 +120,17 @@ def allocation_note(c) -> Optional[str]:
     cluster.num_workers for one machine, submitted to several nodes)."""
     used, have = c.num_workers * c.gpus_per_worker, c.nodes * c.gpus_per_node
     if have and used < have:
-        return (f"note: {c.num_workers} worker(s) x {c.gpus_per_worker} GPU use {used} of the {have} GPUs "
-                f"allocated; cluster.num_workers={have // max(c.gpus_per_worker, 1)} uses all of them")
+        return (
+            f"note: {c.num_workers} worker(s) x {c.gpus_per_worker} GPU use {used} of the {have} GPUs "
+            f"allocated; cluster.num_workers={have // max(c.gpus_per_worker, 1)} uses all of them"
+        )
     return None
 
 
-def entry_args(root: str, overrides: List[str] = ()) -> List[str]:
+def entry_args(root: str, overrides: list[str] = ()) -> list[str]:
     """`python -m orchestrator` arguments that run the overlay under `root` (on the cluster)."""
-    return ["-m", "orchestrator", f"hydra.searchpath=[file://{root}]", f"+{RESOLVED_GROUP}=config",
-            *overrides]
+    return ["-m", "orchestrator", f"hydra.searchpath=[file://{root}]", f"+{RESOLVED_GROUP}=config", *overrides]
 
 
-def shell_join(args: List[str]) -> str:
+def shell_join(args: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)

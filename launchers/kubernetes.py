@@ -21,33 +21,54 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import yaml
 
-from launchers.common import (RESOLVED_GROUP, allocation_note, dump_yaml, entry_args, job_name, overlay_yaml,
-                              require_tool, shell_join)
+from launchers.common import (
+    RESOLVED_GROUP,
+    allocation_note,
+    dump_yaml,
+    entry_args,
+    job_name,
+    overlay_yaml,
+    require_tool,
+    shell_join,
+)
 from orchestrator.errors import OrchestratorError
 
 CONFIG_ROOT = "/etc/orchestrator"
 UID = 1000  # the image's non-root user (docker/Dockerfile); fsGroup makes the PVC writable
 
 
-def _container(cfg, name: str, cpus: str, memory: str, gpus: int, mounts: List[Dict]) -> Dict:
+def _container(cfg, name: str, cpus: str, memory: str, gpus: int, mounts: list[dict]) -> dict:
     c = cfg.cluster
     env = [{"name": k, "value": str(v)} for k, v in c.env.items()]
     if c.wandb_secret:
-        env.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
-            "name": c.wandb_secret, "key": "api_key", "optional": True}}})
+        env.append(
+            {
+                "name": "WANDB_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": c.wandb_secret, "key": "api_key", "optional": True}},
+            }
+        )
     limits = {"cpu": cpus, "memory": memory, **({"nvidia.com/gpu": gpus} if gpus else {})}
-    return {"name": name, "image": c.image, "imagePullPolicy": c.image_pull_policy, "env": env,
-            "resources": {"requests": dict(limits), "limits": limits}, "volumeMounts": mounts}
+    return {
+        "name": name,
+        "image": c.image,
+        "imagePullPolicy": str(c.image_pull_policy),
+        "env": env,
+        "resources": {"requests": dict(limits), "limits": limits},
+        "volumeMounts": mounts,
+    }
 
 
-def _pod(cfg, container: Dict, volumes: List[Dict], gpus: bool) -> Dict:
+def _pod(cfg, container: dict, volumes: list[dict], gpus: bool) -> dict:
     c = cfg.cluster
-    spec: Dict[str, Any] = {"containers": [container], "volumes": volumes,
-                            "securityContext": {"runAsUser": UID, "runAsGroup": UID, "fsGroup": UID}}
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {"runAsUser": UID, "runAsGroup": UID, "fsGroup": UID},
+    }
     if c.node_selector:
         spec["nodeSelector"] = dict(c.node_selector)
     if c.service_account:
@@ -57,26 +78,49 @@ def _pod(cfg, container: Dict, volumes: List[Dict], gpus: bool) -> Dict:
     return {"spec": spec}
 
 
-def manifests(cfg, choices: Dict[str, str]) -> List[Dict[str, Any]]:
+def manifests(cfg, choices: dict[str, str]) -> list[dict[str, Any]]:
     c = cfg.cluster
     name = job_name(cfg)
     labels = {"app.kubernetes.io/name": "orchestrator", "orchestrator/run": name}
     meta = {"name": name, "namespace": c.namespace, "labels": labels}
-    config_map = {"apiVersion": "v1", "kind": "ConfigMap",
-                  "metadata": {**meta, "name": f"{name}-config"},
-                  "data": {"config.yaml": overlay_yaml(cfg, choices, base=c.shared_mount)}}
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {**meta, "name": f"{name}-config"},
+        "data": {"config.yaml": overlay_yaml(cfg, choices, base=c.shared_mount)},
+    }
     shared = [{"name": "shared", "mountPath": c.shared_mount}, {"name": "dshm", "mountPath": "/dev/shm"}]
-    volumes = [{"name": "shared", "persistentVolumeClaim": {"claimName": c.shared_pvc}},
-               {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    head_volumes = volumes + [{"name": "config", "configMap": {
-        "name": f"{name}-config", "items": [{"key": "config.yaml", "path": f"{RESOLVED_GROUP}/config.yaml"}]}}]
-    head = _container(cfg, "ray-head", c.head_cpus, c.head_memory, 0,
-                      shared + [{"name": "config", "mountPath": CONFIG_ROOT, "readOnly": True}])
-    head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
-                     {"containerPort": 10001, "name": "client"}]
+    volumes = [
+        {"name": "shared", "persistentVolumeClaim": {"claimName": c.shared_pvc}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    head_volumes = volumes + [
+        {
+            "name": "config",
+            "configMap": {
+                "name": f"{name}-config",
+                "items": [{"key": "config.yaml", "path": f"{RESOLVED_GROUP}/config.yaml"}],
+            },
+        }
+    ]
+    head = _container(
+        cfg,
+        "ray-head",
+        c.head_cpus,
+        c.head_memory,
+        0,
+        shared + [{"name": "config", "mountPath": CONFIG_ROOT, "readOnly": True}],
+    )
+    head["ports"] = [
+        {"containerPort": 6379, "name": "gcs"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
     worker = _container(cfg, "ray-worker", c.cpus_per_node, c.memory_per_node, c.gpus_per_node, shared)
     ray_job = {
-        "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta,
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": meta,
         "spec": {
             "entrypoint": "python " + shell_join(entry_args(CONFIG_ROOT)),
             # The driver gets SIGTERM on stop/delete; give it time to checkpoint.
@@ -90,22 +134,29 @@ def manifests(cfg, choices: Dict[str, str]) -> List[Dict[str, Any]]:
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                     "template": _pod(cfg, head, head_volumes, gpus=False),
                 },
-                "workerGroupSpecs": [{
-                    "groupName": "gpu-workers" if c.gpus_per_node else "workers",
-                    "replicas": c.nodes, "minReplicas": c.nodes, "maxReplicas": c.nodes,
-                    "rayStartParams": {},
-                    "template": _pod(cfg, worker, volumes, gpus=bool(c.gpus_per_node)),
-                }],
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "gpu-workers" if c.gpus_per_node else "workers",
+                        "replicas": c.nodes,
+                        "minReplicas": c.nodes,
+                        "maxReplicas": c.nodes,
+                        "rayStartParams": {},
+                        "template": _pod(cfg, worker, volumes, gpus=bool(c.gpus_per_node)),
+                    }
+                ],
             },
         },
     }
     return [config_map, ray_job]
 
 
-def submit(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
+def submit(cfg, choices: dict[str, str]) -> dict[str, Any]:
     c = cfg.cluster
-    kubectl = require_tool("kubectl", "apply the RayJob (or leave cluster.apply=false to only render it)") \
-        if c.apply else None
+    kubectl = (
+        require_tool("kubectl", "apply the RayJob (or leave cluster.apply=false to only render it)")
+        if c.apply
+        else None
+    )
     docs = manifests(cfg, choices)
     # Saved here beside where the run would be: run.output_dir when relative (in the pod it
     # is under the shared mount), else outputs/<name>, as the pod's path may not exist here.
@@ -125,13 +176,16 @@ def submit(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
         return {"manifest": str(path), "name": name, "applied": False}
     applied = subprocess.run([kubectl, *ctx, "apply", "-f", str(path)], capture_output=True, text=True)
     if applied.returncode != 0:
-        raise OrchestratorError(f"kubectl apply failed: {applied.stderr.strip() or applied.stdout.strip()}\n"
-                                f"(manifest: {path})")
+        raise OrchestratorError(
+            f"kubectl apply failed: {applied.stderr.strip() or applied.stdout.strip()}\n(manifest: {path})"
+        )
     print(applied.stdout.strip())
-    print(f"applied RayJob {name} in namespace {ns} (image {c.image})\n"
-          f"  status:  {k}get rayjob {name}\n"
-          f"  follow:  {k}logs -f job/{name}   (the submitter pod streams the driver's log)\n"
-          f"  stop:    {k}delete rayjob {name}   (run dir on PVC {c.shared_pvc} is kept)\n"
-          f"  run dir: {yaml.safe_load(docs[0]['data']['config.yaml'])['run']['output_dir']} on the PVC\n"
-          f"  manifest: {path}")
+    print(
+        f"applied RayJob {name} in namespace {ns} (image {c.image})\n"
+        f"  status:  {k}get rayjob {name}\n"
+        f"  follow:  {k}logs -f job/{name}   (the submitter pod streams the driver's log)\n"
+        f"  stop:    {k}delete rayjob {name}   (run dir on PVC {c.shared_pvc} is kept)\n"
+        f"  run dir: {yaml.safe_load(docs[0]['data']['config.yaml'])['run']['output_dir']} on the PVC\n"
+        f"  manifest: {path}"
+    )
     return {"manifest": str(path), "name": name, "applied": True}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict
+from typing import Any
 
 
-def run_local(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
+def run_local(cfg, choices: dict[str, str]) -> dict[str, Any]:
     import ray
 
     from orchestrator.chain import resolve_init_from
@@ -15,8 +15,13 @@ def run_local(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
 
     started = not ray.is_initialized()
     if started:  # tests and notebooks may already hold a Ray session: reuse it
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or _cpus_needed(cfg), include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=cfg.cluster.num_cpus or _cpus_needed(cfg),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
     try:
         cfg = resolve_init_from(cfg, choices, run_local)  # chained stages run here first
         return Driver(cfg, choices).run()

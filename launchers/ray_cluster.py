@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from orchestrator.errors import ConfigError
 
@@ -20,7 +20,7 @@ CONNECT_TIMEOUT_S = 30.0
 before failing; becomes `cluster.connect_timeout_s` once the schema has it."""
 
 
-def run_attached(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
+def run_attached(cfg, choices: dict[str, str]) -> dict[str, Any]:
     import ray
 
     from orchestrator.chain import resolve_init_from
@@ -35,7 +35,7 @@ def run_attached(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
         ray.shutdown()
 
 
-def _run_connected(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
+def _run_connected(cfg, choices: dict[str, str]) -> dict[str, Any]:
     """A chained stage on the cluster this process is already attached to."""
     from orchestrator.chain import resolve_init_from
     from orchestrator.driver import Driver
@@ -47,14 +47,15 @@ def _unreachable(address: str, why: str) -> ConfigError:
     return ConfigError(
         f"cannot reach a Ray cluster at cluster.address={address!r} ({why}). Start one with "
         "`ray start --head` on the head node and pass its address (host:6379), or run on this "
-        "machine alone with cluster=local.")
+        "machine alone with cluster=local."
+    )
 
 
-def _resolve(address: str) -> Tuple[str, int, bool]:
+def _resolve(address: str) -> tuple[str, int, bool]:
     """(host, port, is_gcs) of what `ray.init(address)` would connect to: `auto` finds the
     cluster started on this node; a `ray://` address is a Ray Client server, not a GCS."""
     if address.startswith("ray://"):
-        hostport, is_gcs = address[len("ray://"):].split("/")[0], False
+        hostport, is_gcs = address[len("ray://") :].split("/")[0], False
     else:
         from ray._private.services import canonicalize_bootstrap_address_or_die
 
@@ -68,7 +69,7 @@ def _resolve(address: str) -> Tuple[str, int, bool]:
     return host.strip("[]"), int(port), is_gcs
 
 
-def _gcs_answers(host: str, port: int, timeout_s: float) -> Optional[str]:
+def _gcs_answers(host: str, port: int, timeout_s: float) -> str | None:
     """None when a Ray GCS answers at host:port within about `timeout_s`; else why not."""
     try:
         from ray._raylet import InnerGcsClient
@@ -76,7 +77,7 @@ def _gcs_answers(host: str, port: int, timeout_s: float) -> Optional[str]:
         return None
     try:
         InnerGcsClient.standalone(f"{host}:{port}", None, int(max(timeout_s, 1) * 1000))
-    except Exception as exc:  # RpcError: something listens there, but not a Ray GCS
+    except Exception as exc:  # noqa: BLE001  (RpcError: something listens there, but not a Ray GCS)
         return f"something listens on {host}:{port} but no Ray GCS answered: {exc}"
     return None
 

@@ -31,14 +31,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from launchers.common import REPO, RESOLVED_GROUP, job_name, write_overlay
 from orchestrator.config.compose import conf_dir
 from orchestrator.errors import ConfigError, OrchestratorError
 
-ENTRYPOINT = (f'ORCHESTRATOR_CONF="$PWD/conf" python -m orchestrator "hydra.searchpath=[file://$PWD]" '
-              f"+{RESOLVED_GROUP}=config")
+ENTRYPOINT = (
+    f'ORCHESTRATOR_CONF="$PWD/conf" python -m orchestrator "hydra.searchpath=[file://$PWD]" +{RESOLVED_GROUP}=config'
+)
 STOP_GRACE_S = "120"
 
 
@@ -57,12 +58,12 @@ def client(address: str):
         ) from exc
 
 
-def runtime_env(cfg, working_dir: Path) -> Dict[str, Any]:
+def runtime_env(cfg, working_dir: Path) -> dict[str, Any]:
     c = cfg.cluster
     env = {"RAY_JOB_STOP_WAIT_TIME_S": STOP_GRACE_S, "PYTHONUNBUFFERED": "1"}
     env.update({k: os.environ[k] for k in c.forward_env if k in os.environ})
     env.update(c.env)
-    renv: Dict[str, Any] = {"working_dir": str(working_dir), "env_vars": env}
+    renv: dict[str, Any] = {"working_dir": str(working_dir), "env_vars": env}
     if c.upload_code:
         renv["py_modules"] = [str(REPO / "orchestrator"), str(REPO / "launchers")]
     if c.pip:
@@ -70,7 +71,7 @@ def runtime_env(cfg, working_dir: Path) -> Dict[str, Any]:
     return renv
 
 
-def stage(cfg, choices: Dict[str, str]) -> Path:
+def stage(cfg, choices: dict[str, str]) -> Path:
     """<run dir>/launch: what the job's working_dir uploads (resolved config + conf/)."""
     launch = Path(cfg.run.output_dir).resolve() / "launch"
     write_overlay(cfg, choices, launch)
@@ -79,24 +80,30 @@ def stage(cfg, choices: Dict[str, str]) -> Path:
     return launch
 
 
-def submit(cfg, choices: Dict[str, str]) -> Dict[str, Any]:
+def submit(cfg, choices: dict[str, str]) -> dict[str, Any]:
     c = cfg.cluster
     jobs = client(c.address)  # unreachable cluster: fail before writing anything
     working_dir = stage(cfg, choices)
     sub_id = c.submission_id or f"{job_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
     renv = runtime_env(cfg, working_dir)
     try:
-        job_id = jobs.submit_job(entrypoint=ENTRYPOINT, submission_id=sub_id, runtime_env=renv,
-                                 entrypoint_num_cpus=c.entrypoint_num_cpus or None,
-                                 metadata={"run_name": cfg.run.name, "run_dir": str(working_dir.parent)})
+        job_id = jobs.submit_job(
+            entrypoint=ENTRYPOINT,
+            submission_id=sub_id,
+            runtime_env=renv,
+            entrypoint_num_cpus=c.entrypoint_num_cpus or None,
+            metadata={"run_name": cfg.run.name, "run_dir": str(working_dir.parent)},
+        )
     except RuntimeError as exc:  # the API answers errors (duplicate id, bad runtime_env) this way
         raise OrchestratorError(f"the Ray Jobs API rejected the job: {exc}") from exc
     a = f"--address {c.address}"
-    print(f"submitted Ray job {job_id} to {c.address}\n"
-          f"  follow:  python -m launchers.ray_job logs {job_id} --follow {a}   (or: ray job logs -f {job_id} {a})\n"
-          f"  status:  python -m launchers.ray_job status {job_id} {a}\n"
-          f"  stop:    python -m launchers.ray_job stop {job_id} {a}   (checkpoints first)\n"
-          f"  run dir: {working_dir.parent}")
+    print(
+        f"submitted Ray job {job_id} to {c.address}\n"
+        f"  follow:  python -m launchers.ray_job logs {job_id} --follow {a}   (or: ray job logs -f {job_id} {a})\n"
+        f"  status:  python -m launchers.ray_job status {job_id} {a}\n"
+        f"  stop:    python -m launchers.ray_job stop {job_id} {a}   (checkpoints first)\n"
+        f"  run dir: {working_dir.parent}"
+    )
     handle = {"job_id": job_id, "address": c.address, "working_dir": str(working_dir), "runtime_env": renv}
     if c.follow:
         handle["status"] = follow(jobs, job_id)

@@ -1,9 +1,9 @@
 """`python -m orchestrator [overrides...]`: compose -> validate -> launch -> close.
 
-    python -m orchestrator +experiment=sft_tiny
-    python -m orchestrator +experiment=sft_tiny method=lora train.max_steps=100
-    python -m orchestrator +experiment=sft_tiny --cfg job     # print the resolved config
-    python -m orchestrator --help                             # groups and their options
+python -m orchestrator +experiment=sft_tiny
+python -m orchestrator +experiment=sft_tiny method=lora train.max_steps=100
+python -m orchestrator +experiment=sft_tiny --cfg job     # print the resolved config
+python -m orchestrator --help                             # groups and their options
 """
 
 from __future__ import annotations
@@ -11,21 +11,36 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 from orchestrator.config.compose import compose, group_options, to_yaml
 from orchestrator.config.validate import validate
 from orchestrator.errors import OrchestratorError
 
-GROUPS = ["model", "method", "stage", "backend", "cluster", "rollout", "data", "logger", "checkpoint",
-          "eval", "experiment", "debug"]
+GROUPS = [
+    "model",
+    "method",
+    "stage",
+    "backend",
+    "cluster",
+    "rollout",
+    "data",
+    "logger",
+    "checkpoint",
+    "eval",
+    "experiment",
+    "debug",
+]
 
 
 def _help() -> str:
     lines = [__doc__.strip(), "", "Config groups (choose with group=option; experiment and debug add a recipe):"]
     lines += [f"  {g:<11} {', '.join(group_options(g))}" for g in GROUPS]
-    lines += ["", "Any field can be set with dotted keys, e.g. train.lr=1e-4 cluster.num_workers=8.",
-              "See the resolved config with --cfg job."]
+    lines += [
+        "",
+        "Any field can be set with dotted keys, e.g. train.lr=1e-4 cluster.num_workers=8.",
+        "See the resolved config with --cfg job.",
+    ]
     return "\n".join(lines)
 
 
@@ -35,7 +50,7 @@ def setup_logging(run_dir: Optional[Path]) -> None:
         if getattr(h, "_orchestrator", False):
             root.removeHandler(h)
     fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
-    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log"))
@@ -48,7 +63,7 @@ def setup_logging(run_dir: Optional[Path]) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
         print(_help())
@@ -56,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     show_cfg = "--cfg" in args
     if show_cfg:
         i = args.index("--cfg")
-        del args[i: i + 2 if i + 1 < len(args) and args[i + 1] in ("job", "all") else i + 1]
+        del args[i : i + 2 if i + 1 < len(args) and args[i + 1] in ("job", "all") else i + 1]
     try:
         cfg, choices = compose(args)
         if show_cfg:
@@ -71,8 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         LAUNCHERS[cfg.cluster.name](cfg, choices)
         return 0
     except OrchestratorError as exc:
-        logging.getLogger("orchestrator").error("error: %s", exc) if logging.getLogger().handlers \
-            else None
+        logging.getLogger("orchestrator").error("error: %s", exc) if logging.getLogger().handlers else None
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 

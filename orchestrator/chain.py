@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Optional
 
 from orchestrator.errors import ConfigError
 
@@ -28,7 +29,7 @@ MODEL_EXPORTS = ("model", "merged")
 """Export kinds that are a whole model, in order of preference."""
 
 
-def resolve_init_from(cfg, choices: Dict[str, str], launch: Callable) -> object:
+def resolve_init_from(cfg, choices: dict[str, str], launch: Callable) -> object:
     src = cfg.run.init_from
     if not src:
         return cfg
@@ -37,8 +38,10 @@ def resolve_init_from(cfg, choices: Dict[str, str], launch: Callable) -> object:
     else:
         model_dir = _model_dir(Path(src).expanduser())
         if model_dir is None:
-            raise ConfigError(f"run.init_from={src!r}: no model there (expected a run directory with an "
-                              "exported model, or a model directory with config.json)")
+            raise ConfigError(
+                f"run.init_from={src!r}: no model there (expected a run directory with an "
+                "exported model, or a model directory with config.json)"
+            )
     log.info("initialising from %s", model_dir)
     model = replace(cfg.model, pretrained=str(model_dir), tokenizer=str(model_dir))
     return replace(cfg, model=model, run=replace(cfg.run, init_from=None))
@@ -60,11 +63,10 @@ def _model_dir(path: Path) -> Optional[Path]:
     return None
 
 
-def _compose_chained(name: str, out: Path, choices: Dict[str, str], debug: bool):
+def _compose_chained(name: str, out: Path, choices: dict[str, str], debug: bool):
     from orchestrator.config.compose import compose
 
-    overrides: List[str] = [f"+experiment={name}", f"run.output_dir={out}",
-                            f"logger={choices.get('logger', 'wandb')}"]
+    overrides: list[str] = [f"+experiment={name}", f"run.output_dir={out}", f"logger={choices.get('logger', 'wandb')}"]
     if debug:
         overrides.append(f"debug={choices['debug']}")
     return compose(overrides)
@@ -74,7 +76,21 @@ def _needs_gpus(cfg) -> bool:
     return cfg.cluster.gpus_per_worker > 0 or cfg.rollout.gpus_per_worker > 0
 
 
-def _run_chained(cfg, choices: Dict[str, str], name: str, launch: Callable) -> Path:
+def _as_written_or_shrunk(name: str, out: Path, choices: dict[str, str]):
+    """The chained experiment as written; under debug, shrunk like the run it feeds when as
+    written it needs GPUs or inputs (e.g. a data file) that only the debug overlay provides."""
+    if not choices.get("debug"):
+        return _compose_chained(name, out, choices, debug=False)
+    try:
+        sub, sub_choices = _compose_chained(name, out, choices, debug=False)
+        if not _needs_gpus(sub):
+            return sub, sub_choices
+    except ConfigError:
+        pass
+    return _compose_chained(name, out, choices, debug=True)
+
+
+def _run_chained(cfg, choices: dict[str, str], name: str, launch: Callable) -> Path:
     from orchestrator.config.validate import validate
 
     out = Path(cfg.run.output_dir) / f"init_from_{name}"
@@ -82,20 +98,22 @@ def _run_chained(cfg, choices: Dict[str, str], name: str, launch: Callable) -> P
     if done is not None:
         log.info("chained run %s already complete: reusing %s", name, done)
         return done
-    sub, sub_choices = _compose_chained(name, out, choices, debug=False)
-    if choices.get("debug") and _needs_gpus(sub):  # a GPU recipe is shrunk like the run it feeds
-        sub, sub_choices = _compose_chained(name, out, choices, debug=True)
+    sub, sub_choices = _as_written_or_shrunk(name, out, choices)
     sub = replace(sub, cluster=cfg.cluster)  # the chained run uses the same cluster as this one
     if hasattr(sub.method, "export_merged"):  # the next stage starts from a whole model
         sub = replace(sub, method=replace(sub.method, export_merged=True))
     if not sub.checkpoint.export_hf:
-        raise ConfigError(f"run.init_from=experiment:{name}: that experiment sets checkpoint.export_hf=false, "
-                          "so it exports no model for the next stage to start from")
+        raise ConfigError(
+            f"run.init_from=experiment:{name}: that experiment sets checkpoint.export_hf=false, "
+            "so it exports no model for the next stage to start from"
+        )
     validate(sub)
     log.info("running chained stage %s first (in %s)", name, out)
     result = launch(sub, sub_choices)
     for kind in MODEL_EXPORTS:
         if kind in result["exports"]:
             return Path(result["exports"][kind])
-    raise ConfigError(f"run.init_from=experiment:{name}: its run exported {sorted(result['exports'])}, no "
-                      "whole model to start the next stage from")
+    raise ConfigError(
+        f"run.init_from=experiment:{name}: its run exported {sorted(result['exports'])}, no "
+        "whole model to start the next stage from"
+    )

@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Optional
 
 from orchestrator.checkpoint import Checkpoint, CheckpointManager
 from orchestrator.errors import CheckpointError
@@ -30,7 +31,7 @@ def role_dir(path: str, role: str) -> str:
 
 
 class Checkpointer:
-    def __init__(self, ckpt_dir: Path, cfg, meta: Callable[[], Dict[str, Any]]):
+    def __init__(self, ckpt_dir: Path, cfg, meta: Callable[[], dict[str, Any]]):
         """`cfg`: the `checkpoint` config; `meta()`: the run state written with each save."""
         self.cfg = cfg
         self.dir = ckpt_dir
@@ -38,19 +39,22 @@ class Checkpointer:
         self.meta = meta
         self.last: Optional[Path] = None
         """The newest committed checkpoint of this run (resumed from, or saved)."""
-        self._pending: Optional[Tuple[int, Dict[str, Any], float]] = None  # step, meta, start time
+        self._pending: Optional[tuple[int, dict[str, Any], float]] = None  # step, meta, start time
 
     def resume_point(self) -> Optional[Checkpoint]:
         latest = self.manager.latest()
         mode = self.cfg.resume
         if mode == "must" and latest is None:
-            raise CheckpointError(f"checkpoint.resume=must but no complete checkpoint in {self.dir}. "
-                                  "Use checkpoint.resume=auto to start fresh when none exists.")
+            raise CheckpointError(
+                f"checkpoint.resume=must but no complete checkpoint in {self.dir}. "
+                "Use checkpoint.resume=auto to start fresh when none exists."
+            )
         if mode == "never" and latest is not None:
             raise CheckpointError(
                 f"checkpoint.resume=never but {self.dir} already holds checkpoints (latest: step "
                 f"{latest.step}); refusing to overwrite them. Use another run.output_dir / run.name, or "
-                "checkpoint.resume=auto to continue.")
+                "checkpoint.resume=auto to continue."
+            )
         self.last = latest.path if latest else None
         return latest
 
@@ -99,8 +103,12 @@ class Checkpointer:
             return
         self._pending = None
         self.last = self.manager.commit(step, meta)
-        log.info("checkpoint step %d -> %s (written in the background, %.1fs after the save began)",
-                 step, self.last, time.time() - t)
+        log.info(
+            "checkpoint step %d -> %s (written in the background, %.1fs after the save began)",
+            step,
+            self.last,
+            time.time() - t,
+        )
 
     def abort_pending(self, exc: Optional[BaseException] = None) -> None:
         """Drop a background save whose writers are gone: it is never committed."""

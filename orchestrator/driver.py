@@ -15,7 +15,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
@@ -38,7 +38,7 @@ class Preempted(OrchestratorError):
     exit_code = PREEMPTED_EXIT
 
 
-def load_callbacks(paths: List[str], cfg) -> List[Any]:
+def load_callbacks(paths: list[str], cfg) -> list[Any]:
     """Callbacks: classes (built with the config) or objects with `on_step_end(step, metrics)`
     and optionally `on_start(driver)` (called once the workers are up)."""
     out = []
@@ -62,9 +62,15 @@ def start_roles(specs, total: int) -> Roles:
         for name, group in roles.groups.items():
             counts = group.call("build", total)[0]
             spec = specs[name]
-            log.info("%s: model %s, method %s: %s trainable of %s parameters (%.2f%%)", name, spec.model.name,
-                     spec.method.name, f"{counts['params_trainable']:,}", f"{counts['params_total']:,}",
-                     100 * counts["params_trainable"] / max(counts["params_total"], 1))
+            log.info(
+                "%s: model %s, method %s: %s trainable of %s parameters (%.2f%%)",
+                name,
+                spec.model.name,
+                spec.method.name,
+                f"{counts['params_trainable']:,}",
+                f"{counts['params_total']:,}",
+                100 * counts["params_trainable"] / max(counts["params_total"], 1),
+            )
     except BaseException:
         roles.shutdown()
         raise
@@ -72,7 +78,7 @@ def start_roles(specs, total: int) -> Roles:
 
 
 class Driver:
-    def __init__(self, cfg, choices: Dict[str, str] | None = None):
+    def __init__(self, cfg, choices: dict[str, str] | None = None):
         self.cfg = cfg
         self.choices = choices or {}
         self.run_dir = Path(cfg.run.output_dir).resolve()
@@ -87,8 +93,7 @@ class Driver:
         return self.roles.policy if self.roles is not None else None
 
     def _on_signal(self, signum, _frame) -> None:
-        log.warning("received %s: checkpointing after the current step, then exiting",
-                    signal.Signals(signum).name)
+        log.warning("received %s: checkpointing after the current step, then exiting", signal.Signals(signum).name)
         self._stop_signal = signum
 
     def _start(self, stage, ckpt: Checkpointer, latest: Optional[Checkpoint], total: int, initial) -> int:
@@ -106,32 +111,44 @@ class Driver:
             self.roles.shutdown()
             raise
 
-    def _recover(self, exc: WorkerError, stage, ckpt: Checkpointer, step: int, total: int, initial,
-                 restarts: int) -> int:
+    def _recover(
+        self, exc: WorkerError, stage, ckpt: Checkpointer, step: int, total: int, initial, restarts: int
+    ) -> int:
         """Rebuild every worker group from the last complete checkpoint; the step to go on from."""
         ckpt.abort_pending()  # its writers are gone: never commit it
         if restarts > self.cfg.run.max_restarts:
-            raise WorkerError(f"{exc}. No restarts left (run.max_restarts={self.cfg.run.max_restarts}); "
-                              "run the same command again to resume from the last checkpoint.") from exc
+            raise WorkerError(
+                f"{exc}. No restarts left (run.max_restarts={self.cfg.run.max_restarts}); "
+                "run the same command again to resume from the last checkpoint."
+            ) from exc
         latest = ckpt.latest()
-        log.warning("worker failure at step %d: %s. Restart %d/%d from %s", step, exc, restarts,
-                    self.cfg.run.max_restarts, latest.path if latest else "the start (no checkpoint yet)")
+        log.warning(
+            "worker failure at step %d: %s. Restart %d/%d from %s",
+            step,
+            exc,
+            restarts,
+            self.cfg.run.max_restarts,
+            latest.path if latest else "the start (no checkpoint yet)",
+        )
         stage.close()
         self.roles.shutdown()
         return self._start(stage, ckpt, latest, total, initial)
 
-    def run(self) -> Dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+        config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_dict))
 
         tokenizer = build_tokenizer(cfg.model)
         model_config(cfg.model)  # fail here, not in every worker, if the model is unreachable
         stage = STAGES[cfg.stage.name](cfg, tokenizer)
         total = stage.total_steps
-        ckpt = Checkpointer(self.ckpt_dir, cfg.checkpoint, lambda: {
-            "stage": stage.state_dict(), "world_size": cfg.cluster.num_workers, "choices": self.choices})
+        ckpt = Checkpointer(
+            self.ckpt_dir,
+            cfg.checkpoint,
+            lambda: {"stage": stage.state_dict(), "world_size": cfg.cluster.num_workers, "choices": self.choices},
+        )
         latest = ckpt.resume_point()
         callbacks = load_callbacks(cfg.run.callbacks, cfg)
 
@@ -145,7 +162,7 @@ class Driver:
                     cb.on_start(self)
             tracker = Tracker(cfg, self.run_dir, config_dict, total, start)
             stage.setup(self.roles, start, tracker)
-            metrics: Dict[str, Any] = {}
+            metrics: dict[str, Any] = {}
             step = start
             while step < total:
                 try:
@@ -161,8 +178,10 @@ class Driver:
                     stage.setup(self.roles, step, tracker)
                     continue
                 if self._stop_signal is not None:
-                    raise Preempted(f"stopped by signal {self._stop_signal} at step {step}; checkpoint "
-                                    f"{ckpt.last}. Run the same command again to resume.")
+                    raise Preempted(
+                        f"stopped by signal {self._stop_signal} at step {step}; checkpoint "
+                        f"{ckpt.last}. Run the same command again to resume."
+                    )
             ckpt.commit_pending(self.roles, wait=True)
             summary = self._finish(stage, ckpt, tracker, tokenizer, total, start, restarts, metrics)
             self._print_summary(summary)
@@ -176,30 +195,50 @@ class Driver:
             if self.roles is not None:
                 self.roles.shutdown()
 
-    def _finish(self, stage, ckpt: Checkpointer, tracker, tokenizer, total: int, start: int, restarts: int,
-                metrics: Dict[str, Any]) -> Dict[str, Any]:
+    def _finish(
+        self,
+        stage,
+        ckpt: Checkpointer,
+        tracker,
+        tokenizer,
+        total: int,
+        start: int,
+        restarts: int,
+        metrics: dict[str, Any],
+    ) -> dict[str, Any]:
         """Export, write summary.json and log the summary numbers."""
-        exports: Dict[str, str] = {}
+        exports: dict[str, str] = {}
         if self.cfg.checkpoint.export_hf:
             t = time.time()
             exports = self.roles.policy.call("export_hf", str(self.run_dir / "export"), tokenizer)[0]
             log.info("exported %s (%.1fs)", ", ".join(f"{k}: {v}" for k, v in exports.items()), time.time() - t)
-        summary = {"steps": total, "resumed_from": start, "restarts": restarts,
-                   "final_loss": metrics.get("loss"),
-                   "run_dir": str(self.run_dir), "checkpoint": str(ckpt.last) if ckpt.last else None,
-                   "exports": exports, "metrics": str(tracker.metrics_path),
-                   "log": str(self.run_dir / "train.log"), "wandb": tracker.wandb_dir,
-                   "workers": self.roles.policy.nodes, **stage.summary()}
+        summary = {
+            "steps": total,
+            "resumed_from": start,
+            "restarts": restarts,
+            "final_loss": metrics.get("loss"),
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(ckpt.last) if ckpt.last else None,
+            "exports": exports,
+            "metrics": str(tracker.metrics_path),
+            "log": str(self.run_dir / "train.log"),
+            "wandb": tracker.wandb_dir,
+            "workers": self.roles.policy.nodes,
+            **stage.summary(),
+        }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         return summary
 
     @staticmethod
-    def _print_summary(s: Dict[str, Any]) -> None:
-        lines = [f"run complete: {s['steps']} steps, final loss {s['final_loss']:.4f}"
-                 if s["final_loss"] is not None else f"run complete: {s['steps']} steps",
-                 f"  run dir:     {s['run_dir']}",
-                 f"  checkpoint:  {s['checkpoint']}"]
+    def _print_summary(s: dict[str, Any]) -> None:
+        lines = [
+            f"run complete: {s['steps']} steps, final loss {s['final_loss']:.4f}"
+            if s["final_loss"] is not None
+            else f"run complete: {s['steps']} steps",
+            f"  run dir:     {s['run_dir']}",
+            f"  checkpoint:  {s['checkpoint']}",
+        ]
         lines += [f"  export ({k}): {v}" for k, v in s["exports"].items()]
         lines += [f"  {k}: {v}" for k, v in s.items() if k.startswith("eval_")]
         lines += [f"  metrics:     {s['metrics']}", f"  log:         {s['log']}"]

@@ -8,13 +8,15 @@ the item's answer, e.g. `math_verify`). Held-out splits come from `orchestrator.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from orchestrator.rollout.base import SamplingParams
 
 
-def greedy_accuracy(rollout, tokenizer, items: Sequence[Dict[str, Any]], reward: str, max_new_tokens: int,
-                    stop: List[str]) -> float:
+def greedy_accuracy(
+    rollout, tokenizer, items: Sequence[dict[str, Any]], reward: str, max_new_tokens: int, stop: list[str]
+) -> float:
     """Mean reward of one greedy completion per item (`messages` prompt, `answer`)."""
     from orchestrator.data.chat import encode_prompt
     from orchestrator.rewards import resolve

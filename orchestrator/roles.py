@@ -16,8 +16,9 @@ starting weights as a `reference` role, colocated on the policy's bundles.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Optional
 
 from orchestrator.config.schema import (
     BackendConfig,
@@ -68,31 +69,50 @@ class RoleSpec:
     def trainable(self) -> bool:
         return self.train is not None
 
-    def frozen_copy(self, name: str, gpu_share: float = 0.0) -> "RoleSpec":
+    def frozen_copy(self, name: str, gpu_share: float = 0.0) -> RoleSpec:
         """This role's model at its starting weights, frozen, on the same bundles."""
         from orchestrator.config.schema import FullMethodConfig
         from orchestrator.methods.full import Full
 
-        return replace(self, name=name, method=FullMethodConfig(), method_cls=Full, train=None, loss=None,
-                       colocate_with=self.name, gpu_share=gpu_share)
+        return replace(
+            self,
+            name=name,
+            method=FullMethodConfig(),
+            method_cls=Full,
+            train=None,
+            loss=None,
+            colocate_with=self.name,
+            gpu_share=gpu_share,
+        )
 
 
 def policy_spec(cfg, loss: Optional[Callable[..., Any]] = None, gpu_share: float = 1.0) -> RoleSpec:
     """The policy role of a run config: the run's model, method, backend and optimizer."""
     from orchestrator.methods import METHODS
 
-    return RoleSpec(name=POLICY, model=cfg.model, method=cfg.method, method_cls=METHODS[cfg.method.name],
-                    backend=cfg.backend, cluster=cfg.cluster,
-                    train=cfg.train, loss=loss, gpu_share=gpu_share, seed=cfg.train.seed, data=cfg.data,
-                    run_dir=str(cfg.run.output_dir), logits_chunk_mb=cfg.train.logits_chunk_mb)
+    return RoleSpec(
+        name=POLICY,
+        model=cfg.model,
+        method=cfg.method,
+        method_cls=METHODS[cfg.method.name],
+        backend=cfg.backend,
+        cluster=cfg.cluster,
+        train=cfg.train,
+        loss=loss,
+        gpu_share=gpu_share,
+        seed=cfg.train.seed,
+        data=cfg.data,
+        run_dir=str(cfg.run.output_dir),
+        logits_chunk_mb=cfg.train.logits_chunk_mb,
+    )
 
 
 @dataclass
 class Roles:
     """The live worker groups of a run, by role name (the driver replaces them on recovery)."""
 
-    groups: Dict[str, Any] = field(default_factory=dict)
-    specs: Dict[str, RoleSpec] = field(default_factory=dict)
+    groups: dict[str, Any] = field(default_factory=dict)
+    specs: dict[str, RoleSpec] = field(default_factory=dict)
 
     @property
     def policy(self) -> Any:
@@ -107,10 +127,10 @@ class Roles:
     def __iter__(self) -> Iterator[str]:
         return iter(self.groups)
 
-    def trained(self) -> List[str]:
+    def trained(self) -> list[str]:
         return [n for n, s in self.specs.items() if s.trainable]
 
-    def reference_logprobs(self, per_rank: List[List[Dict[str, Any]]]) -> List[List[Any]]:
+    def reference_logprobs(self, per_rank: list[list[dict[str, Any]]]) -> list[list[Any]]:
         """Log-probs under the reference policy: its own group when the stage declared one
         (a frozen copy), else the policy's workers with the trained weights switched off."""
         if REFERENCE in self.groups:

@@ -33,7 +33,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any
 
 from orchestrator.errors import RunDirLockedError
 
@@ -49,24 +49,24 @@ def _boot_id() -> str:
         return ""
 
 
-def _proc_start(pid: int) -> Optional[int]:
+def _proc_start(pid: int) -> int | None:
     """Start time of `pid` in clock ticks since boot (Linux), to tell a reused pid apart."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
 
 
-def _pid_state(pid: int) -> Optional[str]:
+def _pid_state(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2:].split()[0]
+    return stat[stat.rindex(")") + 2 :].split()[0]
 
 
-def _pid_alive(pid: int, proc_start: Optional[int]) -> bool:
+def _pid_alive(pid: int, proc_start: int | None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -78,7 +78,7 @@ def _pid_alive(pid: int, proc_start: Optional[int]) -> bool:
     return proc_start is None or _proc_start(pid) in (None, proc_start)
 
 
-def describe(holder: Dict[str, Any]) -> str:
+def describe(holder: dict[str, Any]) -> str:
     started = holder.get("started")
     when = datetime.fromtimestamp(started).isoformat(sep=" ", timespec="seconds") if started else "?"
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {when}"
@@ -96,20 +96,27 @@ class RunDirLock:
         self.path = self.run_dir / LOCK_NAME
         self.heartbeat_s, self.lease_s = heartbeat_s, lease_s
         self.token = uuid.uuid4().hex
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                       "boot_id": _boot_id(), "proc_start": _proc_start(os.getpid()), "token": self.token,
-                       "lease_s": lease_s}
+        self.record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "boot_id": _boot_id(),
+            "proc_start": _proc_start(os.getpid()),
+            "token": self.token,
+            "lease_s": lease_s,
+        }
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self.lost = False
 
     # ------------------------------------------------------------------ public
-    def __enter__(self) -> RunDirLock:
+    def __enter__(self) -> RunDirLock:  # noqa: PYI034
         self.acquire()
         return self
 
-    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
     def acquire(self) -> None:
@@ -131,7 +138,8 @@ class RunDirLock:
                         f"Wait for it to finish or use another run.output_dir / run.name. If that run is gone, "
                         f"its lock ({self.path}) counts as stale once its process is gone (same host) or "
                         f"its lease is older than {self.lease_s:g}s (other hosts); deleting it by hand "
-                        "also works.")
+                        "also works."
+                    )
                 self._break(holder, stale)
             else:
                 raise RunDirLockedError(f"could not take the lock {self.path}: it keeps changing hands")
@@ -161,7 +169,7 @@ class RunDirLock:
                 return True
             raise
 
-    def _read(self) -> Tuple[Optional[Dict[str, Any]], Optional[float]]:
+    def _read(self) -> tuple[dict[str, Any] | None, float | None]:
         """The holder's record (None if unreadable) and the lease age in seconds (None: no lock)."""
         try:
             fd = os.open(self.path, os.O_RDONLY)  # open, then fstat: fresh attributes on NFS
@@ -191,7 +199,7 @@ class RunDirLock:
         except OSError:
             return time.time()
 
-    def _stale_reason(self, holder: Dict[str, Any], age: Optional[float]) -> Optional[str]:
+    def _stale_reason(self, holder: dict[str, Any], age: float | None) -> str | None:
         same_host = holder.get("host") == socket.gethostname()
         if same_host and holder.get("boot_id") == _boot_id() and isinstance(holder.get("pid"), int):
             if _pid_alive(holder["pid"], holder.get("proc_start")):
@@ -203,7 +211,7 @@ class RunDirLock:
             return f"{where}; lease renewed {age:.0f}s ago (> {lease:g}s)"
         return None
 
-    def _break(self, holder: Optional[Dict[str, Any]], reason: str) -> None:
+    def _break(self, holder: dict[str, Any] | None, reason: str) -> None:
         aside = self.run_dir / f"{LOCK_NAME}.stale.{self.token}"
         try:
             os.rename(self.path, aside)
@@ -229,9 +237,12 @@ class RunDirLock:
                 holder, _ = self._read()
                 if holder is None or holder.get("token") != self.token:
                     if not self.lost:
-                        log.error("run dir %s: this run's lock was taken over by %s (its lease had expired); "
-                                  "two runs may now write this directory", self.run_dir,
-                                  describe(holder or {}))
+                        log.error(
+                            "run dir %s: this run's lock was taken over by %s (its lease had expired); "
+                            "two runs may now write this directory",
+                            self.run_dir,
+                            describe(holder or {}),
+                        )
                     self.lost = True
                     continue
                 os.utime(self.path)

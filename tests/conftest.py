@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 
@@ -32,7 +32,7 @@ def ray_cluster():
     cluster.shutdown()
 
 
-def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

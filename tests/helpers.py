@@ -39,3 +39,34 @@ class KillWorkerAtStep:
         if step == self.step and not self.done:
             self.done = True
             os.kill(self.driver.workers.nodes[self.rank]["pid"], signal.SIGKILL)
+
+
+class RecordLogprobs:
+    """At the end of step `extra.record_logprobs_at`, the policy workers' log-probs of a fixed
+    batch (`batch()`), saved to `<run dir>/RecordLogprobs.FILE`: what the trained, sharded
+    model computes, to compare with the exported one."""
+
+    FILE = "recorded_logprobs.pt"
+
+    def __init__(self, cfg):
+        self.step = int(cfg.extra["record_logprobs_at"])
+        self.path = f"{cfg.run.output_dir}/{self.FILE}"
+
+    @staticmethod
+    def batch():
+        import torch
+
+        g = torch.Generator().manual_seed(5)
+        ids = torch.randint(5, 250, (2, 24), generator=g)
+        return {"input_ids": ids, "position_ids": torch.arange(24).repeat(2, 1)}
+
+    def on_start(self, driver):
+        self.driver = driver
+
+    def on_step_end(self, step, metrics):
+        import torch
+
+        if step == self.step:
+            workers = self.driver.workers
+            out = workers.call_per_rank("forward_logprobs", [[self.batch()]] * workers.world_size)
+            torch.save(out[0][0], self.path)

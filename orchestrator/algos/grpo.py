@@ -21,15 +21,14 @@ batch, so the loss is the same whatever the split over ranks and micro-batches.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
 LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool,
-                     eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool, eps: float = 1e-6) -> torch.Tensor:
     """rewards [N*G] (grouped consecutively) -> advantages [N*G]. Equal rewards -> 0."""
     r = rewards.view(-1, group_size).double()
     adv = r - r.mean(dim=1, keepdim=True)
@@ -44,7 +43,7 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (r == r[:, :1]).all(dim=1)
 
 
-def token_weights(lengths: Sequence[int], agg: str, max_new_tokens: int) -> List[float]:
+def token_weights(lengths: Sequence[int], agg: str, max_new_tokens: int) -> list[float]:
     """Per-sequence weight of each of its completion tokens, for the global batch."""
     n = len(lengths)
     if n == 0:
@@ -59,10 +58,16 @@ def token_weights(lengths: Sequence[int], agg: str, max_new_tokens: int) -> List
     raise ValueError(f"unknown loss aggregation {agg!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
 
 
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                        weights: torch.Tensor, clip_low: float, clip_high: float,
-                        ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0
-                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """All tensors [B, T] (advantages broadcast per token); weights are 0 off-completion.
 
     Returns the weighted sum (the caller scales for gradient averaging) and summed metrics:
@@ -73,8 +78,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
-    metrics = {"clipped_tokens": ((clipped > unclipped).float() * mask).sum().detach(),
-               "tokens": mask.sum().detach()}
+    metrics = {"clipped_tokens": ((clipped > unclipped).float() * mask).sum().detach(), "tokens": mask.sum().detach()}
     if ref_logp is not None:
         delta = ref_logp - logp
         kl = torch.exp(delta) - delta - 1.0

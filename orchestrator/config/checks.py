@@ -3,8 +3,9 @@ helpers that raise one ConfigError naming the key, the bad value and what to do 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
-from typing import Any, Iterable
+from typing import Any
 
 from orchestrator.errors import ConfigError
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING
 
 from omegaconf import MISSING, OmegaConf
 
@@ -56,7 +56,7 @@ class ClusterConfig:
 @dataclass
 class LocalClusterConfig(ClusterConfig):
     name: str = "local"
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
     """CPUs for the in-process Ray cluster (None: all)."""
 
     def check(self, cfg: Config) -> None:
@@ -68,11 +68,13 @@ class LocalClusterConfig(ClusterConfig):
             if not torch.cuda.is_available():
                 raise ConfigError(
                     f"cluster.gpus_per_worker={self.gpus_per_worker} but this machine has no CUDA GPU. "
-                    "Use cluster.gpus_per_worker=0 to train on CPU (or debug=cpu), or run on a GPU node.")
+                    "Use cluster.gpus_per_worker=0 to train on CPU (or debug=cpu), or run on a GPU node."
+                )
             if n * self.gpus_per_worker > torch.cuda.device_count():
                 raise ConfigError(
                     f"cluster.num_workers={n} x cluster.gpus_per_worker={self.gpus_per_worker} GPUs "
-                    f"requested but this machine has {torch.cuda.device_count()}")
+                    f"requested but this machine has {torch.cuda.device_count()}"
+                )
 
 
 @dataclass
@@ -85,8 +87,7 @@ class RayClusterConfig(ClusterConfig):
 # Submitting launchers size the worker group from the allocation by default: one worker
 # per GPU (4 nodes x 8 GPUs -> 32 workers of 1 GPU), or one per node on CPU-only nodes.
 # Resolvers rather than code in the launcher, so `--cfg job` shows the numbers that run.
-OmegaConf.register_new_resolver(
-    "alloc_workers", lambda nodes, gpus: nodes * gpus if gpus else nodes, replace=True)
+OmegaConf.register_new_resolver("alloc_workers", lambda nodes, gpus: nodes * gpus if gpus else nodes, replace=True)
 OmegaConf.register_new_resolver("alloc_gpus_per_worker", lambda gpus: 1 if gpus else 0, replace=True)
 
 
@@ -103,30 +104,30 @@ class SlurmClusterConfig(ClusterConfig):
     """GPUs per node (`--gpus-per-node`); 0 for CPU-only partitions."""
     cpus_per_node: int = 0
     """CPUs per node (`--cpus-per-task`, one task per node); 0: the partition's default."""
-    mem: Optional[str] = None
+    mem: str | None = None
     """Memory per node (`--mem`, e.g. 200G); None: the partition's default; 0: all of it."""
-    partition: Optional[str] = None
+    partition: str | None = None
     """Slurm partition (`--partition`); None: the cluster's default partition."""
     time: str = "01:00:00"
     """Time limit (`--time`): minutes, [D-]HH:MM[:SS] or UNLIMITED."""
-    account: Optional[str] = None
-    qos: Optional[str] = None
+    account: str | None = None
+    qos: str | None = None
     exclusive: bool = False
     """Allocate whole nodes (`--exclusive`)."""
-    job_name: Optional[str] = None
+    job_name: str | None = None
     """Job name; None: run.name."""
     requeue: bool = True
     """On the signal below or SIGTERM: checkpoint, then requeue the job; it resumes on restart."""
     signal_before_s: int = 300
     """Seconds before the time limit that Slurm sends SIGUSR1 to the batch script (0: none)."""
-    sbatch_args: List[str] = field(default_factory=list)
+    sbatch_args: list[str] = field(default_factory=list)
     """Extra sbatch options, one per entry (e.g. [--constraint=h100, --reservation=r1])."""
-    setup: List[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)
     """Shell lines run first in the job script (module load, source a venv, ...); the other
     nodes' Ray workers inherit the environment they set up."""
-    env: Dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     """Environment variables exported in the job."""
-    python: Optional[str] = None
+    python: str | None = None
     """Python on the nodes; None: the interpreter that submits (shared filesystem)."""
     ray_port: int = 6379
     """Ray head port; the head's other ports are the next few above it."""
@@ -142,19 +143,19 @@ class SlurmClusterConfig(ClusterConfig):
         if self.cpus_per_node and self.num_workers * self.cpus_per_worker > self.nodes * self.cpus_per_node:
             raise ConfigError(
                 f"cluster.num_workers={self.num_workers} x cluster.cpus_per_worker={self.cpus_per_worker} "
-                f"CPUs do not fit in cluster.nodes={self.nodes} x cluster.cpus_per_node={self.cpus_per_node}")
+                f"CPUs do not fit in cluster.nodes={self.nodes} x cluster.cpus_per_node={self.cpus_per_node}"
+            )
         limit = slurm_time_seconds(self.time)
         if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", str(self.mem)):
-            raise ConfigError(f"cluster.mem={self.mem!r} is not a Slurm memory size; use e.g. 64G, 500000M "
-                              "or 0 (all)")
+            raise ConfigError(f"cluster.mem={self.mem!r} is not a Slurm memory size; use e.g. 64G, 500000M or 0 (all)")
         if not 0 <= self.signal_before_s <= 65535:
-            raise ConfigError(f"cluster.signal_before_s={self.signal_before_s} must be in [0, 65535] "
-                              "(sbatch --signal)")
+            raise ConfigError(f"cluster.signal_before_s={self.signal_before_s} must be in [0, 65535] (sbatch --signal)")
         if self.requeue and limit is not None and self.signal_before_s >= limit:
             raise ConfigError(
                 f"cluster.signal_before_s={self.signal_before_s} is not shorter than cluster.time="
                 f"{self.time!r} ({limit}s): the job would be signalled before it starts. Lower it or raise "
-                "cluster.time.")
+                "cluster.time."
+            )
         if not 1024 <= self.ray_port <= 65000:
             raise ConfigError(f"cluster.ray_port={self.ray_port} must be in [1024, 65000]")
         for arg in self.sbatch_args:
@@ -173,13 +174,13 @@ class RayJobClusterConfig(ClusterConfig):
     upload_code: bool = True
     """Upload this checkout's packages with the job (runtime_env py_modules); False: use
     the package installed on the cluster."""
-    pip: List[str] = field(default_factory=list)
+    pip: list[str] = field(default_factory=list)
     """Extra pip requirements installed for the job (runtime_env pip)."""
-    env: Dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     """Environment variables for the job (runtime_env env_vars)."""
-    forward_env: List[str] = field(default_factory=lambda: ["WANDB_API_KEY", "WANDB_MODE", "HF_TOKEN"])
+    forward_env: list[str] = field(default_factory=lambda: ["WANDB_API_KEY", "WANDB_MODE", "HF_TOKEN"])
     """Variables copied from the submitting shell into the job when set there."""
-    submission_id: Optional[str] = None
+    submission_id: str | None = None
     """Job id; None: <run.name>-<time>."""
     entrypoint_num_cpus: float = 0
     """CPUs reserved for the driver process on the cluster."""
@@ -189,8 +190,9 @@ class RayJobClusterConfig(ClusterConfig):
     def check(self, cfg: Config) -> None:
         _check_env(self.env)
         if not re.fullmatch(r"(https?://)?[\w.\-]+(:\d+)?/?|auto", self.address):
-            raise ConfigError(f"cluster.address={self.address!r} is not a Ray Jobs API address; use the "
-                              "dashboard's http://HOST:8265")
+            raise ConfigError(
+                f"cluster.address={self.address!r} is not a Ray Jobs API address; use the dashboard's http://HOST:8265"
+            )
         positive(self.entrypoint_num_cpus, "cluster.entrypoint_num_cpus", allow_zero=True)
         super().check(cfg)
 
@@ -220,11 +222,11 @@ class KubernetesClusterConfig(ClusterConfig):
     """ReadWriteMany PersistentVolumeClaim for run directories (checkpoints, exports)."""
     shared_mount: str = "/mnt/shared"
     """Where the claim is mounted; a relative run.output_dir is placed under it."""
-    wandb_secret: Optional[str] = "wandb"
+    wandb_secret: str | None = "wandb"
     """Secret with key `api_key` exposed as WANDB_API_KEY (optional in the pod); None: none."""
-    node_selector: Dict[str, str] = field(default_factory=dict)
-    service_account: Optional[str] = None
-    env: Dict[str, str] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    service_account: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
     """Environment variables for every Ray container."""
     backoff_limit: int = 2
     """Times KubeRay retries a failed job; each retry resumes from the latest checkpoint."""
@@ -232,7 +234,7 @@ class KubernetesClusterConfig(ClusterConfig):
     """Seconds the finished RayJob (and its logs) stays before deletion."""
     apply: bool = False
     """`kubectl apply` the rendered manifests (else only render and print them)."""
-    context: Optional[str] = None
+    context: str | None = None
     """kubectl context; None: the current one."""
 
     def check(self, cfg: Config) -> None:
@@ -241,12 +243,15 @@ class KubernetesClusterConfig(ClusterConfig):
         if not self.image or re.search(r"\s", self.image):
             raise ConfigError(f"cluster.image={self.image!r} must name an image, e.g. registry/orchestrator:0.1")
         if not re.fullmatch(_DNS_LABEL, self.namespace):
-            raise ConfigError(f"cluster.namespace={self.namespace!r} is not a valid Kubernetes namespace "
-                              "(lowercase letters, digits and '-', at most 63)")
+            raise ConfigError(
+                f"cluster.namespace={self.namespace!r} is not a valid Kubernetes namespace "
+                "(lowercase letters, digits and '-', at most 63)"
+            )
         for key in ("cpus_per_node", "memory_per_node", "head_cpus", "head_memory"):
             if not re.fullmatch(_K8S_QUANTITY, str(getattr(self, key))):
-                raise ConfigError(f"cluster.{key}={getattr(self, key)!r} is not a Kubernetes quantity "
-                                  "(e.g. 8, 500m, 64Gi)")
+                raise ConfigError(
+                    f"cluster.{key}={getattr(self, key)!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)"
+                )
         if not self.shared_mount.startswith("/"):
             raise ConfigError(f"cluster.shared_mount={self.shared_mount!r} must be an absolute path")
         out = cfg.run.output_dir
@@ -254,12 +259,13 @@ class KubernetesClusterConfig(ClusterConfig):
             raise ConfigError(
                 f"run.output_dir={out!r} is not on the shared volume (cluster.shared_mount="
                 f"{self.shared_mount!r}): checkpoints there would be lost with the pod. Use a relative "
-                "run.output_dir (placed under the mount) or a path below the mount.")
+                "run.output_dir (placed under the mount) or a path below the mount."
+            )
         positive(self.backoff_limit, "cluster.backoff_limit", allow_zero=True)
         super().check(cfg)
 
 
-def _check_env(env: Dict[str, str]) -> None:
+def _check_env(env: dict[str, str]) -> None:
     for key in env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ConfigError(f"cluster.env key {key!r} is not a valid environment variable name")
@@ -275,16 +281,21 @@ def _check_allocation(c: SlurmClusterConfig | KubernetesClusterConfig) -> None:
             f"cluster.num_workers={c.num_workers} x cluster.gpus_per_worker={c.gpus_per_worker} = "
             f"{need} GPU(s) but the job asks for cluster.nodes={c.nodes} x cluster.gpus_per_node="
             f"{c.gpus_per_node} = {have}. Raise cluster.gpus_per_node / cluster.nodes, or lower "
-            "cluster.num_workers (cluster.gpus_per_worker=0 trains on CPU).")
+            "cluster.num_workers (cluster.gpus_per_worker=0 trains on CPU)."
+        )
 
 
 # Kubernetes resource.Quantity, as in the CRD schemas (`x-kubernetes-int-or-string` pattern).
-_K8S_QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
-                 r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+_K8S_QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 # sbatch --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (the forms `man sbatch` lists).
-_SLURM_TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
-                         r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
+_SLURM_TIME = re.compile(
+    r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+    r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$"
+)
 
 
 def slurm_time_seconds(value: str) -> int | None:
@@ -293,11 +304,16 @@ def slurm_time_seconds(value: str) -> int | None:
         return None
     m = _SLURM_TIME.match(value)
     if not m:
-        raise ConfigError(f"cluster.time={value!r} is not a Slurm time limit; use minutes (90), HH:MM:SS "
-                          "(24:00:00), D-HH[:MM[:SS]] (2-00) or UNLIMITED")
+        raise ConfigError(
+            f"cluster.time={value!r} is not a Slurm time limit; use minutes (90), HH:MM:SS "
+            "(24:00:00), D-HH[:MM[:SS]] (2-00) or UNLIMITED"
+        )
     g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
     if "d" in g:
         return g["d"] * 86400 + g["dh"] * 3600 + g.get("dm", 0) * 60 + g.get("ds", 0)
     parts = [g[k] for k in ("a", "b", "c") if k in g]  # M | M:S | H:M:S
-    return {1: lambda: parts[0] * 60, 2: lambda: parts[0] * 60 + parts[1],
-            3: lambda: parts[0] * 3600 + parts[1] * 60 + parts[2]}[len(parts)]()
+    return {
+        1: lambda: parts[0] * 60,
+        2: lambda: parts[0] * 60 + parts[1],
+        3: lambda: parts[0] * 3600 + parts[1] * 60 + parts[2],
+    }[len(parts)]()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -23,7 +23,6 @@ from omegaconf.errors import OmegaConfBaseException
 from orchestrator.config.schema import GROUP_SCHEMAS, Config
 from orchestrator.errors import ConfigError
 
-_REGISTERED = False
 DEBUG_OVERLAYS = ("stage", "method")
 # Keys that moved to a group of their own: old key (or prefix) -> new key. Using an old one
 # fails with one line saying where it went, instead of a generic "unknown key".
@@ -48,18 +47,16 @@ def conf_dir() -> Path:
 
 
 def register_schemas() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
+    """Store every schema of GROUP_SCHEMAS in Hydra's ConfigStore (again on each compose, so
+    an option registered at run time, e.g. by a plugin or a test, is found)."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, options in GROUP_SCHEMAS.items():
         for name, node in options.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
-    _REGISTERED = True
 
 
-def _order_overrides(overrides: Sequence[str]) -> List[str]:
+def _order_overrides(overrides: Sequence[str]) -> list[str]:
     """`debug=X` shrinks whatever experiment is selected, so it must merge after it.
 
     Experiments are appended with `+experiment=`; a plain `debug=` would be merged
@@ -72,14 +69,14 @@ def _order_overrides(overrides: Sequence[str]) -> List[str]:
     return normal + debug
 
 
-def moved(key: str) -> Optional[str]:
+def moved(key: str) -> str | None:
     """'stage.rollout.n moved to rollout.n' when `key` (or a parent of it) moved, else None."""
     key = key.lstrip("+~")
     for old, new in MOVED.items():
         if key == old and "." not in new:  # a whole block, as a YAML file writes it
             return f"{key} moved to {new} ({old}.X is now {new}.X)"
         if key == old or key.startswith(old + "."):
-            return f"{key} moved to {new}{key[len(old):]}"
+            return f"{key} moved to {new}{key[len(old) :]}"
     return None
 
 
@@ -90,7 +87,7 @@ def _check_moved(overrides: Sequence[str]) -> None:
             raise ConfigError(hint)
 
 
-def group_options(group: str) -> List[str]:
+def group_options(group: str) -> list[str]:
     path = conf_dir() / group
     return sorted(p.stem for p in path.glob("*.yaml")) if path.is_dir() else []
 
@@ -101,15 +98,14 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
     if exc.__cause__ is not None:  # Hydra wraps the OmegaConf error that names the key
         msg = f"{msg}: {str(exc.__cause__).strip()}"
     key_m = re.search(r"full_key:\s*(\S+)", msg)
-    missing_key = re.search(r"Key '([^']+)' (?:is )?not in", msg) or re.search(
-        r"Could not override '([^']+)'", msg
-    )
+    missing_key = re.search(r"Key '([^']+)' (?:is )?not in", msg) or re.search(r"Could not override '([^']+)'", msg)
     lines = [msg.splitlines()[0]]
     if msg.startswith("In '"):  # raised inside a config file: keep its reason (next line)
         lines = [" ".join(x.strip() for x in msg.splitlines()[:2])]
     if "issing mandatory value" in msg and key_m:
-        return (f"'{key_m.group(1)}' is required and has no default: set it on the command line, "
-                f"e.g. {key_m.group(1)}=...")
+        return (
+            f"'{key_m.group(1)}' is required and has no default: set it on the command line, e.g. {key_m.group(1)}=..."
+        )
     full_key = key_m.group(1) if key_m else None
     if missing_key and full_key is None:
         full_key = missing_key.group(1)
@@ -124,13 +120,18 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
         if valid:
             close = difflib.get_close_matches(leaf, valid, n=1)
             hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
-            lines.append(f"unknown key '{full_key}'.{hint} Valid keys under '{parent or '<root>'}': "
-                         + ", ".join(valid))
-        owners = [f"{parent}={name}" for name, node in GROUP_SCHEMAS.get(parent, {}).items()
-                  if leaf in getattr(node, "__dataclass_fields__", {})]
+            lines.append(
+                f"unknown key '{full_key}'.{hint} Valid keys under '{parent or '<root>'}': " + ", ".join(valid)
+            )
+        owners = [
+            f"{parent}={name}"
+            for name, node in GROUP_SCHEMAS.get(parent, {}).items()
+            if leaf in getattr(node, "__dataclass_fields__", {})
+        ]
         if owners:
-            lines.append(f"'{leaf}' belongs to {' / '.join(owners)}; select that option, or drop the "
-                         f"key with ~{full_key}.")
+            lines.append(
+                f"'{leaf}' belongs to {' / '.join(owners)}; select that option, or drop the key with ~{full_key}."
+            )
     elif full_key:
         lines = [f"bad value for '{full_key}': {msg.split(': ', 1)[-1].splitlines()[0]}"]
     group_m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
@@ -143,11 +144,10 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _valid_keys(parent: str, overrides: Sequence[str]) -> List[str]:
+def _valid_keys(parent: str, overrides: Sequence[str]) -> list[str]:
     """Keys of the node at `parent`, composed without the offending overrides."""
     groups = (*GROUP_SCHEMAS, "experiment", "debug")
-    safe = [o for o in overrides if "=" in o and "." not in o.split("=")[0]
-            and o.split("=")[0].lstrip("+~") in groups]
+    safe = [o for o in overrides if "=" in o and "." not in o.split("=")[0] and o.split("=")[0].lstrip("+~") in groups]
     try:
         cfg = _compose_raw(safe)
         node = OmegaConf.select(cfg, parent) if parent else cfg
@@ -160,11 +160,14 @@ def _compose_raw(overrides: Sequence[str]):
     register_schemas()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=_order_overrides(overrides),
-                             return_hydra_config=True)
+        return hydra_compose(
+            config_name="config",
+            overrides=_order_overrides(overrides),
+            return_hydra_config=True,
+        )
 
 
-def compose(overrides: Sequence[str] = ()) -> Tuple[Config, Dict[str, str]]:
+def compose(overrides: Sequence[str] = ()) -> tuple[Config, dict[str, str]]:
     """Compose `overrides` into a typed Config and the chosen option of each group."""
     overrides = list(overrides)
     _check_moved(overrides)
@@ -175,12 +178,18 @@ def compose(overrides: Sequence[str] = ()) -> Tuple[Config, Dict[str, str]]:
         # when it exists (a CPU-sized rollout for GRPO, a tiny MoE for method=experts). Hydra
         # cannot interpolate a group choice into a non-primary defaults list, so we compose a
         # second time with them appended last.
-        extra = [f"+debug_{g}={choices[g]}" for g in DEBUG_OVERLAYS
-                 if choices.get("debug") and (conf_dir() / f"debug_{g}" / f"{choices[g]}.yaml").is_file()]
+        extra = [
+            f"+debug_{g}={choices[g]}"
+            for g in DEBUG_OVERLAYS
+            if choices.get("debug") and (conf_dir() / f"debug_{g}" / f"{choices[g]}.yaml").is_file()
+        ]
         if extra:
             raw = _compose_raw(overrides + extra)
-        choices = {k: v for k, v in OmegaConf.to_container(raw.hydra.runtime.choices).items()
-                   if not k.startswith("hydra") and not k.startswith("schema")}
+        choices = {
+            k: v
+            for k, v in OmegaConf.to_container(raw.hydra.runtime.choices).items()
+            if not k.startswith("hydra") and not k.startswith("schema")
+        }
         with open_dict(raw):
             del raw["hydra"]
             raw.pop("debug", None)  # the debug groups are `@package _global_`; nothing lands here
@@ -210,11 +219,16 @@ def _reject_added_keys(raw) -> None:
         fields = {f.name for f in dataclasses.fields(typ)}
         for key in node:
             if key not in fields:
-                owners = [f"{group}={name}" for name, sch in GROUP_SCHEMAS.get(group, {}).items()
-                          if key in {f.name for f in dataclasses.fields(sch)}]
+                owners = [
+                    f"{group}={name}"
+                    for name, sch in GROUP_SCHEMAS.get(group, {}).items()
+                    if key in {f.name for f in dataclasses.fields(sch)}
+                ]
                 hint = f" '{key}' belongs to {' / '.join(owners)}." if owners else ""
-                raise ConfigError(f"unknown key '{group}.{key}' for {typ.__name__}.{hint} Valid keys under "
-                                  f"'{group}': {', '.join(sorted(fields))}")
+                raise ConfigError(
+                    f"unknown key '{group}.{key}' for {typ.__name__}.{hint} Valid keys under "
+                    f"'{group}': {', '.join(sorted(fields))}"
+                )
 
 
 def to_yaml(cfg: Config) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -124,13 +124,13 @@ class LoggerMode(Choice):
 class ModelConfig:
     name: str = MISSING
     """Label used in run names and logs."""
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     """Hugging Face hub id or local directory. None: build from `arch` with random init."""
-    revision: Optional[str] = None
+    revision: str | None = None
     """Hub revision (branch, tag or commit) for `pretrained`."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """Tokenizer hub id or directory. None: `pretrained`, or the built-in byte tokenizer."""
-    chat_template: Optional[str] = None
+    chat_template: str | None = None
     """Jinja chat template overriding the tokenizer's own."""
     arch: str = "llama"
     """Architecture for locally built models: llama | qwen3_moe | mixtral."""
@@ -154,13 +154,15 @@ class ModelConfig:
 
     def check(self, cfg: Config) -> None:
         if self.pretrained is None:
-            from orchestrator.models import ARCHITECTURES  # the registry is the source of valid names
+            # The registry is the source of valid names.
+            from orchestrator.models import ARCHITECTURES
 
             choice(self.arch, "model.arch", ARCHITECTURES)
             if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
                 raise ConfigError(
                     f"model.hidden_size={self.hidden_size} must divide by model.num_heads={self.num_heads}, "
-                    f"and num_heads by model.num_kv_heads={self.num_kv_heads}")
+                    f"and num_heads by model.num_kv_heads={self.num_kv_heads}"
+                )
 
 
 # -------------------------------------------------------------------------- method
@@ -183,7 +185,7 @@ class LoraMethodConfig(MethodConfig):
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names, or ["all-linear"] for every linear layer except the output head."""
     bias: str = "none"
     export_merged: bool = False
@@ -192,8 +194,7 @@ class LoraMethodConfig(MethodConfig):
     def check(self, cfg: Config) -> None:
         positive(self.r, "method.r")
         if not self.target_modules:
-            raise ConfigError("method.target_modules is empty; use [all-linear] or name modules, "
-                              "e.g. [q_proj,v_proj]")
+            raise ConfigError("method.target_modules is empty; use [all-linear] or name modules, e.g. [q_proj,v_proj]")
 
 
 @dataclass
@@ -231,7 +232,7 @@ class ExpertsMethodConfig(MethodConfig):
 @dataclass
 class StageConfig:
     name: str = MISSING
-    cpu_warmup: Optional[str] = None
+    cpu_warmup: str | None = None
     """Run chained before this stage under debug=cpu (`experiment:NAME`): a randomly
     initialised tiny model must first learn the task format before RL can improve it."""
 
@@ -250,12 +251,14 @@ class SftStageConfig(StageConfig):
         if t.global_batch_size % n:
             raise ConfigError(
                 f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                f"cluster.num_workers={n} (each worker trains an equal share of every batch)")
+                f"cluster.num_workers={n} (each worker trains an equal share of every batch)"
+            )
         per_rank = t.global_batch_size // n
         if per_rank % t.micro_batch_size:
             raise ConfigError(
                 f"train.global_batch_size / cluster.num_workers = {per_rank} rows per worker is not a "
-                f"multiple of train.micro_batch_size={t.micro_batch_size}; pick a micro batch that divides it")
+                f"multiple of train.micro_batch_size={t.micro_batch_size}; pick a micro batch that divides it"
+            )
 
 
 @dataclass
@@ -263,7 +266,7 @@ class RewardSpec:
     name: str = MISSING
     """A built-in (math_verify, exact_match, format) or an import path `module:function`."""
     weight: float = 1.0
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the function (e.g. `pattern` for `format`)."""
 
 
@@ -272,7 +275,7 @@ class GrpoStageConfig(StageConfig):
     name: str = "grpo"
     prompts_per_step: int = 32
     """Prompts per step; each gets rollout.n completions."""
-    rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math_verify")])
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math_verify")])
     reward_timeout_s: float = 10.0
     """A reward call making no progress this long is masked and the pool restarted."""
     reward_workers: int = 2
@@ -297,8 +300,10 @@ class GrpoStageConfig(StageConfig):
         positive(self.prompts_per_step, "stage.prompts_per_step")
         positive(self.num_iterations, "stage.num_iterations")
         if cfg.rollout.n < 2:
-            raise ConfigError(f"rollout.n={cfg.rollout.n}: GRPO needs at least 2 completions per prompt "
-                              "(advantages are relative to the group)")
+            raise ConfigError(
+                f"rollout.n={cfg.rollout.n}: GRPO needs at least 2 completions per prompt "
+                "(advantages are relative to the group)"
+            )
         if not self.rewards:
             raise ConfigError("stage.rewards is empty; e.g. stage.rewards=[{name: math_verify}]")
         for i, spec in enumerate(self.rewards):
@@ -322,7 +327,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 512
-    stop: List[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
     """Extra stop strings (generation always stops at the tokenizer's EOS)."""
     placement: Placement = Placement.separate
     """separate (own actors and resources) | colocated (share the train workers' bundles)."""
@@ -344,8 +349,9 @@ class RolloutConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p={self.top_p} must be in (0, 1]")
         if self.engine == RolloutEngine.vllm and importlib.util.find_spec("vllm") is None:
-            raise ConfigError("rollout.engine=vllm needs vLLM, which is not installed here (pip install vllm); "
-                              "use rollout=hf")
+            raise ConfigError(
+                "rollout.engine=vllm needs vLLM, which is not installed here (pip install vllm); use rollout=hf"
+            )
 
 
 @dataclass
@@ -359,7 +365,7 @@ class EvalConfig:
     """Evaluate every N steps as well (0: only before training and at the end)."""
     reward: str = "math_verify"
     """Reward function that scores an answer: a built-in or an import path `module:function`."""
-    max_new_tokens: Optional[int] = None
+    max_new_tokens: int | None = None
     """Generation budget per prompt; None: rollout.max_new_tokens."""
 
     def check(self, cfg: Config) -> None:
@@ -375,8 +381,10 @@ def check_reward(name: str, key: str) -> None:
     from orchestrator.rewards import REWARDS
 
     if name not in REWARDS and not re.fullmatch(r"[\w.]+:[\w.]+", name or ""):
-        raise ConfigError(f"{key}={name!r} is not a reward: use a built-in ({', '.join(REWARDS)}) or an "
-                          "import path 'package.module:function'")
+        raise ConfigError(
+            f"{key}={name!r} is not a reward: use a built-in ({', '.join(REWARDS)}) or an "
+            "import path 'package.module:function'"
+        )
 
 
 # ------------------------------------------------------------------------- backend
@@ -416,7 +424,7 @@ class DeepSpeedBackendConfig(BackendConfig):
     """ZeRO-Infinity offload of the parameter partitions between uses: none | cpu."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward to save activation memory."""
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     """Any other DeepSpeed config keys, deep-merged over the generated config, e.g.
     `+backend.extra.zero_optimization.stage3_prefetch_bucket_size=5e7`."""
 
@@ -429,7 +437,8 @@ class DeepSpeedBackendConfig(BackendConfig):
                 f"backend.extra.zero_optimization.stage={zero['stage']}: backend=deepspeed_zero3 runs ZeRO "
                 "stage 3 only (parameters, gradients and optimizer state all partitioned). Remove the key; "
                 "to keep parameters gathered between forward and backward (ZeRO-2 style) use "
-                "backend=fsdp2 backend.reshard_after_forward=false.")
+                "backend=fsdp2 backend.reshard_after_forward=false."
+            )
         for key, instead in _DS_OWNED.items():
             node = self.extra
             for part in key.split("."):
@@ -437,8 +446,10 @@ class DeepSpeedBackendConfig(BackendConfig):
             if node != {}:
                 raise ConfigError(f"backend.extra.{key} is generated from the typed config; set {instead} instead.")
         if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError('backend=deepspeed_zero3 needs DeepSpeed, which is not installed. Install the extra: '
-                              'pip install -e ".[deepspeed]" (or use backend=fsdp2).')
+            raise ConfigError(
+                "backend=deepspeed_zero3 needs DeepSpeed, which is not installed. Install the extra: "
+                'pip install -e ".[deepspeed]" (or use backend=fsdp2).'
+            )
 
 
 # DeepSpeed keys the typed config owns -> where to set them instead (one source per setting).
@@ -492,10 +503,10 @@ class DataConfig:
 class LoggerConfig:
     wandb: bool = True
     project: str = "orchestrator"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: LoggerMode = LoggerMode.auto
     """auto (online with an API key, else offline) | online | offline | disabled."""
-    tags: List[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
     log_every: int = 1
     """Console/W&B log interval in steps (the metrics JSONL gets every step)."""
 
@@ -512,7 +523,7 @@ class CheckpointConfig:
     """Complete checkpoints to retain (older ones are deleted after a new one commits)."""
     resume: Resume = Resume.auto
     """auto (latest complete checkpoint if any) | must (fail without one) | never."""
-    dir: Optional[str] = None
+    dir: str | None = None
     """Checkpoint directory; None: <run dir>/checkpoints. Must be shared storage on multi-node."""
     export_hf: bool = True
     """Export a Hugging Face model (or PEFT adapter) at the end of the run."""
@@ -570,11 +581,11 @@ class RunConfig:
     name: str = "default"
     output_dir: str = "outputs/${run.name}"
     """Run directory: config, metrics, logs, checkpoints, exports. Same dir = auto-resume."""
-    callbacks: List[str] = field(default_factory=list)
+    callbacks: list[str] = field(default_factory=list)
     """Import paths `module:object` of callbacks with on_step_end(step, metrics) hooks."""
     max_restarts: int = 2
     """In-job recoveries from a dead worker (rebuild the group, reload the last checkpoint)."""
-    init_from: Optional[str] = None
+    init_from: str | None = None
     """Start from another run's exported model: a run or model directory, or
     `experiment:NAME` to run that experiment first (reused when already complete)."""
 
@@ -599,19 +610,28 @@ class Config:
     eval: EvalConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     """Free-form values for user callbacks and reward functions."""
 
 
 # Group option schemas: (group, option name in conf/<group>/<name>.yaml) -> dataclass.
 # The YAML of each option starts from `/schema/<group>/<schema>` in its defaults list.
-GROUP_SCHEMAS: Dict[str, Dict[str, type]] = {
+GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"model": ModelConfig},
-    "method": {"full": FullMethodConfig, "lora": LoraMethodConfig, "experts": ExpertsMethodConfig},
+    "method": {
+        "full": FullMethodConfig,
+        "lora": LoraMethodConfig,
+        "experts": ExpertsMethodConfig,
+    },
     "stage": {"sft": SftStageConfig, "grpo": GrpoStageConfig},
     "backend": {"fsdp2": Fsdp2BackendConfig, "deepspeed_zero3": DeepSpeedBackendConfig},
-    "cluster": {"local": LocalClusterConfig, "ray": RayClusterConfig, "slurm": SlurmClusterConfig,
-                "ray_job": RayJobClusterConfig, "kubernetes": KubernetesClusterConfig},
+    "cluster": {
+        "local": LocalClusterConfig,
+        "ray": RayClusterConfig,
+        "slurm": SlurmClusterConfig,
+        "ray_job": RayJobClusterConfig,
+        "kubernetes": KubernetesClusterConfig,
+    },
     "data": {"data": DataConfig},
     "logger": {"logger": LoggerConfig},
     "checkpoint": {"checkpoint": CheckpointConfig},

@@ -13,8 +13,20 @@ from orchestrator.config.schema import Config
 
 # The cluster first: the worker layout the others divide by comes from it. The method last:
 # method=experts builds the model on the meta device to check its selection.
-COMPONENTS = ("cluster", "model", "data", "train", "stage", "rollout", "eval", "backend", "checkpoint",
-              "logger", "run", "method")
+COMPONENTS = (
+    "cluster",
+    "model",
+    "data",
+    "train",
+    "stage",
+    "rollout",
+    "eval",
+    "backend",
+    "checkpoint",
+    "logger",
+    "run",
+    "method",
+)
 
 
 def validate(cfg: Config) -> None:

@@ -43,8 +43,7 @@ class BadRows:
         msg = f"{where}: {reason}"
         if self.on_bad_rows == "error":
             raise DataError(
-                f"{msg}. Fix the row, or set data.on_bad_rows=skip to skip up to "
-                "data.max_bad_rows_fraction of rows."
+                f"{msg}. Fix the row, or set data.on_bad_rows=skip to skip up to data.max_bad_rows_fraction of rows."
             )
         if len(self.bad) < ROW_WARNINGS:
             log.warning("skipping bad row %s", msg)

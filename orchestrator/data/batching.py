@@ -66,10 +66,7 @@ class BatchSource:
         if batching == "packed":
             self.rows = pack(examples, max_len, seed)
         else:
-            self.rows = [
-                dict(ex, position_ids=list(range(len(ex["input_ids"]))))
-                for ex in examples
-            ]
+            self.rows = [dict(ex, position_ids=list(range(len(ex["input_ids"])))) for ex in examples]
         self.global_batch = global_batch
         self.seed, self.shuffle, self.group_by_length = (
             seed,
@@ -99,10 +96,7 @@ class BatchSource:
                         key=lambda j: -len(self.rows[j]["input_ids"]),
                     )
                 ]
-            batches = [
-                order[s : s + self.global_batch]
-                for s in range(0, len(order), self.global_batch)
-            ]
+            batches = [order[s : s + self.global_batch] for s in range(0, len(order), self.global_batch)]
             if self.group_by_length and self.shuffle:
                 rng.shuffle(batches)
             self._order_epoch, self._batches = epoch, batches
@@ -121,9 +115,7 @@ class BatchSource:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        if self.index >= len(
-            self._epoch_batches(self.epoch)
-        ):  # saved with a different batch size
+        if self.index >= len(self._epoch_batches(self.epoch)):  # saved with a different batch size
             self.epoch, self.index = self.epoch + 1, 0
 
 
@@ -144,9 +136,7 @@ def shard(
     (`collate_fn` defaults to `pad_collate`; `dummy` is the no-target row given to ranks
     with fewer micro-batches: `collate.rl_dummy` and `collate.pair_dummy` for RL and pairs)."""
     collate_fn = collate_fn or (lambda rows: collate(rows, pad_id))
-    per_rank = [
-        list(batch[r::world]) for r in range(world)
-    ]  # strided: balances a partial batch
+    per_rank = [list(batch[r::world]) for r in range(world)]  # strided: balances a partial batch
     n_micro = max(1, max(math.ceil(len(p) / micro) for p in per_rank))
     dummy = dummy or {"input_ids": [pad_id], "labels": [IGNORE], "position_ids": [0]}
     out = []

@@ -61,9 +61,7 @@ def check_messages(msgs: Any, field: str = "messages") -> Messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"{name} {i} must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise ValueError(
-                f"{name} {i} has role {m['role']!r}; expected one of {sorted(ROLES)}"
-            )
+            raise ValueError(f"{name} {i} has role {m['role']!r}; expected one of {sorted(ROLES)}")
         if not isinstance(m["content"], str):
             raise ValueError(  # noqa: TRY004 (a bad row: ValueError is the bad-row signal)
                 f"{name} {i} content must be a string, got {type(m['content']).__name__}"
@@ -86,13 +84,9 @@ def as_messages(value: Any, field: str, role: str) -> list[Any]:
     return value
 
 
-def render(
-    tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool
-) -> list[int]:
+def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> list[int]:
     """Chat template -> text -> ids, with no special tokens beyond the template's own."""
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -101,9 +95,7 @@ def encode_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[in
     return render(tokenizer, messages, True)
 
 
-def assistant_labels(
-    tokenizer: Any, messages: Sequence[dict[str, str]], ids: Sequence[int]
-) -> list[int]:
+def assistant_labels(tokenizer: Any, messages: Sequence[dict[str, str]], ids: Sequence[int]) -> list[int]:
     """Labels for `ids = render(messages, False)`: the ids on every assistant turn
     (its content and end-of-turn tokens), IGNORE elsewhere."""
     labels = [IGNORE] * len(ids)

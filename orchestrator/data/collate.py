@@ -25,9 +25,7 @@ import torch
 from orchestrator.data.chat import IGNORE
 
 
-def pad_collate(
-    rows: Sequence[dict[str, Any]], pad_id: int, side: str = "right"
-) -> dict[str, torch.Tensor]:
+def pad_collate(rows: Sequence[dict[str, Any]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
     """Pad rows to the longest. Missing `labels` default to the ids (every token a target),
     missing `position_ids` to 0..n-1. Returns `input_ids`, `labels`, `position_ids` [B, L]
     (long), plus `attention_mask` [B, L] (long, 0 on pads) for `side="left"`."""
@@ -44,9 +42,7 @@ def pad_collate(
         pads = slice(n, length) if side == "right" else slice(0, length - n)
         ids[b, real] = torch.tensor(r["input_ids"])
         labels[b, real] = torch.tensor(r.get("labels", r["input_ids"]))
-        pos[b, real] = (
-            torch.tensor(r["position_ids"]) if "position_ids" in r else torch.arange(n)
-        )
+        pos[b, real] = torch.tensor(r["position_ids"]) if "position_ids" in r else torch.arange(n)
         # pads form their own (ignored) sequence
         pos[b, pads] = torch.arange(length - n)
         mask[b, real] = 1
@@ -81,9 +77,7 @@ def rl_dummy(pad_id: int) -> dict[str, Any]:
     return {"input_ids": [pad_id], "prompt_len": 1, "weight": 0.0, "adv": 0.0}
 
 
-def paired_collate(
-    pairs: Sequence[dict[str, list[int]]], pad_id: int
-) -> dict[str, torch.Tensor]:
+def paired_collate(pairs: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Pairs `{"prompt_ids", "chosen_ids", "rejected_ids"}` (as `tokenize_pairs` makes them)
     -> 2B right-padded rows, `prompt + chosen` for every pair, then `prompt + rejected`:
     `input_ids`, `labels` (IGNORE on the prompt and pads), `position_ids` [2B, L] and

@@ -25,9 +25,7 @@ from orchestrator.data.synthetic import GENERATORS
 HELDOUT_SEED_OFFSET = 10_000
 
 
-def heldout_prompts(
-    data_cfg: DataConfig, train_prompts: Sequence[dict[str, Any]], n: int
-) -> list[dict[str, Any]]:
+def heldout_prompts(data_cfg: DataConfig, train_prompts: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """Up to `n` prompt rows (`{"messages", "answer"}`, as `prompt_rows` makes them) whose
     messages are none of `train_prompts`' messages; [] when `n` is 0 or the source is not
     a generator."""
@@ -39,14 +37,8 @@ def heldout_prompts(
     # the `_heldout` stream is disjoint from training by construction
     src = held if held.split(":", 1)[1] in GENERATORS else d.source
     extra = prompt_rows(
-        load_rows(
-            replace(d, source=src, seed=d.seed + HELDOUT_SEED_OFFSET, num_samples=4 * n)
-        ),
+        load_rows(replace(d, source=src, seed=d.seed + HELDOUT_SEED_OFFSET, num_samples=4 * n)),
         d,
     )
-    unique = {
-        json.dumps(p["messages"]): p
-        for p in extra
-        if json.dumps(p["messages"]) not in seen
-    }
+    unique = {json.dumps(p["messages"]): p for p in extra if json.dumps(p["messages"]) not in seen}
     return list(unique.values())[:n]

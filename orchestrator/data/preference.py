@@ -41,9 +41,7 @@ def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[Messages, Any, Any]:
     while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
         k += 1
     if k == 0:
-        raise ValueError(
-            "'chosen' and 'rejected' share no leading messages; give the prompt as 'prompt'"
-        )
+        raise ValueError("'chosen' and 'rejected' share no leading messages; give the prompt as 'prompt'")
     return chosen[:k], chosen[k:], rejected[k:]
 
 
@@ -85,8 +83,7 @@ class PairTokenizer:
         if len(p) + longest > budget:
             if not self.truncate:
                 raise ValueError(
-                    f"{len(p) + longest} tokens exceed data.max_seq_len={budget} "
-                    "(set data.truncate=true to cut them)"
+                    f"{len(p) + longest} tokens exceed data.max_seq_len={budget} (set data.truncate=true to cut them)"
                 )
             keep = max(budget - longest, min(len(p), budget // 2))
             p, c, r = p[len(p) - keep :], c[: budget - keep], r[: budget - keep]

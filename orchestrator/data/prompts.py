@@ -38,13 +38,10 @@ def _to_prompt(row: dict[str, Any], need_answer: bool = True) -> dict[str, Any]:
         prompt, answer = row["question"] if "question" in row else row["prompt"], None
     else:
         raise ValueError(
-            f"row needs 'prompt' and 'answer' (or 'question'/'answer') "
-            f"(found keys: {', '.join(sorted(row)) or 'none'})"
+            f"row needs 'prompt' and 'answer' (or 'question'/'answer') (found keys: {', '.join(sorted(row)) or 'none'})"
         )
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if not isinstance(msgs, list) or not all(
-        isinstance(m, dict) and "content" in m for m in msgs
-    ):
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "content" in m for m in msgs):
         raise ValueError("'prompt' must be a string or a list of messages")
     check_messages(msgs, "prompt")
     if answer is not None and not answer:
@@ -52,9 +49,7 @@ def _to_prompt(row: dict[str, Any], need_answer: bool = True) -> dict[str, Any]:
     return {"messages": msgs, "answer": answer}
 
 
-def prompt_rows(
-    rows: list[RawRow], d: DataConfig, need_answer: bool = True
-) -> list[dict[str, Any]]:
+def prompt_rows(rows: list[RawRow], d: DataConfig, need_answer: bool = True) -> list[dict[str, Any]]:
     """`{"messages", "answer"}` per usable row (answer None without one, if not needed)."""
     return parse_rows(rows, lambda row: _to_prompt(row, need_answer), d, "prompt rows")
 

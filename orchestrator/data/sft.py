@@ -32,26 +32,18 @@ def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     """The conversation of an SFT row (`fmt`: auto | messages | prompt_completion)."""
     if fmt in ("auto", "messages") and "messages" in row:
         msgs = check_messages(row["messages"])
-    elif (
-        fmt in ("auto", "prompt_completion") and "prompt" in row and "completion" in row
-    ):
+    elif fmt in ("auto", "prompt_completion") and "prompt" in row and "completion" in row:
         p, c = row["prompt"], row["completion"]
         if not isinstance(p, (str, list)) or not isinstance(c, (str, list)):
-            raise ValueError(
-                "'prompt' and 'completion' must be strings or lists of messages"
-            )
-        msgs = check_messages(
-            as_messages(p, "prompt", "user") + as_messages(c, "completion", "assistant")
-        )
+            raise ValueError("'prompt' and 'completion' must be strings or lists of messages")
+        msgs = check_messages(as_messages(p, "prompt", "user") + as_messages(c, "completion", "assistant"))
     else:
         want = {
             "auto": "'messages', or 'prompt' and 'completion'",
             "messages": "'messages'",
             "prompt_completion": "'prompt' and 'completion'",
         }[fmt]
-        raise ValueError(
-            f"row needs {want} (found keys: {', '.join(sorted(row)) or 'none'})"
-        )
+        raise ValueError(f"row needs {want} (found keys: {', '.join(sorted(row)) or 'none'})")
     if not any(m["role"] == "assistant" for m in msgs):
         raise ValueError("no assistant message: nothing to train on")
     return msgs
@@ -60,30 +52,23 @@ def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
 class SftTokenizer:
     """Messages -> `{"input_ids", "labels"}`, truncated to `max_seq_len`."""
 
-    def __init__(
-        self, tokenizer: Any, max_seq_len: int, truncate: bool, train_on_prompt: bool
-    ):
+    def __init__(self, tokenizer: Any, max_seq_len: int, truncate: bool, train_on_prompt: bool):
         require_chat_template(tokenizer)
         self.tok = tokenizer
         self.max_len = max_seq_len
         self.truncate = truncate
         self.train_on_prompt = train_on_prompt
 
-    def _ids(
-        self, msgs: Sequence[dict[str, str]], add_generation_prompt: bool
-    ) -> list[int]:
+    def _ids(self, msgs: Sequence[dict[str, str]], add_generation_prompt: bool) -> list[int]:
         return render(self.tok, msgs, add_generation_prompt)
 
     def __call__(self, msgs: Sequence[dict[str, str]]) -> dict[str, list[int]]:
         ids = self._ids(msgs, False)
-        labels = (
-            list(ids) if self.train_on_prompt else assistant_labels(self.tok, msgs, ids)
-        )
+        labels = list(ids) if self.train_on_prompt else assistant_labels(self.tok, msgs, ids)
         if len(ids) > self.max_len:
             if not self.truncate:
                 raise ValueError(
-                    f"{len(ids)} tokens exceed data.max_seq_len={self.max_len} "
-                    "(set data.truncate=true to cut them)"
+                    f"{len(ids)} tokens exceed data.max_seq_len={self.max_len} (set data.truncate=true to cut them)"
                 )
             ids, labels = ids[: self.max_len], labels[: self.max_len]
         if all(label == IGNORE for label in labels[1:]):

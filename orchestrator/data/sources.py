@@ -36,8 +36,7 @@ def load_rows(d: DataConfig) -> list[RawRow]:
         name = src.split(":", 1)[1]
         if name not in GENERATORS:
             raise DataError(
-                f"data.source={src!r}: unknown generator. Available: "
-                + ", ".join(f"synthetic:{g}" for g in GENERATORS)
+                f"data.source={src!r}: unknown generator. Available: " + ", ".join(f"synthetic:{g}" for g in GENERATORS)
             )
         rows = generate(name, d.num_samples or 1000, d.seed)
         return [RawRow(f"{src}:row {i + 1}", r) for i, r in enumerate(rows)]
@@ -55,8 +54,7 @@ def load_rows(d: DataConfig) -> list[RawRow]:
         rows = _load_parquet(path)
     else:
         raise DataError(
-            f"data.source={src!r}: unsupported file type '{path.suffix}'. "
-            "Use .jsonl or .parquet, or `hf:<dataset id>`."
+            f"data.source={src!r}: unsupported file type '{path.suffix}'. Use .jsonl or .parquet, or `hf:<dataset id>`."
         )
     return rows[: d.num_samples] if d.num_samples else rows
 
@@ -82,9 +80,7 @@ def _load_parquet(path: Path) -> list[RawRow]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise DataError(
-            f"data.source={str(path)!r}: cannot read Parquet file: {exc}"
-        ) from exc
+        raise DataError(f"data.source={str(path)!r}: cannot read Parquet file: {exc}") from exc
     return [RawRow(f"{path}:row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
 
 

@@ -69,9 +69,7 @@ def _is_heldout(a: int, b: int) -> bool:
     return random.Random(a * 1000 + b).random() < 0.3
 
 
-def _addition(
-    n: int, seed: int, heldout: bool, noise: float
-) -> Iterator[dict[str, object]]:
+def _addition(n: int, seed: int, heldout: bool, noise: float) -> Iterator[dict[str, object]]:
     rng = random.Random(seed)
     made = 0
     while made < n:

@@ -6,8 +6,6 @@ conformance tests in tests/engines/.
 
 from __future__ import annotations
 
-from typing import Dict
-
 
 def _fsdp2():
     from orchestrator.engines.fsdp2 import FSDP2Engine
@@ -22,7 +20,7 @@ def _deepspeed_zero3():
 
 
 # Factories, so that importing the registry does not import every backend's library.
-ENGINES: Dict[str, object] = {
+ENGINES: dict[str, object] = {
     "fsdp2": _fsdp2,
     "deepspeed_zero3": _deepspeed_zero3,
 }

@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Tuple
+from typing import Any, ContextManager
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -30,10 +31,10 @@ from orchestrator.methods.base import unwrap
 from orchestrator.models.logprobs import token_logprobs
 
 # loss_fn(model, micro_batch) -> (loss to backward, {metric name: 0-d tensor or float summed over micro-batches})
-LossFn = Callable[[torch.nn.Module, Dict[str, Any]], Any]
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], Any]
 
 
-def to_device(mb: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+def to_device(mb: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
 
 
@@ -43,7 +44,7 @@ def compute_bf16(backend, device: torch.device) -> bool:
 
 
 class EngineBase:
-    param_counts: Dict[str, int]
+    param_counts: dict[str, int]
     """{"params_total": ..., "params_trainable": ...} of the unsharded model."""
 
     def __init__(self, spec, rank: int, world_size: int, device: torch.device, total_steps: int):
@@ -68,11 +69,11 @@ class EngineBase:
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         raise NotImplementedError
 
-    def _optimizer_step(self) -> Tuple[torch.Tensor, bool]:
+    def _optimizer_step(self) -> tuple[torch.Tensor, bool]:
         """Clip, then update unless the global grad norm is non-finite: (norm, skipped)."""
         raise NotImplementedError
 
-    def _full_state_dict(self) -> Dict[str, torch.Tensor]:
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """The unsharded training-time state dict on CPU (collective; complete on rank 0)."""
         raise NotImplementedError
 
@@ -83,8 +84,10 @@ class EngineBase:
             model.requires_grad_(False)
         self.hf_config = unwrap(model).config
         numels = [(_shape(p).numel(), p.requires_grad) for p in model.parameters()]
-        self.param_counts = {"params_total": sum(n for n, _ in numels),
-                             "params_trainable": sum(n for n, g in numels if g)}
+        self.param_counts = {
+            "params_total": sum(n for n, _ in numels),
+            "params_trainable": sum(n for n, g in numels if g),
+        }
         if self.spec.trainable and self.spec.backend.activation_checkpointing:
             unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -93,14 +96,14 @@ class EngineBase:
         if self.optimizer is None:
             raise RuntimeError(f"role {self.spec.name!r} is frozen: it has no optimizer to step")
 
-    def train_step(self, micro_batches: List[Dict[str, Any]], loss_fn: LossFn) -> Dict[str, float]:
+    def train_step(self, micro_batches: list[dict[str, Any]], loss_fn: LossFn) -> dict[str, float]:
         """Forward/backward every micro-batch, clip, step (skipped on all ranks if the global
         grad norm is non-finite), schedule. Returns summed loss_fn metrics plus grad_norm, lr,
         skipped (0/1) and local_finite (0/1, this rank's metrics were finite)."""
         self._require_optimizer()
         model = self._module()
         model.train()
-        sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         for i, mb in enumerate(micro_batches):
             with self._autocast():
                 loss, metrics = loss_fn(model, to_device(mb, self.device))
@@ -112,12 +115,16 @@ class EngineBase:
         # The schedule steps on every step, skipped or not, on every backend.
         self.scheduler.step()
         out = {k: float(v) for k, v in sums.items()}
-        out.update(grad_norm=float(norm), lr=lr, skipped=float(skipped),
-                   local_finite=float(all(math.isfinite(v) for v in out.values())))
+        out.update(
+            grad_norm=float(norm),
+            lr=lr,
+            skipped=float(skipped),
+            local_finite=float(all(math.isfinite(v) for v in out.values())),
+        )
         return out
 
     @torch.no_grad()
-    def forward_logprobs(self, micro_batches: List[Dict[str, Any]], reference: bool = False) -> List[torch.Tensor]:
+    def forward_logprobs(self, micro_batches: list[dict[str, Any]], reference: bool = False) -> list[torch.Tensor]:
         """No-grad log-probs of `input_ids[:, 1:]` under this role's model, or (reference) under
         the reference its method keeps inside it (adapters off): one float32 CPU tensor
         [B, L-1] per micro-batch."""
@@ -131,14 +138,14 @@ class EngineBase:
                 out.append(logp.cpu())
         return out
 
-    def inference_state(self) -> Dict[str, torch.Tensor]:
+    def inference_state(self) -> dict[str, torch.Tensor]:
         """What weight sync sends to a rollout engine: the weights training changed, full
         (unsharded) CPU tensors under the base model's Hugging Face names (the method merges
         adapters or slices). Collective; rank 0 returns the dict, others {}."""
         state = self._full_state_dict()
         return self.method.hf_weights(state) if self.rank == 0 else {}
 
-    def export_hf(self, out_dir: str, tokenizer) -> Dict[str, str]:
+    def export_hf(self, out_dir: str, tokenizer) -> dict[str, str]:
         """Gather the full model on rank 0 and write it with the method's exporter
         (`transformers`/`peft`-loadable); returns {kind: path}."""
         sd = self._full_state_dict()

@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import os
 from types import SimpleNamespace
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,12 +71,14 @@ def import_deepspeed():
     try:
         import deepspeed
     except ImportError as exc:
-        raise ConfigError(f"backend=deepspeed_zero3 needs DeepSpeed, which is not installed here "
-                          f"({exc}). Install the extra: {INSTALL_HINT}, or use backend=fsdp2.") from exc
+        raise ConfigError(
+            f"backend=deepspeed_zero3 needs DeepSpeed, which is not installed here "
+            f"({exc}). Install the extra: {INSTALL_HINT}, or use backend=fsdp2."
+        ) from exc
     return deepspeed
 
 
-def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in extra.items():
         both_dicts = isinstance(v, dict) and isinstance(out.get(k), dict)
@@ -84,7 +86,7 @@ def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def ds_config(spec, world_size: int, on_gpu: bool) -> Dict[str, Any]:
+def ds_config(spec, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config of a role (`RoleSpec`, or anything with `backend` and `train`),
     with `backend.extra` merged over it. A frozen role gets no optimizer settings."""
     b = spec.backend
@@ -92,12 +94,12 @@ def ds_config(spec, world_size: int, on_gpu: bool) -> Dict[str, Any]:
     # Bookkeeping only (DeepSpeed's sample counters): the step boundary is set explicitly.
     gas = max(1, t.global_batch_size // world_size // t.micro_batch_size)
     bf16 = b.mixed_precision == "bf16" or (b.mixed_precision == "auto" and on_gpu)
-    zero: Dict[str, Any] = {"stage": 3}
+    zero: dict[str, Any] = {"stage": 3}
     for what in ("optimizer", "param"):
         device = getattr(b, f"offload_{what}")
         if device != "none":
             zero[f"offload_{what}"] = {"device": device, "pin_memory": on_gpu}
-    conf: Dict[str, Any] = {
+    conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "train_batch_size": t.micro_batch_size * gas * world_size,
@@ -143,10 +145,12 @@ class DeepSpeedZero3Engine(EngineBase):
         model = self._after_build(self.method.apply_seeded(model, spec.seed))
 
         if spec.trainable:
-            self.optimizer = build_optimizer(model, spec.train, fused=False,
-                                             cpu_adam=spec.backend.offload_optimizer != "none")
-        self.engine, _, _, _ = ds.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
-                                             dist_init_required=False)
+            self.optimizer = build_optimizer(
+                model, spec.train, fused=False, cpu_adam=spec.backend.offload_optimizer != "none"
+            )
+        self.engine, _, _, _ = ds.initialize(
+            model=model, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
+        )
         if spec.trainable:
             self.zero = self.engine.optimizer  # DeepSpeedZeroOptimizer_Stage3 around self.optimizer
             self.scheduler = build_scheduler(self.optimizer, spec.train, total_steps)
@@ -167,12 +171,12 @@ class DeepSpeedZero3Engine(EngineBase):
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def _optimizer_step(self) -> Tuple[torch.Tensor, bool]:
+    def _optimizer_step(self) -> tuple[torch.Tensor, bool]:
         skipped_before = self.engine.skipped_steps
         self.engine.step()  # clips, then updates unless the all-reduced grad norm is non-finite
         return torch.tensor(float(self.engine.get_global_grad_norm())), self.engine.skipped_steps > skipped_before
 
-    def _full_state_dict(self) -> Dict[str, torch.Tensor]:
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
         # DeepSpeed's consolidated state dict (as accelerate uses it): one module gathered at
         # a time; a collective, None off rank 0.
         return self.engine._zero3_consolidated_16bit_state_dict() or {}
@@ -187,7 +191,7 @@ class DeepSpeedZero3Engine(EngineBase):
                 state.update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
                 self._set_adam_step(state, 0)
 
-    def _set_adam_step(self, state: Dict[str, Any], step: int) -> None:
+    def _set_adam_step(self, state: dict[str, Any], step: int) -> None:
         # torch AdamW counts in a float32 tensor, DeepSpeedCPUAdam in an int.
         state["step"] = torch.tensor(float(step)) if isinstance(self.optimizer, torch.optim.AdamW) else step
 
@@ -199,8 +203,9 @@ class DeepSpeedZero3Engine(EngineBase):
         n, part = p.ds_numel, local.numel()
         assert part == -(-n // self.world_size), "unexpected ZeRO-3 partition layout"
         valid = max(0, min(part, n - self.rank * part))
-        return DTensor.from_local(local[:valid], self.mesh, [Shard(0)], run_check=False,
-                                  shape=torch.Size([n]), stride=(1,))
+        return DTensor.from_local(
+            local[:valid], self.mesh, [Shard(0)], run_check=False, shape=torch.Size([n]), stride=(1,)
+        )
 
     def save(self, path: str, blocking: bool = True) -> None:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
@@ -208,7 +213,7 @@ class DeepSpeedZero3Engine(EngineBase):
         # DeepSpeed hands out views into its flat partition buffers, which DCP's background
         # stager cannot copy: a background save takes its own copy here instead.
         own = (lambda t: t) if blocking else (lambda t: t.detach().clone())
-        state: Dict[str, Any] = {"adam_step": torch.tensor(self._adam_step())}
+        state: dict[str, Any] = {"adam_step": torch.tensor(self._adam_step())}
         for name, p in self._trainable:
             state[f"fp32.{name}"] = self._shard(p, own(safe_get_local_fp32_param(p)))
             for key in _MOMENTS:
@@ -223,7 +228,7 @@ class DeepSpeedZero3Engine(EngineBase):
 
         self.writer.done(wait=True)
 
-        state: Dict[str, Any] = {"adam_step": torch.tensor(0)}
+        state: dict[str, Any] = {"adam_step": torch.tensor(0)}
         buffers = []
         for name, p in self._trainable:
             for key in ("fp32", *_MOMENTS):

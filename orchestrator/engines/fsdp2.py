@@ -21,7 +21,7 @@ autocast instead of the FSDP2 policy.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Dict, Tuple
+from typing import ContextManager
 
 import torch
 import torch.distributed as dist
@@ -63,8 +63,11 @@ class FSDP2Engine(EngineBase):
 
     def _shard(self, model: torch.nn.Module, b) -> None:
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.compute_bf16 else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.compute_bf16
+            else MixedPrecisionPolicy()
+        )
         blocks = set(getattr(unwrap(model), "_no_split_modules", None) or [])
         for module in model.modules():
             if type(module).__name__ in blocks:
@@ -83,7 +86,7 @@ class FSDP2Engine(EngineBase):
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
-    def _optimizer_step(self) -> Tuple[torch.Tensor, bool]:
+    def _optimizer_step(self) -> tuple[torch.Tensor, bool]:
         max_norm = self.spec.train.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
         if hasattr(norm, "full_tensor"):
@@ -96,15 +99,16 @@ class FSDP2Engine(EngineBase):
         self.optimizer.zero_grad(set_to_none=True)
         return norm, not finite
 
-    def _full_state_dict(self) -> Dict[str, torch.Tensor]:
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     # --------------------------------------------------------------- checkpoints
     def save(self, path: str, blocking: bool = True) -> None:
         self._require_optimizer()
         msd, osd = get_state_dict(self.model, self.optimizer, options=_OPTS)
-        self.writer.save(path, self.rank, {"model": msd, "optim": osd}, local_state(self.scheduler, self.device),
-                         blocking)
+        self.writer.save(
+            path, self.rank, {"model": msd, "optim": osd}, local_state(self.scheduler, self.device), blocking
+        )
 
     def save_done(self, wait: bool = False) -> bool:
         return self.writer.done(wait)
@@ -115,9 +119,13 @@ class FSDP2Engine(EngineBase):
         msd, osd = get_state_dict(self.model, self.optimizer, options=_OPTS)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
         load_local_state(path, self.rank, self.scheduler, self.device)
 
     def barrier(self) -> None:

@@ -10,6 +10,7 @@ worker process, a tenth of the time to the first step on a laptop).
 from __future__ import annotations
 
 import math
+
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -46,6 +47,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t, total_steps: int) -> La
     warmup, kind, floor = t.warmup_steps, t.scheduler, t.min_lr_ratio
     if kind not in ("cosine", "linear", "constant"):
         raise ValueError(f"unknown train.scheduler {kind!r}: use cosine, linear or constant")
+
     def factor(step: int) -> float:
         if step < warmup:
             return step / max(1, warmup)

@@ -7,14 +7,14 @@ Registry: plain dict, greppable. Adding a method = one file + a line here + its 
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 from orchestrator.methods.base import Method, Reference
 from orchestrator.methods.experts import Experts
 from orchestrator.methods.full import Full
 from orchestrator.methods.lora import Lora
 
-METHODS: Dict[str, type] = {
+METHODS: dict[str, type] = {
     "full": Full,
     "lora": Lora,
     "experts": Experts,

@@ -10,8 +10,9 @@ parameters train overrides `apply`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Mapping, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 
@@ -59,22 +60,23 @@ class Method:
     # ------------------------------------------------------------- reference
     def reference_context(self, model: torch.nn.Module) -> ContextManager:
         """Inside it, `model` computes the reference policy (methods with WEIGHTS_OFF)."""
-        raise NotImplementedError(f"{type(self).__name__} has no reference inside the policy; "
-                                  "the stage uses a frozen `reference` role")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no reference inside the policy; the stage uses a frozen `reference` role"
+        )
 
     # ------------------------------------------------------------- inference
-    def hf_weights(self, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def hf_weights(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The full (unsharded) training-time state dict -> the weights that changed, under
         the base model's Hugging Face parameter names (merged where the method trains a
         reparametrisation), so any inference engine loads them into a plain base model."""
         return {k: v for k, v in state.items()}
 
-    def export(self, model: torch.nn.Module, out_dir: Path, tokenizer, base_ref: Optional[str]) -> Dict[str, str]:
+    def export(self, model: torch.nn.Module, out_dir: Path, tokenizer, base_ref: Optional[str]) -> dict[str, str]:
         """Write `model` (unsharded, on CPU) for `transformers`/`peft`/vLLM; return {kind: path}."""
         raise NotImplementedError
 
 
-def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"params_total": total, "params_trainable": trainable}
@@ -84,4 +86,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The `transformers` model inside a peft or DeepSpeed wrapper."""
     model = getattr(model, "module", model)  # DeepSpeedEngine
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-

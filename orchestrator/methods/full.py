@@ -5,7 +5,6 @@ The reference policy is a frozen copy of the starting weights (a `reference` rol
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
 
 import torch
 
@@ -19,7 +18,7 @@ class Full(Method):
         model.requires_grad_(True)
         return model
 
-    def export(self, model, out_dir: Path, tokenizer, base_ref) -> Dict[str, str]:
+    def export(self, model, out_dir: Path, tokenizer, base_ref) -> dict[str, str]:
         path = out_dir / "hf"
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ContextManager, Dict, Mapping
+from typing import ContextManager
 
 import torch
 
@@ -34,8 +35,14 @@ class Lora(Method):
         targets = "all-linear" if list(c.target_modules) == ["all-linear"] else list(c.target_modules)
         from peft import LoraConfig, get_peft_model  # on use: importing peft costs ~1.3 s
 
-        peft_cfg = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                              target_modules=targets, bias=c.bias, task_type="CAUSAL_LM")
+        peft_cfg = LoraConfig(
+            r=c.r,
+            lora_alpha=c.alpha,
+            lora_dropout=c.dropout,
+            target_modules=targets,
+            bias=c.bias,
+            task_type="CAUSAL_LM",
+        )
         try:
             return get_peft_model(model, peft_cfg)
         except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
@@ -46,14 +53,14 @@ class Lora(Method):
     def reference_context(self, model: torch.nn.Module) -> ContextManager:
         return model.disable_adapter()
 
-    def hf_weights(self, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def hf_weights(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Merged weights of the adapted layers (and trained biases), under HF names.
 
         Written out rather than peft's `merge_and_unload`, which needs the whole unsharded
         model as a module (a second copy per sync); the merge is one matmul per layer and is
         tested equal to peft's (tests/methods/test_lora.py)."""
         scale = self.cfg.alpha / self.cfg.r
-        out: Dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
         for key, a in state.items():
             m = _LORA.match(key)
             if m is None or m.group(2) != "A":
@@ -69,8 +76,8 @@ class Lora(Method):
                     out[_hf_name(key)] = value
         return out
 
-    def export(self, model, out_dir: Path, tokenizer, base_ref) -> Dict[str, str]:
-        out: Dict[str, str] = {}
+    def export(self, model, out_dir: Path, tokenizer, base_ref) -> dict[str, str]:
+        out: dict[str, str] = {}
         if base_ref is None:
             # Locally built base: write it out so the adapter has something to load onto.
             # Only such (small) models get here; hub bases are referenced by id instead.
@@ -93,5 +100,5 @@ class Lora(Method):
 
 
 def _hf_name(key: str) -> str:
-    key = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+    key = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
     return key.replace(".base_layer.", ".")

@@ -6,7 +6,7 @@ here only when it needs special handling (expert layout, parallelize plan).
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
@@ -22,10 +22,17 @@ def _llama(m: ModelConfig) -> PretrainedConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=BYTE_VOCAB, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_position_embeddings,
-        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=4,
+        vocab_size=BYTE_VOCAB,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=4,
     )
 
 
@@ -33,17 +40,26 @@ def _qwen3_moe(m: ModelConfig) -> PretrainedConfig:
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        vocab_size=BYTE_VOCAB, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        moe_intermediate_size=m.moe_intermediate_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-        head_dim=m.hidden_size // m.num_heads, num_experts=m.num_experts or 8,
-        num_experts_per_tok=m.num_experts_per_tok, max_position_embeddings=m.max_position_embeddings,
-        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=4,
+        vocab_size=BYTE_VOCAB,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        moe_intermediate_size=m.moe_intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        head_dim=m.hidden_size // m.num_heads,
+        num_experts=m.num_experts or 8,
+        num_experts_per_tok=m.num_experts_per_tok,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=4,
     )
 
 
 # Locally built architectures (model.arch), for offline runs and tests.
-ARCHITECTURES: Dict[str, Callable[[ModelConfig], PretrainedConfig]] = {
+ARCHITECTURES: dict[str, Callable[[ModelConfig], PretrainedConfig]] = {
     "llama": _llama,
     "qwen3_moe": _qwen3_moe,
 }
@@ -73,12 +89,12 @@ def build_tokenizer(m: ModelConfig):
         tok = byte_tokenizer()
     else:
         try:
-            tok = AutoTokenizer.from_pretrained(name, revision=m.revision,
-                                                trust_remote_code=m.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(name, revision=m.revision, trust_remote_code=m.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
                 f"could not load tokenizer '{name}' ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-                + _OFFLINE_HINT.format(key="model.tokenizer / model.pretrained", name=name)) from exc
+                + _OFFLINE_HINT.format(key="model.tokenizer / model.pretrained", name=name)
+            ) from exc
     if m.chat_template:
         tok.chat_template = m.chat_template
     if tok.pad_token is None:
@@ -91,12 +107,12 @@ def model_config(m: ModelConfig) -> PretrainedConfig:
     if m.pretrained is None:
         return ARCHITECTURES[m.arch](m)
     try:
-        return AutoConfig.from_pretrained(m.pretrained, revision=m.revision,
-                                          trust_remote_code=m.trust_remote_code)
+        return AutoConfig.from_pretrained(m.pretrained, revision=m.revision, trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"could not load model '{m.pretrained}' ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-            + _OFFLINE_HINT.format(key="model.pretrained", name=m.pretrained)) from exc
+            + _OFFLINE_HINT.format(key="model.pretrained", name=m.pretrained)
+        ) from exc
 
 
 def build_model(m: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
@@ -106,13 +122,16 @@ def build_model(m: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
         cfg._attn_implementation = m.attn_implementation
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(m.init_seed)
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
-                                                     attn_implementation=m.attn_implementation)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=m.attn_implementation)
         return model
     try:
         return AutoModelForCausalLM.from_pretrained(
-            m.pretrained, revision=m.revision, dtype=dtype, attn_implementation=m.attn_implementation,
-            trust_remote_code=m.trust_remote_code)
+            m.pretrained,
+            revision=m.revision,
+            dtype=dtype,
+            attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"could not load model weights '{m.pretrained}' ({type(exc).__name__}: "
@@ -120,5 +139,12 @@ def build_model(m: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
         ) from exc
 
 
-__all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "build_model", "build_tokenizer", "model_config",
-           "master_dtype", "resolve_dtype"]
+__all__ = [
+    "ARCHITECTURES",
+    "CHAT_TEMPLATE",
+    "build_model",
+    "build_tokenizer",
+    "model_config",
+    "master_dtype",
+    "resolve_dtype",
+]

@@ -21,7 +21,8 @@ after the head (final logit soft-capping, a logit scale) always take the plain p
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional, Tuple
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,14 +54,14 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
 
 
-def _chunk(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-           bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _chunk(
+    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
     return _logp(F.linear(hidden, weight, bias), targets)
 
 
 @contextlib.contextmanager
-def _chunked_head(model: torch.nn.Module, targets: torch.Tensor, size: int,
-                  entropy: Optional[list]) -> Iterator[None]:
+def _chunked_head(model: torch.nn.Module, targets: torch.Tensor, size: int, entropy: Optional[list]) -> Iterator[None]:
     head = unwrap(model).get_output_embeddings()
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ def _chunked_head(model: torch.nn.Module, targets: torch.Tensor, size: int,
         flat_t = targets.reshape(-1)
         parts = []
         for s in range(0, flat_t.numel(), size):
-            h, t = flat_h[s:s + size], flat_t[s:s + size]
+            h, t = flat_h[s : s + size], flat_t[s : s + size]
             parts.append(checkpoint(_chunk, h, t, head.weight, head.bias, use_reentrant=False))
             if entropy is not None:
                 with torch.no_grad():
@@ -84,16 +85,17 @@ def _chunked_head(model: torch.nn.Module, targets: torch.Tensor, size: int,
         del head.forward  # back to the class's forward
 
 
-def _forward(model: torch.nn.Module, mb: Dict[str, torch.Tensor]) -> torch.Tensor:
+def _forward(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], use_cache=False).logits
 
 
-def _plain(model: torch.nn.Module, mb: Dict[str, torch.Tensor], budget_mb: int, n_targets: int) -> bool:
+def _plain(model: torch.nn.Module, mb: dict[str, torch.Tensor], budget_mb: int, n_targets: int) -> bool:
     return n_targets <= chunk_tokens(model, budget_mb) or not _chunkable(model)
 
 
-def _chunked(model: torch.nn.Module, mb: Dict[str, torch.Tensor], targets: torch.Tensor, budget_mb: int,
-             with_entropy: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _chunked(
+    model: torch.nn.Module, mb: dict[str, torch.Tensor], targets: torch.Tensor, budget_mb: int, with_entropy: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     parts: Optional[list] = [] if with_entropy else None
     with _chunked_head(model, targets, chunk_tokens(model, budget_mb), parts):
         logp = _forward(model, mb)[:, :-1]
@@ -101,8 +103,9 @@ def _chunked(model: torch.nn.Module, mb: Dict[str, torch.Tensor], targets: torch
     return logp, ent
 
 
-def token_logprobs(model: torch.nn.Module, mb: Dict[str, torch.Tensor], budget_mb: int,
-                   with_entropy: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def token_logprobs(
+    model: torch.nn.Module, mb: dict[str, torch.Tensor], budget_mb: int, with_entropy: bool = False
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position t: [B, L-1] float32,
     and (with_entropy) the policy's entropy at each position (no gradient)."""
     targets = mb["input_ids"][:, 1:]
@@ -116,7 +119,7 @@ def token_logprobs(model: torch.nn.Module, mb: Dict[str, torch.Tensor], budget_m
     return _logp(logits[:, :-1], targets), ent
 
 
-def nll_sum(model: torch.nn.Module, mb: Dict[str, torch.Tensor], budget_mb: int, ignore_index: int) -> torch.Tensor:
+def nll_sum(model: torch.nn.Module, mb: dict[str, torch.Tensor], budget_mb: int, ignore_index: int) -> torch.Tensor:
     """Summed next-token NLL of `mb["labels"][:, 1:]` (entries == ignore_index left out)."""
     labels = mb["labels"][:, 1:]
     if not _plain(model, mb, budget_mb, labels.numel()):
@@ -124,5 +127,6 @@ def nll_sum(model: torch.nn.Module, mb: Dict[str, torch.Tensor], budget_mb: int,
         logp, _ = _chunked(model, mb, labels.masked_fill(ignored, 0), budget_mb, False)
         return -logp.masked_fill(ignored, 0.0).sum()
     logits = _forward(model, mb)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index, reduction="sum"
+    )

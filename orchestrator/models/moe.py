@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,11 +34,11 @@ class MoeLayer:
     experts_path: str
     experts: nn.Module
     num_experts: int
-    fused: List[str]
+    fused: list[str]
     """Names (on `experts`) of the parameters with a leading expert dimension."""
-    router_params: List[str] = field(default_factory=list)
+    router_params: list[str] = field(default_factory=list)
     """Full names of the router's parameters (the block's parameters outside experts/shared)."""
-    shared_params: List[str] = field(default_factory=list)
+    shared_params: list[str] = field(default_factory=list)
     """Full names of shared-expert parameters (`shared_expert*` children of the block)."""
 
 
@@ -53,7 +53,7 @@ def is_partitioned(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(params: List[torch.Tensor]):
+def gathered(params: list[torch.Tensor]):
     """Full values of `params` inside the block, on every rank (a collective under ZeRO-3)."""
     if not any(hasattr(p, "ds_id") for p in params):
         yield
@@ -76,16 +76,15 @@ def _num_experts(module: nn.Module) -> int | None:
     return None
 
 
-def moe_layers(model: nn.Module) -> List[MoeLayer]:
+def moe_layers(model: nn.Module) -> list[MoeLayer]:
     """Every fused experts module of `model`, in order, with its router and shared experts."""
-    out: List[MoeLayer] = []
+    out: list[MoeLayer] = []
     modules = dict(model.named_modules())
     for path, module in modules.items():
         n = _num_experts(module)
         if n is None:
             continue
-        fused = [name for name, p in module.named_parameters(recurse=False)
-                 if len(shape(p)) >= 2 and shape(p)[0] == n]
+        fused = [name for name, p in module.named_parameters(recurse=False) if len(shape(p)) >= 2 and shape(p)[0] == n]
         m = _LAYER.search(path + ".")
         layer = MoeLayer(int(m.group(1)) if m else len(out), path, module, n, fused)
         block_path, _, own = path.rpartition(".")
@@ -101,7 +100,7 @@ def moe_layers(model: nn.Module) -> List[MoeLayer]:
     return out
 
 
-def attention_params(model: nn.Module) -> List[str]:
+def attention_params(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if ".self_attn." in f".{name}"]
 
 
@@ -109,7 +108,7 @@ def attention_params(model: nn.Module) -> List[str]:
 _ROUTING_ARGS = (("top_k_index", "top_k_weights"), ("router_indices", "routing_weights"))
 
 
-def _routing_args(layer: MoeLayer) -> Tuple[str, str] | None:
+def _routing_args(layer: MoeLayer) -> tuple[str, str] | None:
     params = list(inspect.signature(type(layer.experts).forward).parameters)[1:]
     for names in _ROUTING_ARGS:
         if list(names) == params[1:3]:
@@ -134,12 +133,18 @@ def _layers_streamed_to(model: nn.Module, device: torch.device):
     inside = {id(m) for b in blocks for m in b.modules()}
     for m in model.modules():
         if id(m) not in inside:
-            for k, p in m.named_parameters(recurse=False):
+            for _, p in m.named_parameters(recurse=False):
                 p.data = p.data.to(device)
             for k, b in m.named_buffers(recurse=False):
                 m._buffers[k] = b.to(device)
-    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(lambda mod, _a: mod.to(device)),
-                                         b.register_forward_hook(lambda mod, _a, _o: mod.to("cpu")))]
+    hooks = [
+        h
+        for b in blocks
+        for h in (
+            b.register_forward_pre_hook(lambda mod, _a: mod.to(device)),
+            b.register_forward_hook(lambda mod, _a, _o: mod.to("cpu")),
+        )
+    ]
     try:
         yield
     finally:
@@ -155,15 +160,18 @@ def _blocks_gathered(model: nn.Module):
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     inside = {id(p) for b in blocks for p in b.parameters()}
-    open_ctx: List[contextlib.ExitStack] = []
+    open_ctx: list[contextlib.ExitStack] = []
 
     def pre(mod, _args):
         stack = contextlib.ExitStack()
         stack.enter_context(gathered(list(mod.parameters())))
         open_ctx.append(stack)
 
-    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(pre),
-                                         b.register_forward_hook(lambda *_: open_ctx.pop().close()))]
+    hooks = [
+        h
+        for b in blocks
+        for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(lambda *_: open_ctx.pop().close()))
+    ]
     try:
         with gathered([p for p in model.parameters() if id(p) not in inside]):
             yield
@@ -173,8 +181,9 @@ def _blocks_gathered(model: nn.Module):
 
 
 @torch.no_grad()
-def router_statistics(model: nn.Module, rows: Iterable[Dict[str, Sequence[int]]],
-                      device: torch.device = torch.device("cpu")) -> Tuple[torch.Tensor, torch.Tensor, int]:
+def router_statistics(
+    model: nn.Module, rows: Iterable[dict[str, Sequence[int]]], device: torch.device = torch.device("cpu")
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Forward `rows` (each {input_ids, position_ids}, unpadded) and count, per MoE layer and
     expert, the tokens routed to it and the sum of its routing weights.
 
@@ -195,10 +204,10 @@ def router_statistics(model: nn.Module, rows: Iterable[Dict[str, Sequence[int]]]
             keep = idx < layers[i].num_experts  # expert-parallel sentinels, if any
             tokens[i].index_add_(0, idx[keep], torch.ones_like(w[keep]))
             gates[i].index_add_(0, idx[keep], w[keep])
+
         return fn
 
-    handles = [layer.experts.register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, layer in enumerate(layers)]
+    handles = [layer.experts.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     was_training = model.training
     model.eval()
     seen = 0
@@ -217,5 +226,13 @@ def router_statistics(model: nn.Module, rows: Iterable[Dict[str, Sequence[int]]]
     return tokens, gates, seen
 
 
-__all__ = ["MoeLayer", "attention_params", "gathered", "is_partitioned", "moe_layers", "router_statistics",
-           "routing_is_observable", "shape"]
+__all__ = [
+    "MoeLayer",
+    "attention_params",
+    "gathered",
+    "is_partitioned",
+    "moe_layers",
+    "router_statistics",
+    "routing_is_observable",
+    "shape",
+]

@@ -9,11 +9,11 @@ that raises or hangs is counted and its samples are masked, and the run goes on.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict
+from collections.abc import Callable
 
 from orchestrator.rewards.math import exact_match, format_regex, math_verify
 
-REWARDS: Dict[str, Callable[..., float]] = {
+REWARDS: dict[str, Callable[..., float]] = {
     "math_verify": math_verify,
     "exact_match": exact_match,
     "format": format_regex,
@@ -25,6 +25,8 @@ def resolve(name: str) -> Callable[..., float]:
         return REWARDS[name]
     mod, sep, attr = name.partition(":")
     if not sep:
-        raise KeyError(f"unknown reward {name!r}; built-ins: {', '.join(REWARDS)}, "
-                       "or give an import path 'package.module:function'")
+        raise KeyError(
+            f"unknown reward {name!r}; built-ins: {', '.join(REWARDS)}, "
+            "or give an import path 'package.module:function'"
+        )
     return getattr(importlib.import_module(mod), attr)

@@ -2,10 +2,12 @@
 
 Processes, not threads: a hung Python function cannot be stopped from a thread, but its
 process can be terminated. Calls are waited for as long as some call completes every
-`timeout_s`; after a stall the remaining calls count as timed out (with every pool
-process hung, calls queued behind them are masked too) and the pool is rebuilt. A function
-that raises or times out gives no reward for that sample; the caller masks the sample
-(it trains on nothing) and the counts are logged.
+`timeout_s`. After a stall, the calls that had started and not finished are the hung ones
+(each call marks its start in shared memory, which works even when the hung call holds
+the GIL); the pool is rebuilt and the calls that were only queued behind them run again.
+A function that raises or hangs gives no reward for that sample; the caller masks the
+sample (it trains on nothing). `reward_timeouts` counts samples with a hung call, and
+`reward_errors` samples with a raising one, each sample once.
 """
 
 from __future__ import annotations
@@ -14,14 +16,27 @@ import logging
 import math
 import multiprocessing as mp
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 from orchestrator.rewards import resolve
 
 log = logging.getLogger("orchestrator")
 
+MAX_ROUNDS = 4
+"""Pool rebuilds per batch for calls queued behind hung ones; still unscored after: masked."""
 
-def _call(name: str, completion: str, answer: str, kwargs: Dict[str, Any]) -> float:
+_STARTED = None  # in a pool process: the shared start flags, one byte per call of a batch
+
+
+def _init_worker(started) -> None:
+    global _STARTED
+    _STARTED = started
+
+
+def _call(job: int, name: str, completion: str, answer: str, kwargs: dict[str, Any]) -> float:
+    if _STARTED is not None:
+        _STARTED[job] = 1
     return float(resolve(name)(completion, answer, **kwargs))
 
 
@@ -38,52 +53,111 @@ class RewardRunner:
         self.timeout_s = timeout_s
         self.num_workers = max(1, num_workers)
         self._pool = None
+        self._started = None
+        self._capacity = 0
 
-    def _get_pool(self):
+    def _get_pool(self, calls: int):
+        if self._pool is not None and calls > self._capacity:
+            self.close()
         if self._pool is None:
-            self._pool = mp.get_context("spawn").Pool(self.num_workers)
+            ctx = mp.get_context("spawn")
+            self._capacity = max(4096, calls)
+            self._started = ctx.RawArray("b", self._capacity)
+            self._pool = ctx.Pool(self.num_workers, initializer=_init_worker, initargs=(self._started,))
         return self._pool
 
-    def score(self, completions: Sequence[str], answers: Sequence[str]) -> Tuple[List[float], List[bool], Dict[str, float]]:
+    def score(
+        self, completions: Sequence[str], answers: Sequence[str]
+    ) -> tuple[list[float], list[bool], dict[str, float]]:
         """Weighted reward per sample, a validity mask, and counts of errors/timeouts."""
-        pool = self._get_pool()
-        jobs = [(i, s, pool.apply_async(_call, (s.name, c, a, dict(s.kwargs))))
-                for i, (c, a) in enumerate(zip(completions, answers)) for s in self.specs]
+        calls = [(i, s) for i in range(len(completions)) for s in self.specs]
+        values: dict[int, float] = {}
+        raised: dict[int, str] = {}
+        hung: list[int] = []
+        todo = list(range(len(calls)))
+        for _ in range(1 + MAX_ROUNDS):
+            pool = self._get_pool(len(calls))
+            for j in todo:
+                self._started[j] = 0
+            jobs = [
+                (
+                    j,
+                    pool.apply_async(
+                        _call,
+                        (j, calls[j][1].name, completions[calls[j][0]], answers[calls[j][0]], dict(calls[j][1].kwargs)),
+                    ),
+                )
+                for j in todo
+            ]
+            stalled = self._wait(jobs, values, raised)
+            started = {j for j in stalled if self._started[j]}
+            if stalled:
+                self.close()  # terminates the hung processes
+            hung += sorted(started)
+            todo = [j for j in stalled if j not in started]  # only queued behind a hung call: run again
+            if not todo or not started:  # done, or no call even started: the pool is broken
+                break
+        bad_value = {calls[j][0] for j in raised}
+        timed_out = {calls[j][0] for j in hung}
+        unscored = {calls[j][0] for j in todo} - timed_out - bad_value
+        valid = [i not in bad_value and i not in timed_out and i not in unscored for i in range(len(completions))]
         totals = [0.0] * len(completions)
-        valid = [True] * len(completions)
-        errors = timeouts = 0
-        per_fn: Dict[str, List[float]] = {s.name: [] for s in self.specs}
-        first_error = None
-        # Progress-based deadline: keep waiting while calls complete; a stall of timeout_s
-        # means the remaining calls are stuck (a hung call holds its process forever).
-        last_progress = time.time()
-        for i, spec, job in jobs:
-            try:
-                value = job.get(timeout=max(0.01, last_progress + self.timeout_s - time.time()))
-                last_progress = time.time()
-                if not math.isfinite(value):
-                    raise ValueError(f"non-finite reward {value}")
-                totals[i] += spec.weight * value
-                per_fn[spec.name].append(value)
-            except mp.TimeoutError:
-                timeouts += 1
-                valid[i] = False
-            except Exception as exc:  # the user's function raised: count, mask, go on
-                last_progress = time.time()
-                errors += 1
-                valid[i] = False
-                first_error = first_error or f"{spec.name}: {type(exc).__name__}: {exc}"
-        if timeouts:
-            log.warning("rewards: %d call(s) exceeded stage.reward_timeout_s=%s; samples masked, pool restarted",
-                        timeouts, self.timeout_s)
-            self.close()
-        if errors:
-            log.warning("rewards: %d call(s) raised (first: %s); samples masked", errors, first_error)
-        stats = {"reward_errors": float(errors), "reward_timeouts": float(timeouts)}
+        per_fn: dict[str, list[float]] = {s.name: [] for s in self.specs}
+        for j, value in values.items():
+            i, spec = calls[j]
+            totals[i] += spec.weight * value
+            per_fn[spec.name].append(value)
+        if timed_out:
+            log.warning(
+                "rewards: %d call(s) made no progress for stage.reward_timeout_s=%s (%d sample(s) masked); "
+                "pool restarted",
+                len(hung),
+                self.timeout_s,
+                len(timed_out),
+            )
+        if raised:
+            first = raised[min(raised)]
+            log.warning(
+                "rewards: %d call(s) raised (first: %s); %d sample(s) masked", len(raised), first, len(bad_value)
+            )
+        if unscored:
+            log.warning(
+                "rewards: %d sample(s) not scored (still queued behind hung calls after %d pool restart(s)); masked",
+                len(unscored),
+                MAX_ROUNDS,
+            )
+        stats = {
+            "reward_errors": float(len(bad_value)),
+            "reward_timeouts": float(len(timed_out)),
+            **({"reward_unscored": float(len(unscored))} if unscored else {}),
+        }
         for name, vals in per_fn.items():
             if vals:
                 stats[f"reward/{name.split(':')[-1]}"] = sum(vals) / len(vals)
         return totals, valid, stats
+
+    def _wait(self, jobs, values: dict[int, float], raised: dict[int, str]) -> list[int]:
+        """Collect results until none is left or no call completed for `timeout_s` (a stall: the
+        calls left are hung, or queued behind hung ones); returns the calls left."""
+        pending = dict(jobs)
+        last_progress = time.time()
+        while pending:
+            ready = [j for j, job in pending.items() if job.ready()]
+            for j in ready:
+                try:
+                    value = pending.pop(j).get()
+                    if not math.isfinite(value):
+                        raise ValueError(f"non-finite reward {value}")
+                    values[j] = value
+                except Exception as exc:  # noqa: BLE001  (the user's function raised: count, mask, go on)
+                    raised[j] = f"{type(exc).__name__}: {exc}"
+            if ready:
+                last_progress = time.time()
+            elif time.time() - last_progress > self.timeout_s:
+                break
+            else:
+                time.sleep(0.02)
+        return sorted(pending)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -9,7 +9,7 @@ imported only when it is chosen). Adding an engine: docs/extending.md.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 
 def _hf() -> type:
@@ -18,7 +18,7 @@ def _hf() -> type:
     return HfEngine
 
 
-ROLLOUT_ENGINES: Dict[str, Callable[[], type]] = {
+ROLLOUT_ENGINES: dict[str, Callable[[], type]] = {
     "hf": _hf,
 }
 

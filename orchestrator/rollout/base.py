@@ -10,8 +10,9 @@ with the top-level `rollout` config group (`rollout=hf`, `rollout=vllm`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -24,7 +25,7 @@ class SamplingParams:
     """0: greedy (the n completions of a prompt are then identical)."""
     top_p: float = 1.0
     max_new_tokens: int = 256
-    stop: List[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
     """Stop strings besides the tokenizer's EOS (the completion includes the stop text)."""
     logprobs: bool = False
     """Also return each sampled token's log-prob under the sampling distribution."""
@@ -32,11 +33,11 @@ class SamplingParams:
 
 @dataclass
 class Completion:
-    token_ids: List[int]
+    token_ids: list[int]
     """Completion tokens, ending at and including EOS when it was produced; no padding."""
     text: str
     """The completion decoded without special tokens."""
-    logprobs: Optional[List[float]] = None
+    logprobs: Optional[list[float]] = None
     """Per-token log-probs when `SamplingParams.logprobs` was set."""
 
 
@@ -46,11 +47,11 @@ class RolloutEngine:
     def __init__(self, model_spec, rollout_cfg, tokenizer, device: torch.device):
         self.model_spec, self.cfg, self.tokenizer, self.device = model_spec, rollout_cfg, tokenizer, device
 
-    def generate(self, prompts: Sequence[List[int]], sampling: SamplingParams, seed: int) -> List[Completion]:
+    def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams, seed: int) -> list[Completion]:
         """`sampling.n` completions per prompt (token ids), grouped by prompt, seeded."""
         raise NotImplementedError
 
-    def load_weights(self, tensors: Dict[str, torch.Tensor]) -> None:
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the named weights (Hugging Face names of the base model) in place."""
         raise NotImplementedError
 

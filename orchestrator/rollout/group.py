@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -32,9 +33,14 @@ class RolloutGroup:
             # actor holds most of the bundle's GPU and rollout the rest (same device).
             n = cluster.num_workers
             gpus = cluster.gpus_per_worker * COLOCATED_GPU_SHARE if cluster.gpus_per_worker else 0
-            opts = [dict(num_cpus=0, num_gpus=gpus,
-                         scheduling_strategy=PlacementGroupSchedulingStrategy(train_pg, placement_group_bundle_index=i))
-                    for i in range(n)]
+            opts = [
+                dict(
+                    num_cpus=0,
+                    num_gpus=gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(train_pg, placement_group_bundle_index=i),
+                )
+                for i in range(n)
+            ]
         else:
             n = r.num_workers
             bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
@@ -47,10 +53,16 @@ class RolloutGroup:
                     f"could not place {n} rollout workers with {bundle} each beside the train workers "
                     f"within {cluster.placement_timeout_s}s; cluster has {ray.cluster_resources()}. "
                     "Lower rollout.num_workers / its resources, or use "
-                    "rollout.placement=colocated.") from exc
-            opts = [dict(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
-                         scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
-                    for i in range(n)]
+                    "rollout.placement=colocated."
+                ) from exc
+            opts = [
+                dict(
+                    num_cpus=r.cpus_per_worker,
+                    num_gpus=r.gpus_per_worker,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                )
+                for i in range(n)
+            ]
         self.actors = [remote.options(**o).remote(r, model_spec, i, tokenizer) for i, o in enumerate(opts)]
         self.version = 0
         self._get([a.update_weights.remote(0, {}) for a in self.actors], "start")  # wait until built
@@ -59,10 +71,12 @@ class RolloutGroup:
         try:
             return ray.get(refs)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            raise WorkerError(f"rollout {what} failed: {type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
+            raise WorkerError(
+                f"rollout {what} failed: {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            ) from exc
 
-    def sync(self, version: int, state: Dict[str, Any]) -> Dict[str, float]:
+    def sync(self, version: int, state: dict[str, Any]) -> dict[str, float]:
         """Send new weights (Hugging Face names) to every rollout actor; returns after all have them."""
         t = time.time()
         ref = ray.put(state)
@@ -71,7 +85,7 @@ class RolloutGroup:
         nbytes = sum(v.numel() * v.element_size() for v in state.values())
         return {"time/sync": time.time() - t, "sync_mbytes": nbytes / 2**20}
 
-    def generate(self, prompts: Sequence[List[int]], sampling: SamplingParams, seed: int) -> List[Completion]:
+    def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams, seed: int) -> list[Completion]:
         """`sampling.n` completions per prompt, grouped by prompt, in prompt order."""
         k = len(self.actors)
         shards = [list(prompts[i::k]) for i in range(k)]
@@ -83,10 +97,10 @@ class RolloutGroup:
         # Re-interleave to the original prompt order (prompt i went to actor i % k).
         per_actor = [res["completions"] for res in results]
         n = sampling.n
-        out: List[Completion] = []
+        out: list[Completion] = []
         for i in range(len(prompts)):
             a, j = i % k, i // k
-            out.extend(Completion(**c) for c in per_actor[a][j * n:(j + 1) * n])
+            out.extend(Completion(**c) for c in per_actor[a][j * n : (j + 1) * n])
         return out
 
     def shutdown(self) -> None:

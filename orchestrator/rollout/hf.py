@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -14,44 +15,54 @@ class HfEngine(RolloutEngine):
         super().__init__(model_spec, rollout_cfg, tokenizer, device)
         from orchestrator.models import build_model, resolve_dtype
 
-        dtype = torch.float32 if model_spec.dtype == "auto" and device.type == "cpu" \
+        dtype = (
+            torch.float32
+            if model_spec.dtype == "auto" and device.type == "cpu"
             else resolve_dtype(model_spec, device.type == "cuda")
+        )
         self.model = build_model(model_spec, dtype).to(device).eval()
         self.model.generation_config.use_cache = True
 
-    def load_weights(self, tensors: Dict[str, torch.Tensor]) -> None:
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         _, unexpected = self.model.load_state_dict(tensors, strict=False)
         if unexpected:
-            raise RuntimeError(f"weight sync sent keys the rollout model lacks: {unexpected[:3]} (weights "
-                               "must arrive under the base model's Hugging Face names)")
+            raise RuntimeError(
+                f"weight sync sent keys the rollout model lacks: {unexpected[:3]} (weights "
+                "must arrive under the base model's Hugging Face names)"
+            )
 
-    def generate(self, prompts: Sequence[List[int]], sampling: SamplingParams, seed: int) -> List[Completion]:
+    def generate(self, prompts: Sequence[list[int]], sampling: SamplingParams, seed: int) -> list[Completion]:
         torch.manual_seed(seed)
         ids, lps = generate(self.model, self.tokenizer, prompts, sampling, self.cfg.batch_size, self.device)
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [Completion(i, t, lp) for i, t, lp in zip(ids, texts, lps)]
 
 
-def generate(model, tokenizer, prompts: Sequence[List[int]], sampling: SamplingParams, batch_size: int,
-             device: torch.device) -> tuple:
+def generate(
+    model, tokenizer, prompts: Sequence[list[int]], sampling: SamplingParams, batch_size: int, device: torch.device
+) -> tuple:
     """n completions per prompt (grouped: prompt 0's n, then prompt 1's, ...), each ending at
     and including EOS when it was produced, without padding; and their per-token log-probs
     under the sampling distribution (None unless `sampling.logprobs`)."""
-    out: List[List[int]] = []
-    lps: List[Any] = []
+    out: list[list[int]] = []
+    lps: list[Any] = []
     pad, eos, n = tokenizer.pad_token_id, tokenizer.eos_token_id, sampling.n
     greedy = sampling.temperature == 0
     for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
+        chunk = prompts[s : s + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(chunk):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        kwargs: Dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
-                                      eos_token_id=eos, num_return_sequences=1 if greedy else n,
-                                      do_sample=not greedy)
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            num_return_sequences=1 if greedy else n,
+            do_sample=not greedy,
+        )
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         if sampling.stop:
@@ -61,8 +72,11 @@ def generate(model, tokenizer, prompts: Sequence[List[int]], sampling: SamplingP
         with torch.no_grad():
             res = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         seqs = res.sequences if sampling.logprobs else res
-        scores = model.compute_transition_scores(res.sequences, res.scores, normalize_logits=True) \
-            if sampling.logprobs else None
+        scores = (
+            model.compute_transition_scores(res.sequences, res.scores, normalize_logits=True)
+            if sampling.logprobs
+            else None
+        )
         for r, row in enumerate(seqs[:, width:].tolist()):
             comp = []
             for t in row:
@@ -72,8 +86,8 @@ def generate(model, tokenizer, prompts: Sequence[List[int]], sampling: SamplingP
                 if t == eos:
                     break
             out.append(comp)
-            lps.append(scores[r, :len(comp)].tolist() if scores is not None else None)
+            lps.append(scores[r, : len(comp)].tolist() if scores is not None else None)
         if greedy and n > 1:  # greedy samples are identical: repeat instead of recomputing
-            out[-len(chunk):] = [c for c in out[-len(chunk):] for _ in range(n)]
-            lps[-len(chunk):] = [lp for lp in lps[-len(chunk):] for _ in range(n)]
+            out[-len(chunk) :] = [c for c in out[-len(chunk) :] for _ in range(n)]
+            lps[-len(chunk) :] = [lp for lp in lps[-len(chunk) :] for _ in range(n)]
     return out, lps

@@ -4,12 +4,10 @@ Registry: plain dict, greppable."""
 
 from __future__ import annotations
 
-from typing import Dict
-
 from orchestrator.stages.grpo import GrpoStage
 from orchestrator.stages.sft import SftStage
 
-STAGES: Dict[str, type] = {
+STAGES: dict[str, type] = {
     "sft": SftStage,
     "grpo": GrpoStage,
 }

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from orchestrator.errors import NonFiniteError
 from orchestrator.roles import RoleSpec, policy_spec
@@ -29,7 +30,7 @@ class Stage:
         self.cfg = cfg
         self.tokenizer = tokenizer
 
-    def roles(self) -> Dict[str, RoleSpec]:
+    def roles(self) -> dict[str, RoleSpec]:
         """The worker groups this stage trains or reads, by role name (`policy` always)."""
         return {"policy": policy_spec(self.cfg, loss=type(self).loss)}
 
@@ -40,16 +41,16 @@ class Stage:
     def setup(self, roles, start_step: int, tracker) -> None:
         """Called once the workers hold the (possibly resumed) model, and again after recovery."""
 
-    def step(self, roles, step: int) -> Dict[str, Any]:
+    def step(self, roles, step: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """Extra entries for the run's summary.json."""
         return {}
 
@@ -57,12 +58,13 @@ class Stage:
         pass
 
     @staticmethod
-    def loss(model, mb: Dict[str, Any]):
+    def loss(model, mb: dict[str, Any]):
         raise NotImplementedError
 
 
-def train_on_workers(workers, per_rank: Sequence[List[Dict[str, Any]]], on_nonfinite: str,
-                     step: int) -> List[Dict[str, float]]:
+def train_on_workers(
+    workers, per_rank: Sequence[list[dict[str, Any]]], on_nonfinite: str, step: int
+) -> list[dict[str, float]]:
     """One optimizer step on every rank; a non-finite step is skipped everywhere or stops the run."""
     t = time.time()
     results = workers.call_per_rank("train_step", per_rank)
@@ -77,6 +79,6 @@ def train_on_workers(workers, per_rank: Sequence[List[Dict[str, Any]]], on_nonfi
     return results
 
 
-def step_metrics(results: List[Dict[str, float]]) -> Dict[str, float]:
+def step_metrics(results: list[dict[str, float]]) -> dict[str, float]:
     r0 = results[0]
     return {"grad_norm": r0["grad_norm"], "lr": r0["lr"], "skipped": r0["skipped"]}

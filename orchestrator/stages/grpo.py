@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 
@@ -55,27 +55,38 @@ class GrpoStage(Stage):
         g = cfg.stage
         self.g, self.r = g, cfg.rollout
         prompts = load_prompts(cfg.data)
-        self.heldout = heldout_prompts(cfg.data, prompts, cfg.eval.samples) \
-            if cfg.data.source.startswith("synthetic:") else []
-        self.source = BatchSource([{"input_ids": [i], "labels": [i]} for i in range(len(prompts))], "padded",
-                                  1 << 30, g.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
-                                  group_by_length=False)
+        self.heldout = (
+            heldout_prompts(cfg.data, prompts, cfg.eval.samples) if cfg.data.source.startswith("synthetic:") else []
+        )
+        self.source = BatchSource(
+            [{"input_ids": [i], "labels": [i]} for i in range(len(prompts))],
+            "padded",
+            1 << 30,
+            g.prompts_per_step,
+            seed=cfg.data.seed,
+            shuffle=cfg.data.shuffle,
+            group_by_length=False,
+        )
         self.prompts = prompts
         self.world = cfg.cluster.num_workers
         self.version = 0
         self.rewards = RewardRunner(g.rewards, g.reward_timeout_s, g.reward_workers)
         self.rollout = None
         self.tracker = None
-        self.eval_results: Dict[str, float] = {}
-        log.info("GRPO: %d prompts (%d held out for eval), %d per step x %d samples", len(prompts),
-                 len(self.heldout), g.prompts_per_step, self.r.n)
+        self.eval_results: dict[str, float] = {}
+        log.info(
+            "GRPO: %d prompts (%d held out for eval), %d per step x %d samples",
+            len(prompts),
+            len(self.heldout),
+            g.prompts_per_step,
+            self.r.n,
+        )
 
-    def roles(self) -> Dict[str, RoleSpec]:
+    def roles(self) -> dict[str, RoleSpec]:
         """The policy, and a frozen reference copy when the KL term needs one the method
         cannot give by switching its trained weights off (`method=full`)."""
         cfg = self.cfg
-        frozen_ref = cfg.stage.kl_coef > 0 and METHODS[cfg.method.name](cfg.method).reference \
-            is Reference.FROZEN_COPY
+        frozen_ref = cfg.stage.kl_coef > 0 and METHODS[cfg.method.name](cfg.method).reference is Reference.FROZEN_COPY
         share = 1.0
         if self.r.placement == "colocated" and cfg.cluster.gpus_per_worker:
             share -= COLOCATED_GPU_SHARE
@@ -97,21 +108,30 @@ class GrpoStage(Stage):
         from orchestrator.rollout.group import RolloutGroup
 
         self.tracker = tracker
-        self.rollout = RolloutGroup(self.r, self.cfg.model, self.tokenizer, self.cfg.cluster,
-                                    train_pg=roles.policy.pg)
+        self.rollout = RolloutGroup(self.r, self.cfg.model, self.tokenizer, self.cfg.cluster, train_pg=roles.policy.pg)
         stats = self.rollout.sync(self.version, roles.policy.call("inference_state")[0])
-        log.info("rollout: %d %s worker(s) (%s), initial weight sync %.2fs", len(self.rollout.actors),
-                 self.r.engine, self.r.placement, stats["time/sync"])
+        log.info(
+            "rollout: %d %s worker(s) (%s), initial weight sync %.2fs",
+            len(self.rollout.actors),
+            self.r.engine,
+            self.r.placement,
+            stats["time/sync"],
+        )
         if self.heldout:
             key = "eval_before" if start_step == 0 else "eval_resumed"
             self.eval_results[key] = self.evaluate()
-            log.info("held-out accuracy (%s, %d prompts): %.1f%%", key, len(self.heldout),
-                     100 * self.eval_results[key])
+            log.info("held-out accuracy (%s, %d prompts): %.1f%%", key, len(self.heldout), 100 * self.eval_results[key])
 
     def evaluate(self) -> float:
         e = self.cfg.eval
-        return greedy_accuracy(self.rollout, self.tokenizer, self.heldout, e.reward,
-                               e.max_new_tokens or self.r.max_new_tokens, list(self.r.stop))
+        return greedy_accuracy(
+            self.rollout,
+            self.tokenizer,
+            self.heldout,
+            e.reward,
+            e.max_new_tokens or self.r.max_new_tokens,
+            list(self.r.stop),
+        )
 
     def close(self) -> None:
         self.rewards.close()
@@ -119,29 +139,30 @@ class GrpoStage(Stage):
             self.rollout.shutdown()
             self.rollout = None
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"data": self.source.state_dict(), "version": self.version}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.source.load_state_dict(state["data"])
         self.version = int(state["version"])
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         if self.heldout and self.rollout is not None:
             self.eval_results["eval_after"] = self.evaluate()
             log.info("held-out accuracy after training: %.1f%%", 100 * self.eval_results["eval_after"])
         return dict(self.eval_results)
 
     # ------------------------------------------------------------------ step
-    def step(self, roles, step: int) -> Dict[str, Any]:
+    def step(self, roles, step: int) -> dict[str, Any]:
         g, r, t0 = self.g, self.r, time.time()
-        times: Dict[str, float] = {}
+        times: dict[str, float] = {}
         batch = [self.prompts[row["input_ids"][0]] for row in self.source.next()]
         prompt_ids = [encode_prompt(self.tokenizer, p["messages"]) for p in batch]
 
         t = time.time()
-        sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p,
-                                  max_new_tokens=r.max_new_tokens, stop=list(r.stop))
+        sampling = SamplingParams(
+            n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, stop=list(r.stop)
+        )
         completions = self.rollout.generate(prompt_ids, sampling, seed=self.cfg.train.seed * 1_000_003 + step)
         comps = [c.token_ids for c in completions]
         times["time/rollout"] = time.time() - t
@@ -167,33 +188,48 @@ class GrpoStage(Stage):
             p = prompt_ids[i // r.n]
             rows.append({"input_ids": p + comps[i], "prompt_len": len(p), "weight": w, "adv": float(adv[i])})
 
-        metrics: Dict[str, Any] = {
+        metrics: dict[str, Any] = {
             "reward_mean": float(rw[ok].mean()) if ok.any() else 0.0,
             "reward_std": float(rw[ok].std()) if ok.sum() > 1 else 0.0,
             "completion_len": sum(len(c) for c in comps) / len(comps),
-            "zero_std_groups": float(flat.float().mean()), "samples_trained": len(rows),
-            "rollout_version": rollout_version, **rstats}
+            "zero_std_groups": float(flat.float().mean()),
+            "samples_trained": len(rows),
+            "rollout_version": rollout_version,
+            **rstats,
+        }
         metrics["accuracy"] = sum(1.0 for i, v in enumerate(valid) if v and rewards[i] >= 1.0) / len(valid)
         if rows:
             metrics.update(self._train(roles, rows, times, step))
         else:
             log.warning("step %d: no sample carries signal (all groups flat or masked); no update", step)
         times["time/step"] = time.time() - t0
-        metrics.update(times, tokens=sum(len(p) + len(c) for p, c in zip(
-            [prompt_ids[i // r.n] for i in range(len(comps))], comps)))
+        metrics.update(
+            times, tokens=sum(len(p) + len(c) for p, c in zip([prompt_ids[i // r.n] for i in range(len(comps))], comps))
+        )
         if g.log_samples_every and step % g.log_samples_every == 0 and self.tracker is not None:
             self._log_samples(step, batch, texts, rewards)
         if self.cfg.eval.every_steps and self.heldout and step % self.cfg.eval.every_steps == 0:
             metrics["eval_accuracy"] = self.evaluate()
         return metrics
 
-    def _train(self, roles, rows: List[Dict[str, Any]], times: Dict[str, float], step: int) -> Dict[str, float]:
+    def _train(self, roles, rows: list[dict[str, Any]], times: dict[str, float], step: int) -> dict[str, float]:
         g, workers = self.g, roles.policy
         pad = self.tokenizer.pad_token_id
-        per_rank = shard(rows, self.world, self.cfg.train.micro_batch_size, pad,
-                         collate_fn=lambda rs: rl_collate(rs, pad), dummy=rl_dummy(pad))
-        ctx = {"world_size": self.world, "clip_low": g.clip_low, "clip_high": g.clip_high, "kl_coef": g.kl_coef,
-               "logits_chunk_mb": self.cfg.train.logits_chunk_mb}
+        per_rank = shard(
+            rows,
+            self.world,
+            self.cfg.train.micro_batch_size,
+            pad,
+            collate_fn=lambda rs: rl_collate(rs, pad),
+            dummy=rl_dummy(pad),
+        )
+        ctx = {
+            "world_size": self.world,
+            "clip_low": g.clip_low,
+            "clip_high": g.clip_high,
+            "kl_coef": g.kl_coef,
+            "logits_chunk_mb": self.cfg.train.logits_chunk_mb,
+        }
         per_rank = [[dict(mb, **ctx) for mb in mbs] for mbs in per_rank]
         t = time.time()
         if g.num_iterations > 1:
@@ -206,15 +242,18 @@ class GrpoStage(Stage):
                     mb["ref_logp"] = lp
         times["time/old_logprob"] = time.time() - t
         t = time.time()
-        out: Dict[str, float] = {}
+        out: dict[str, float] = {}
         for _ in range(g.num_iterations):
             results = train_on_workers(workers, per_rank, self.cfg.train.on_nonfinite, step)
             self.version += 1
         times["time/train"] = time.time() - t
         tokens = sum(m["tokens"] for m in results) or 1.0
-        out.update(step_metrics(results), loss=sum(m["loss_sum"] for m in results),
-                   clip_frac=sum(m["clipped_tokens"] for m in results) / tokens,
-                   entropy=sum(m["entropy_sum"] for m in results) / tokens)
+        out.update(
+            step_metrics(results),
+            loss=sum(m["loss_sum"] for m in results),
+            clip_frac=sum(m["clipped_tokens"] for m in results) / tokens,
+            entropy=sum(m["entropy_sum"] for m in results) / tokens,
+        )
         if g.kl_coef > 0:
             out["kl"] = sum(m["kl_sum"] for m in results) / tokens
         stats = self.rollout.sync(self.version, workers.call("inference_state")[0])
@@ -222,10 +261,12 @@ class GrpoStage(Stage):
         out["policy_version"] = self.version
         return out
 
-    def _log_samples(self, step: int, batch, texts: List[str], rewards: List[float]) -> None:
+    def _log_samples(self, step: int, batch, texts: list[str], rewards: list[float]) -> None:
         n = self.r.n
-        rows = [[step, batch[i]["messages"][-1]["content"], texts[i * n], rewards[i * n], batch[i]["answer"]]
-                for i in range(min(4, len(batch)))]
+        rows = [
+            [step, batch[i]["messages"][-1]["content"], texts[i * n], rewards[i * n], batch[i]["answer"]]
+            for i in range(min(4, len(batch)))
+        ]
         for row in rows:
             log.info("sample step %d | %r -> %r (reward %.2f, answer %s)", *row)
         wb = self.tracker.wandb if self.tracker is not None else None
@@ -233,19 +274,29 @@ class GrpoStage(Stage):
             try:
                 import wandb
 
-                wb.log({"samples": wandb.Table(columns=["step", "prompt", "completion", "reward", "answer"],
-                                               data=rows)}, step=step)
+                wb.log(
+                    {"samples": wandb.Table(columns=["step", "prompt", "completion", "reward", "answer"], data=rows)},
+                    step=step,
+                )
             except Exception as exc:
                 log.warning("W&B: sample table failed (%s)", exc)
 
     # ---------------------------------------------------------- worker side
     @staticmethod
-    def loss(model: torch.nn.Module, mb: Dict[str, Any]):
+    def loss(model: torch.nn.Module, mb: dict[str, Any]):
         logp, entropy = token_logprobs(model, mb, mb["logits_chunk_mb"], with_entropy=True)
         old = mb["old_logp"] if "old_logp" in mb else logp.detach()
         adv = mb["adv"].expand_as(logp)
-        loss, metrics = clipped_policy_loss(logp, old, adv, mb["weights"], mb["clip_low"], mb["clip_high"],
-                                            ref_logp=mb.get("ref_logp"), kl_coef=mb["kl_coef"])
+        loss, metrics = clipped_policy_loss(
+            logp,
+            old,
+            adv,
+            mb["weights"],
+            mb["clip_low"],
+            mb["clip_high"],
+            ref_logp=mb.get("ref_logp"),
+            kl_coef=mb["kl_coef"],
+        )
         with torch.no_grad():
             mask = (mb["weights"] > 0).float()
             metrics["entropy_sum"] = (entropy * mask).sum()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import torch
 
@@ -30,46 +30,70 @@ class SftStage(Stage):
         super().__init__(cfg, tokenizer)
         d, t = cfg.data, cfg.train
         examples = tokenize_rows(load_rows(d), tokenizer, d, cfg.stage.train_on_prompt)
-        self.source = BatchSource(examples, d.batching, d.max_seq_len, t.global_batch_size,
-                                  seed=d.seed, shuffle=d.shuffle, group_by_length=d.group_by_length)
+        self.source = BatchSource(
+            examples,
+            d.batching,
+            d.max_seq_len,
+            t.global_batch_size,
+            seed=d.seed,
+            shuffle=d.shuffle,
+            group_by_length=d.group_by_length,
+        )
         self.pad_id = tokenizer.pad_token_id
         self.world = cfg.cluster.num_workers
-        log.info("data: %d examples -> %d %s rows of <= %d tokens, %d batches/epoch",
-                 len(examples), len(self.source.rows), d.batching, d.max_seq_len,
-                 self.source.batches_per_epoch)
+        log.info(
+            "data: %d examples -> %d %s rows of <= %d tokens, %d batches/epoch",
+            len(examples),
+            len(self.source.rows),
+            d.batching,
+            d.max_seq_len,
+            self.source.batches_per_epoch,
+        )
 
     @property
     def total_steps(self) -> int:
         t = self.cfg.train
         return t.max_steps or t.epochs * self.source.batches_per_epoch
 
-    def step(self, roles, step: int) -> Dict[str, Any]:
+    def step(self, roles, step: int) -> dict[str, Any]:
         t = time.time()
         per_rank, info = self.next_step()
         results = train_on_workers(roles.policy, per_rank, self.cfg.train.on_nonfinite, step)
         nll = sum(m["nll_sum"] for m in results)
-        return {"loss": nll / max(info["targets"], 1), **step_metrics(results), "tokens": info["tokens"],
-                "epoch": info["epoch"], "step_time": time.time() - t}
+        return {
+            "loss": nll / max(info["targets"], 1),
+            **step_metrics(results),
+            "tokens": info["tokens"],
+            "epoch": info["epoch"],
+            "step_time": time.time() - t,
+        }
 
-    def next_step(self) -> Tuple[List[List[Dict[str, torch.Tensor]]], Dict[str, Any]]:
+    def next_step(self) -> tuple[list[list[dict[str, torch.Tensor]]], dict[str, Any]]:
         """Per-rank micro-batches for one optimizer step, and what every rank must know."""
         batch = self.source.next()
         targets = count_targets(batch)
-        ctx = {"num_targets": max(targets, 1), "world_size": self.world,
-               "logits_chunk_mb": self.cfg.train.logits_chunk_mb}
+        ctx = {
+            "num_targets": max(targets, 1),
+            "world_size": self.world,
+            "logits_chunk_mb": self.cfg.train.logits_chunk_mb,
+        }
         per_rank = shard(batch, self.world, self.cfg.train.micro_batch_size, self.pad_id)
-        info = {"tokens": sum(len(r["input_ids"]) for r in batch), "targets": targets,
-                "rows": len(batch), "epoch": self.source.epoch}
+        info = {
+            "tokens": sum(len(r["input_ids"]) for r in batch),
+            "targets": targets,
+            "rows": len(batch),
+            "epoch": self.source.epoch,
+        }
         return [[dict(mb, **ctx) for mb in mbs] for mbs in per_rank], info
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"data": self.source.state_dict()}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.source.load_state_dict(state["data"])
 
     @staticmethod
-    def loss(model: torch.nn.Module, mb: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def loss(model: torch.nn.Module, mb: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         nll = nll_sum(model, mb, mb["logits_chunk_mb"], IGNORE)
         loss = nll * (mb["world_size"] / mb["num_targets"])
         return loss, {"nll_sum": nll.detach()}

@@ -7,23 +7,28 @@ its rank and node.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
-from typing import Any, Dict, List, Sequence
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.errors import ConfigError, WorkerError
+from orchestrator.errors import ConfigError, OrchestratorError, WorkerError
 
 log = logging.getLogger(__name__)
 
 
 class WorkerGroup:
-    def __init__(self, worker_cls: type, spec, env: Dict[str, str] | None = None,
-                 colocate: "WorkerGroup | None" = None):
+    def __init__(self, worker_cls: type, spec, env: dict[str, str] | None = None, colocate: WorkerGroup | None = None):
         """One actor per rank of the role `spec` (`orchestrator.roles.RoleSpec`), in a placement
         group of its own, or on the bundles of `colocate` (another role's group: the CPU is
         time-shared, and each takes its `gpu_share` of the bundle's GPU)."""
@@ -40,8 +45,12 @@ class WorkerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                 # ORCHESTRATOR_* variables of the driver reach every rank (actors inherit the
                 # raylet's environment otherwise, not the driver's).
-                runtime_env={"env_vars": {**{k: v for k, v in os.environ.items() if k.startswith("ORCHESTRATOR_")},
-                                          **(env or {})}},
+                runtime_env={
+                    "env_vars": {
+                        **{k: v for k, v in os.environ.items() if k.startswith("ORCHESTRATOR_")},
+                        **(env or {}),
+                    }
+                },
             ).remote(spec, r, c.num_workers)
             for r in range(c.num_workers)
         ]
@@ -49,8 +58,14 @@ class WorkerGroup:
         master = self.nodes[0]["ip"]
         port = ray.get(self.actors[0].free_port.remote())
         self.call("init_process_group", master, port)
-        log.info("worker group %s: %d ranks on %d node(s), torch.distributed at %s:%d", self.name,
-                 self.world_size, len({n["node_id"] for n in self.nodes}), master, port)
+        log.info(
+            "worker group %s: %d ranks on %d node(s), torch.distributed at %s:%d",
+            self.name,
+            self.world_size,
+            len({n["node_id"] for n in self.nodes}),
+            master,
+            port,
+        )
 
     def _placement(self, c):
         bundle = {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
@@ -64,41 +79,72 @@ class WorkerGroup:
                 f"could not place {c.num_workers} workers with {bundle} each "
                 f"(strategy {c.placement_strategy}) within {c.placement_timeout_s}s; cluster has "
                 f"{ray.cluster_resources()}. Lower cluster.num_workers or the per-worker resources, "
-                "or use placement_strategy=PACK.") from exc
+                "or use placement_strategy=PACK."
+            ) from exc
         return pg
 
     @staticmethod
-    def _check_capacity(bundle: Dict[str, float], n: int) -> None:
+    def _check_capacity(bundle: dict[str, float], n: int) -> None:
         total = ray.cluster_resources()
         for res, amount in bundle.items():
             if amount * n > total.get(res, 0):
                 raise ConfigError(
                     f"cluster.num_workers={n} needs {amount * n:g} {res} in total but the Ray cluster "
-                    f"has {total.get(res, 0):g}. Lower cluster.num_workers or cluster.{res.lower()}s_per_worker.")
+                    f"has {total.get(res, 0):g}. Lower cluster.num_workers or cluster.{res.lower()}s_per_worker."
+                )
 
-    def _gather(self, refs: Sequence[ray.ObjectRef], method: str) -> List[Any]:
+    def _gather(self, refs: Sequence[ray.ObjectRef], method: str) -> list[Any]:
         """Results in rank order; the first failure raises at once, even while other ranks
-        are blocked in a collective waiting for the failed one."""
+        are blocked in a collective waiting for the failed one. An error of ours raised in a
+        worker (StorageError, ConfigError, ...) propagates as itself: restarting would not
+        help. Inside `call_timeout(s)`, ranks with no result after s seconds are hung: their
+        stacks are logged and WorkerError is raised (the driver's recovery path)."""
+        refs = list(refs)
         pending = list(refs)
+        timeout_s = _CALL_TIMEOUT_S.get()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not done:
+                stuck = [refs.index(r) for r in pending]
+                nodes = [self.nodes[r] if hasattr(self, "nodes") else {} for r in stuck]
+                log.error(
+                    "%s: rank(s) %s gave no result within %gs (run.step_timeout_s); their stacks:\n%s",
+                    method,
+                    stuck,
+                    timeout_s,
+                    dump_stacks(nodes),
+                )
+                where = ", ".join(
+                    f"rank {r}: node {n.get('ip', '?')} pid {n.get('pid', '?')}" for r, n in zip(stuck, nodes)
+                )
+                raise WorkerError(
+                    f"{method} hung ({where}): no result within run.step_timeout_s={timeout_s:g}s; "
+                    "their Python stacks are in the log"
+                )
             try:
                 ray.get(done[0])
             except (RayActorError, RayTaskError) as exc:
-                rank = list(refs).index(done[0])
+                rank = refs.index(done[0])
                 node = self.nodes[rank] if hasattr(self, "nodes") else {"ip": "?", "pid": "?"}
                 cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause else exc
+                if isinstance(cause, OrchestratorError) and not isinstance(cause, WorkerError):
+                    raise cause from None
                 text = str(cause).strip().splitlines()
-                raise WorkerError(f"{method} failed on rank {rank} (node {node['ip']}, pid {node['pid']}): "
-                                  f"{type(cause).__name__}: {text[-1] if text else ''}") from exc
-        return ray.get(list(refs))
+                raise WorkerError(
+                    f"{method} failed on rank {rank} (node {node['ip']}, pid {node['pid']}): "
+                    f"{type(cause).__name__}: {text[-1] if text else ''}"
+                ) from exc
+        return ray.get(refs)
 
-    def call(self, method: str, *args, **kwargs) -> List[Any]:
+    def call(self, method: str, *args, **kwargs) -> list[Any]:
         return self._gather([getattr(a, method).remote(*args, **kwargs) for a in self.actors], method)
 
-    def call_per_rank(self, method: str, per_rank_args: Sequence[Any], **kwargs) -> List[Any]:
-        return self._gather([getattr(a, method).remote(arg, **kwargs)
-                             for a, arg in zip(self.actors, per_rank_args)], method)
+    def call_per_rank(self, method: str, per_rank_args: Sequence[Any], **kwargs) -> list[Any]:
+        return self._gather(
+            [getattr(a, method).remote(arg, **kwargs) for a, arg in zip(self.actors, per_rank_args)], method
+        )
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -110,3 +156,49 @@ class WorkerGroup:
             remove_placement_group(self.pg)
 
 
+_CALL_TIMEOUT_S: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar("call_timeout_s", default=None)
+
+
+@contextlib.contextmanager
+def call_timeout(seconds: Optional[float]) -> Iterator[None]:
+    """Within the block, every WorkerGroup call that has no result from some rank after
+    `seconds` raises WorkerError after logging the stuck ranks' stacks (None: wait forever).
+    The driver wraps each step: `with call_timeout(cfg.run.step_timeout_s): stage.step(...)`."""
+    token = _CALL_TIMEOUT_S.set(seconds)
+    try:
+        yield
+    finally:
+        _CALL_TIMEOUT_S.reset(token)
+
+
+def _py_spy_dump(pid: int) -> str:
+    exe = shutil.which("py-spy")
+    if exe is None:
+        return "(py-spy is not installed on this node: no stack)"
+    try:
+        out = subprocess.run([exe, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        return "(py-spy dump timed out)"
+    return (out.stdout + out.stderr).strip() or f"(py-spy exited with {out.returncode})"
+
+
+def dump_stacks(nodes: Sequence[dict[str, Any]], timeout_s: float = 60.0) -> str:
+    """The Python stacks of worker processes (`node_info()` dicts: pid, node_id, ip), taken with
+    `py-spy dump` on each process's own node (a zero-CPU Ray task pinned there)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    dump = ray.remote(num_cpus=0)(_py_spy_dump)
+    refs = [
+        dump.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["node_id"], soft=False)).remote(n["pid"])
+        if n.get("node_id") and n.get("pid")
+        else None
+        for n in nodes
+    ]
+    parts = []
+    for n, ref in zip(nodes, refs):
+        try:
+            text = ray.get(ref, timeout=timeout_s) if ref is not None else "(unknown process)"
+        except Exception as exc:  # noqa: BLE001  (the node may be gone too: say so, go on)
+            text = f"(no stack: {type(exc).__name__}: {exc})"
+        parts.append(f"--- rank {n.get('rank', '?')} (node {n.get('ip', '?')}, pid {n.get('pid', '?')}) ---\n{text}")
+    return "\n".join(parts)

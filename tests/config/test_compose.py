@@ -75,26 +75,43 @@ def test_bad_type_names_key():
     assert "train.max_steps" in str(e.value) and "ten" in str(e.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.scheduler=cosinus", "train.scheduler='cosinus' is not valid. Valid values: cosine, linear, constant"),
-    ("data.batching=bucketed", "data.batching='bucketed' is not valid. Valid values: packed, padded"),
-    ("checkpoint.resume=maybe", "checkpoint.resume='maybe' is not valid. Valid values: auto, must, never"),
-    ("cluster.placement_strategy=RANDOM",
-     "cluster.placement_strategy='RANDOM' is not valid. Valid values: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "train.scheduler=cosinus",
+            "train.scheduler='cosinus' is not valid. Valid values: cosine, linear, constant",
+        ),
+        (
+            "data.batching=bucketed",
+            "data.batching='bucketed' is not valid. Valid values: packed, padded",
+        ),
+        (
+            "checkpoint.resume=maybe",
+            "checkpoint.resume='maybe' is not valid. Valid values: auto, must, never",
+        ),
+        (
+            "cluster.placement_strategy=RANDOM",
+            "cluster.placement_strategy='RANDOM' is not valid. Valid values: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD",
+        ),
+    ],
+)
 def test_choice_errors_fail_at_compose_naming_key_and_valid_values(override, message):
     with pytest.raises(ConfigError) as e:
         compose([override])
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.global_batch_size=7", "train.global_batch_size"),
-    ("train.micro_batch_size=3", "train.micro_batch_size"),
-    ("cluster.gpus_per_worker=1", "cluster.gpus_per_worker"),
-    ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
-    ("eval.samples=-1", "eval.samples"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.global_batch_size=7", "train.global_batch_size"),
+        ("train.micro_batch_size=3", "train.micro_batch_size"),
+        ("cluster.gpus_per_worker=1", "cluster.gpus_per_worker"),
+        ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+        ("eval.samples=-1", "eval.samples"),
+    ],
+)
 def test_semantic_errors_name_the_key(override, key):
     import torch
 
@@ -113,16 +130,36 @@ def test_entry_exits_2_with_message_before_starting_anything(capsys):
 
 
 def test_cfg_job_prints_resolved_config():
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "+experiment=sft_tiny", "train.lr=0.5",
-                          "--cfg", "job"], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "+experiment=sft_tiny",
+            "train.lr=0.5",
+            "--cfg",
+            "job",
+        ],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "lr: 0.5" in out.stdout and "output_dir: outputs/sft_tiny" in out.stdout
     assert "${" not in out.stdout  # interpolations resolved
 
 
 def test_help_lists_groups():
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], check=False, cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "--help"],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "experiment" in out.stdout and "sft_tiny" in out.stdout
     assert "rollout     hf, vllm" in out.stdout and "eval        default" in out.stdout
 

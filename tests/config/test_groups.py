@@ -8,7 +8,7 @@ import dataclasses
 import importlib.util
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import pytest
 import yaml
@@ -30,12 +30,20 @@ from orchestrator.errors import ConfigError
 
 OPTIONS = [(g, o) for g in GROUP_SCHEMAS for o in group_options(g)]
 # What an option needs besides itself to compose and validate on a CPU machine.
-NEEDS = {("data", "jsonl"): ["data.source=/data/train.jsonl"], ("method", "experts"): ["model=tiny_moe"]}
+NEEDS = {
+    ("data", "jsonl"): ["data.source=/data/train.jsonl"],
+    ("method", "experts"): ["model=tiny_moe"],
+}
 # Options that compose but cannot run here: the message validation gives instead.
 UNAVAILABLE = {
-    ("rollout", "vllm"): (importlib.util.find_spec("vllm") is None, "rollout.engine=vllm needs vLLM"),
-    ("backend", "deepspeed_zero3"): (importlib.util.find_spec("deepspeed") is None,
-                                     "backend=deepspeed_zero3 needs DeepSpeed"),
+    ("rollout", "vllm"): (
+        importlib.util.find_spec("vllm") is None,
+        "rollout.engine=vllm needs vLLM",
+    ),
+    ("backend", "deepspeed_zero3"): (
+        importlib.util.find_spec("deepspeed") is None,
+        "backend=deepspeed_zero3 needs DeepSpeed",
+    ),
 }
 
 
@@ -62,11 +70,11 @@ def test_validate_checks_every_component():
 
 
 # ------------------------------------------------------------ defaults live once
-def _option_files() -> List[Tuple[str, Path]]:
+def _option_files() -> list[tuple[str, Path]]:
     return [(g, p) for g in GROUP_SCHEMAS for p in sorted((conf_dir() / g).glob("*.yaml"))]
 
 
-def _schema_of(group: str, text: Dict[str, Any]) -> type:
+def _schema_of(group: str, text: dict[str, Any]) -> type:
     """The dataclass an option file starts from (`- /schema/<group>@_here_: <name>`)."""
     for entry in text.get("defaults", []):
         if isinstance(entry, dict):
@@ -76,7 +84,7 @@ def _schema_of(group: str, text: Dict[str, Any]) -> type:
     raise AssertionError(f"no /schema/{group} entry in its defaults list")
 
 
-def restated_defaults(group: str, path: Path) -> List[str]:
+def restated_defaults(group: str, path: Path) -> list[str]:
     """Keys of conf/<group>/<option>.yaml whose value equals the schema's default."""
     text = yaml.safe_load(path.read_text()) or {}
     schema = OmegaConf.structured(_schema_of(group, text))
@@ -94,24 +102,30 @@ def restated_defaults(group: str, path: Path) -> List[str]:
 @pytest.mark.parametrize("group, path", _option_files(), ids=[f"{g}/{p.name}" for g, p in _option_files()])
 def test_group_option_files_do_not_restate_schema_defaults(group, path):
     restated = restated_defaults(group, path)
-    assert not restated, (f"conf/{group}/{path.name} restates defaults of its schema (they live in "
-                          f"orchestrator/config/schema.py only); remove: {', '.join(restated)}")
+    assert not restated, (
+        f"conf/{group}/{path.name} restates defaults of its schema (they live in "
+        f"orchestrator/config/schema.py only); remove: {', '.join(restated)}"
+    )
 
 
 def test_restated_default_is_detected(tmp_path):
     path = tmp_path / "lora_copy.yaml"
-    path.write_text("defaults:\n  - /schema/method@_here_: lora\n  - _self_\nr: 16\ndropout: 0.05\n"
-                    "target_modules: [all-linear]\n")
-    assert restated_defaults("method", path) == ["method.dropout: 0.05", "method.target_modules: ['all-linear']"]
+    path.write_text(
+        "defaults:\n  - /schema/method@_here_: lora\n  - _self_\nr: 16\ndropout: 0.05\ntarget_modules: [all-linear]\n"
+    )
+    assert restated_defaults("method", path) == [
+        "method.dropout: 0.05",
+        "method.target_modules: ['all-linear']",
+    ]
 
 
 # ------------------------------------------------------------------ choice enums
-def _choice_fields() -> List[Tuple[List[str], str, type]]:
+def _choice_fields() -> list[tuple[list[str], str, type]]:
     """(overrides selecting the option, key, enum) for every Choice-typed field of the config."""
     components = {**GROUP_SCHEMAS, "train": {"": TrainConfig}, "run": {"": RunConfig}}
-    out: Dict[str, Tuple[List[str], str, type]] = {}
+    out: dict[str, tuple[list[str], str, type]] = {}
     for group, options in components.items():
-        for option in (group_options(group) or [""]):
+        for option in group_options(group) or [""]:
             text = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text()) if option else {}
             schema = _schema_of(group, text) if option else options[""]
             select = [f"{group}={option}", *NEEDS.get((group, option), [])] if option else []
@@ -126,10 +140,24 @@ CHOICES = _choice_fields()
 
 def test_the_choice_fields_are_enums():
     assert {key for _, key, _ in CHOICES} == {
-        "model.dtype", "model.attn_implementation", "data.format", "data.batching", "data.on_bad_rows",
-        "train.scheduler", "train.on_nonfinite", "rollout.placement", "rollout.engine", "stage.loss_agg",
-        "backend.mixed_precision", "backend.offload_optimizer", "backend.offload_param", "checkpoint.resume",
-        "logger.mode", "cluster.placement_strategy", "cluster.image_pull_policy"}
+        "model.dtype",
+        "model.attn_implementation",
+        "data.format",
+        "data.batching",
+        "data.on_bad_rows",
+        "train.scheduler",
+        "train.on_nonfinite",
+        "rollout.placement",
+        "rollout.engine",
+        "stage.loss_agg",
+        "backend.mixed_precision",
+        "backend.offload_optimizer",
+        "backend.offload_param",
+        "checkpoint.resume",
+        "logger.mode",
+        "cluster.placement_strategy",
+        "cluster.image_pull_policy",
+    }
 
 
 @pytest.mark.parametrize("select, key, enum", CHOICES, ids=[k for _, k, _ in CHOICES])
@@ -143,8 +171,7 @@ def test_choice_fields_compose_to_members_that_are_their_strings(select, key, en
         assert OmegaConf.to_yaml(cfg).count(f"{key.split('.')[1]}: {member.value}") >= 1
     with pytest.raises(ConfigError) as e:
         compose([*select, f"{key}=not_a_choice"])
-    assert str(e.value) == (f"{key}='not_a_choice' is not valid. Valid values: "
-                            f"{', '.join(m.value for m in enum)}")
+    assert str(e.value) == (f"{key}='not_a_choice' is not valid. Valid values: {', '.join(m.value for m in enum)}")
 
 
 def test_choice_error_from_a_yaml_file_names_key_and_values(tmp_path):
@@ -172,50 +199,84 @@ def test_rollout_option_and_engine_key_agree():
 
 def test_grpo_recipe_reads_rollout_and_eval_groups():
     cfg, _ = compose(["+experiment=grpo_math"])
-    assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.rollout.gpus_per_worker) == (8, 512, 1)
+    assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.rollout.gpus_per_worker) == (
+        8,
+        512,
+        1,
+    )
     assert cfg.eval.samples == 0 and cfg.eval.max_new_tokens is None
     cpu, _ = compose(["+experiment=grpo_math", "debug=cpu"])
-    assert (cpu.rollout.max_new_tokens, cpu.rollout.gpus_per_worker, cpu.eval.samples) == (6, 0, 200)
+    assert (
+        cpu.rollout.max_new_tokens,
+        cpu.rollout.gpus_per_worker,
+        cpu.eval.samples,
+    ) == (6, 0, 200)
     assert cpu.rollout.placement is Placement.separate
     assert not hasattr(cpu.stage, "rollout") and not hasattr(cpu.stage, "eval_samples")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stage.rollout.n=4", "stage.rollout.n moved to rollout.n"),
-    ("+stage.rollout.placement=colocated", "stage.rollout.placement moved to rollout.placement"),
-    ("stage.eval_samples=0", "stage.eval_samples moved to eval.samples"),
-    ("stage.eval_every=10", "stage.eval_every moved to eval.every_steps"),
-    ("stage.eval_reward=exact_match", "stage.eval_reward moved to eval.reward"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stage.rollout.n=4", "stage.rollout.n moved to rollout.n"),
+        (
+            "+stage.rollout.placement=colocated",
+            "stage.rollout.placement moved to rollout.placement",
+        ),
+        ("stage.eval_samples=0", "stage.eval_samples moved to eval.samples"),
+        ("stage.eval_every=10", "stage.eval_every moved to eval.every_steps"),
+        ("stage.eval_reward=exact_match", "stage.eval_reward moved to eval.reward"),
+    ],
+)
 def test_moved_keys_say_where_they_went(override, message):
     with pytest.raises(ConfigError) as e:
         compose(["stage=grpo", override])
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("body, message", [
-    ("stage:\n  eval_every: 5\n", "stage.eval_every moved to eval.every_steps"),
-    ("stage:\n  rollout:\n    n: 4\n", "stage.rollout moved to rollout (stage.rollout.X is now rollout.X)"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("stage:\n  eval_every: 5\n", "stage.eval_every moved to eval.every_steps"),
+        (
+            "stage:\n  rollout:\n    n: 4\n",
+            "stage.rollout moved to rollout (stage.rollout.X is now rollout.X)",
+        ),
+    ],
+)
 def test_moved_keys_in_a_yaml_file_say_where_they_went(body, message, tmp_path):
     (tmp_path / "legacy").mkdir()
     (tmp_path / "legacy" / "old.yaml").write_text("# @package _global_\n" + body)
     with pytest.raises(ConfigError) as e:
         compose([f"hydra.searchpath=[file://{tmp_path}]", "stage=grpo", "+legacy=old"])
     assert str(e.value) == message
-    assert set(MOVED) == {"stage.rollout", "stage.eval_samples", "stage.eval_every", "stage.eval_reward"}
+    assert set(MOVED) == {
+        "stage.rollout",
+        "stage.eval_samples",
+        "stage.eval_every",
+        "stage.eval_reward",
+    }
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["rollout.n=1"], "rollout.n=1: GRPO needs at least 2 completions per prompt"),
-    (["stage.rewards=[]"], "stage.rewards is empty"),
-    (["stage.prompts_per_step=0"], "stage.prompts_per_step=0 must be > 0"),
-    (["rollout.temperature=-1"], "rollout.temperature=-1.0 must be >= 0"),
-    (["rollout.num_workers=0"], "rollout.num_workers=0 must be > 0"),
-    (["eval.max_new_tokens=0"], "eval.max_new_tokens=0 must be > 0"),
-    (["eval.reward=math_verfy"], "eval.reward='math_verfy' is not a reward: use a built-in"),
-    (["stage.rewards=[{name: exact}]"], r"stage.rewards\[0\].name='exact' is not a reward"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rollout.n=1"], "rollout.n=1: GRPO needs at least 2 completions per prompt"),
+        (["stage.rewards=[]"], "stage.rewards is empty"),
+        (["stage.prompts_per_step=0"], "stage.prompts_per_step=0 must be > 0"),
+        (["rollout.temperature=-1"], "rollout.temperature=-1.0 must be >= 0"),
+        (["rollout.num_workers=0"], "rollout.num_workers=0 must be > 0"),
+        (["eval.max_new_tokens=0"], "eval.max_new_tokens=0 must be > 0"),
+        (
+            ["eval.reward=math_verfy"],
+            "eval.reward='math_verfy' is not a reward: use a built-in",
+        ),
+        (
+            ["stage.rewards=[{name: exact}]"],
+            r"stage.rewards\[0\].name='exact' is not a reward",
+        ),
+    ],
+)
 def test_grpo_rollout_and_eval_check_themselves(overrides, message):
     cfg, _ = compose(["+experiment=grpo_math", "debug=cpu", *overrides])
     with pytest.raises(ConfigError, match=message):

@@ -86,23 +86,17 @@ KINDS = {"sft": _sft, "rl": _rl, "pairs": _pairs}
         ),
     ],
 )
-def test_bad_row_error_and_skip_name_file_row_and_reason(
-    tok, tmp_path, caplog, kind, bad, reason
-):
+def test_bad_row_error_and_skip_name_file_row_and_reason(tok, tmp_path, caplog, kind, bad, reason):
     path = _write(tmp_path / "d.jsonl", [GOOD[kind], bad, GOOD[kind]])
     with pytest.raises(DataError) as e:
-        KINDS[kind](
-            load_rows(DataConfig(source=str(path))), tok, DataConfig(source=str(path))
-        )
+        KINDS[kind](load_rows(DataConfig(source=str(path))), tok, DataConfig(source=str(path)))
     assert str(e.value).startswith(f"{path}:row 2: {reason}")
     assert "data.on_bad_rows=skip" in str(e.value)
     d = DataConfig(source=str(path), on_bad_rows="skip", max_bad_rows_fraction=0.5)
     with caplog.at_level(logging.WARNING, logger="orchestrator.data.bad_rows"):
         assert len(KINDS[kind](load_rows(d), tok, d)) == 2
     assert f"skipping bad row {path}:row 2: {reason}" in caplog.text
-    assert (
-        f"skipped 1 malformed rows of 3 (first: {path}:row 2: {reason}" in caplog.text
-    )
+    assert f"skipped 1 malformed rows of 3 (first: {path}:row 2: {reason}" in caplog.text
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -30,14 +30,7 @@ def _b(tok, text):
 
 def test_encode_prompt_is_template_plus_assistant_header_without_extra_specials(tok):
     msgs = [{"role": "user", "content": "ab"}]
-    want = (
-        [START]
-        + _b(tok, "user\nab")
-        + [END]
-        + _b(tok, "\n")
-        + [START]
-        + _b(tok, "assistant\n")
-    )
+    want = [START] + _b(tok, "user\nab") + [END] + _b(tok, "\n") + [START] + _b(tok, "assistant\n")
     assert encode_prompt(tok, msgs) == want
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert encode_prompt(tok, msgs) == tok(text, add_special_tokens=False)["input_ids"]

@@ -15,7 +15,7 @@ from orchestrator.data.collate import (
     rl_dummy,
 )
 
-I = IGNORE
+I = IGNORE  # noqa: E741 (reads as a mask in the tables below)
 
 
 def _t(rows, dtype=torch.long):
@@ -73,9 +73,7 @@ def test_rl_collate_weights_cover_completion_targets():
             "input_ids": _t([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]]),
             "position_ids": _t([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]),
             # target t predicts token t+1: row 0's completion tokens 3, 4, 5 are targets 1..3
-            "weights": _t(
-                [[0.0, 0.5, 0.5, 0.5], [0.25, 0.25, 0.0, 0.0]], torch.float32
-            ),
+            "weights": _t([[0.0, 0.5, 0.5, 0.5], [0.25, 0.25, 0.0, 0.0]], torch.float32),
             "adv": _t([[1.5], [-2.0]], torch.float32),
         },
     )
@@ -103,9 +101,7 @@ def test_paired_collate_chosen_first_prompt_masked():
         {
             "input_ids": _t([[1, 2, 3, 0], [6, 7, 8, 9], [1, 2, 4, 5], [6, 10, 0, 0]]),
             "labels": _t([[I, I, 3, I], [I, 7, 8, 9], [I, I, 4, 5], [I, 10, I, I]]),
-            "position_ids": _t(
-                [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 1]]
-            ),
+            "position_ids": _t([[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 1]]),
             "pair_index": _t([0, 1, 0, 1]),
         },
     )
@@ -133,6 +129,4 @@ def test_shard_with_rl_and_pair_dummies_gives_equal_counts():
         dummy=pair_dummy(0),
     )
     assert [len(r) for r in per_rank] == [2, 2]
-    assert (per_rank[1][1]["labels"] == IGNORE).all() and per_rank[1][1][
-        "input_ids"
-    ].shape == (2, 1)
+    assert (per_rank[1][1]["labels"] == IGNORE).all() and per_rank[1][1]["input_ids"].shape == (2, 1)

@@ -73,30 +73,20 @@ def test_truncation_cuts_the_prompt_from_the_left(tok):
     full = PairTokenizer(tok, 512, True)(p, c, r)
     assert len(full["prompt_ids"]) > 20 and len(full["chosen_ids"]) == 8
     cut = PairTokenizer(tok, 30, True)(p, c, r)
-    assert (
-        cut["prompt_ids"] == full["prompt_ids"][-(30 - 8) :]
-    )  # keeps the assistant header
-    assert (
-        cut["chosen_ids"] == full["chosen_ids"]
-        and cut["rejected_ids"] == full["rejected_ids"]
-    )
+    assert cut["prompt_ids"] == full["prompt_ids"][-(30 - 8) :]  # keeps the assistant header
+    assert cut["chosen_ids"] == full["chosen_ids"] and cut["rejected_ids"] == full["rejected_ids"]
     # a completion longer than the budget: the prompt keeps half, completions are cut from the right
     p, c, r = to_pair({"prompt": "x" * 40, "chosen": "a" * 50, "rejected": "b" * 50})
     full = PairTokenizer(tok, 512, True)(p, c, r)
     cut = PairTokenizer(tok, 20, True)(p, c, r)
     assert cut["prompt_ids"] == full["prompt_ids"][-10:]
-    assert (
-        cut["chosen_ids"] == full["chosen_ids"][:10]
-        and cut["rejected_ids"] == full["rejected_ids"][:10]
-    )
+    assert cut["chosen_ids"] == full["chosen_ids"][:10] and cut["rejected_ids"] == full["rejected_ids"][:10]
     with pytest.raises(ValueError, match="exceed data.max_seq_len=20"):
         PairTokenizer(tok, 20, False)(p, c, r)
 
 
 def test_over_long_row_without_truncation_is_a_bad_row(tok, tmp_path):
-    with pytest.raises(
-        DataError, match=r"p.jsonl:row 1: \d+ tokens exceed data.max_seq_len=16"
-    ):
+    with pytest.raises(DataError, match=r"p.jsonl:row 1: \d+ tokens exceed data.max_seq_len=16"):
         _pairs(
             tok,
             tmp_path,

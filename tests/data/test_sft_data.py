@@ -24,9 +24,7 @@ def tok():
 
 
 def _write_jsonl(path, rows):
-    path.write_text(
-        "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
-    )
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     return path
 
 
@@ -46,9 +44,7 @@ def test_completion_only_labels_cover_exactly_the_assistant_turns(tok, tmp_path)
             ]
         }
     ]
-    ex = tokenize_rows(
-        load_rows(_cfg(_write_jsonl(tmp_path / "a.jsonl", rows))), tok, _cfg("x"), False
-    )[0]
+    ex = tokenize_rows(load_rows(_cfg(_write_jsonl(tmp_path / "a.jsonl", rows))), tok, _cfg("x"), False)[0]
     trained = tok.decode([t for t in ex["labels"] if t != IGNORE])
     assert trained == "A1<|im_end|>\nB2<|im_end|>\n"
     assert len(ex["labels"]) == len(ex["input_ids"])
@@ -87,9 +83,7 @@ def test_parquet_source(tok, tmp_path):
     ],
 )
 def test_malformed_row_names_file_row_and_reason(tok, tmp_path, bad, reason):
-    path = _write_jsonl(
-        tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, bad]
-    )
+    path = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, bad])
     with pytest.raises(DataError) as e:
         tokenize_rows(load_rows(_cfg(path)), tok, _cfg(path), False)
     assert f"{path}:row 2" in str(e.value) and reason in str(e.value)
@@ -115,9 +109,7 @@ def test_skip_bad_rows_up_to_threshold(tok, tmp_path):
 
 
 def test_prompt_longer_than_context_is_a_clear_error(tok, tmp_path):
-    path = _write_jsonl(
-        tmp_path / "long.jsonl", [{"prompt": "x" * 300, "completion": "y"}]
-    )
+    path = _write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 300, "completion": "y"}])
     with pytest.raises(DataError, match="row 1: the prompt fills data.max_seq_len=64"):
         tokenize_rows(load_rows(_cfg(path)), tok, _cfg(path, max_seq_len=64), False)
 
@@ -132,17 +124,13 @@ def test_missing_file_empty_file_and_missing_chat_template(tok, tmp_path):
     bare = build_tokenizer(ModelConfig(name="t"))
     bare.chat_template = None
     with pytest.raises(DataError, match="no chat template.*model.chat_template"):
-        tokenize_rows(
-            load_rows(_cfg("synthetic:instruct", num_samples=2)), bare, _cfg("x"), False
-        )
+        tokenize_rows(load_rows(_cfg("synthetic:instruct", num_samples=2)), bare, _cfg("x"), False)
 
 
 def test_packed_rows_do_not_attend_across_examples(tok):
     """A packed row gives each example the same logits as running it alone."""
     model = build_model(ModelConfig(name="t"), torch.float32).eval()
-    exs = tokenize_rows(
-        load_rows(_cfg("synthetic:instruct", num_samples=6)), tok, _cfg("x"), False
-    )
+    exs = tokenize_rows(load_rows(_cfg("synthetic:instruct", num_samples=6)), tok, _cfg("x"), False)
     row = pack(exs, max_len=4096, seed=0)[0]
     batch = collate([row], tok.pad_token_id)
     with torch.no_grad():
@@ -162,35 +150,23 @@ def test_packed_rows_do_not_attend_across_examples(tok):
 
 
 def test_batches_resume_exactly_and_cover_an_epoch():
-    exs = [
-        {"input_ids": [1] * (i % 7 + 2), "labels": [1] * (i % 7 + 2)} for i in range(23)
-    ]
+    exs = [{"input_ids": [1] * (i % 7 + 2), "labels": [1] * (i % 7 + 2)} for i in range(23)]
     for mode in ("packed", "padded"):
-        src = BatchSource(
-            exs, mode, 16, global_batch=4, seed=3, shuffle=True, group_by_length=True
-        )
+        src = BatchSource(exs, mode, 16, global_batch=4, seed=3, shuffle=True, group_by_length=True)
         seq = [src.next() for _ in range(2 * src.batches_per_epoch + 1)]
-        again = BatchSource(
-            exs, mode, 16, global_batch=4, seed=3, shuffle=True, group_by_length=True
-        )
+        again = BatchSource(exs, mode, 16, global_batch=4, seed=3, shuffle=True, group_by_length=True)
         for _ in range(5):
             again.next()
         state = again.state_dict()
-        resumed = BatchSource(
-            exs, mode, 16, global_batch=4, seed=3, shuffle=True, group_by_length=True
-        )
+        resumed = BatchSource(exs, mode, 16, global_batch=4, seed=3, shuffle=True, group_by_length=True)
         resumed.load_state_dict(state)
         assert [resumed.next() for _ in range(len(seq) - 5)] == seq[5:]
         one_epoch = [r for b in seq[: src.batches_per_epoch] for r in b]
-        assert len(one_epoch) == len(
-            src.rows
-        )  # partial last batch kept, nothing dropped
+        assert len(one_epoch) == len(src.rows)  # partial last batch kept, nothing dropped
 
 
 def test_partial_batch_gives_every_rank_the_same_number_of_micro_batches(tok):
-    rows = [
-        {"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 2]}
-    ] * 3
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "position_ids": [0, 1, 2]}] * 3
     per_rank = shard(rows, world=2, micro=1, pad_id=0)
     assert [len(r) for r in per_rank] == [2, 2]
     # the padding micro-batch carries no targets

@@ -11,13 +11,24 @@ from tests.conftest import REPO
 
 
 def _run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 def test_unknown_model_offline_names_the_model_and_the_offline_option(tmp_path):
-    out = _run("+experiment=sft_tiny", "model.pretrained=acme/does-not-exist-7b", f"run.output_dir={tmp_path}",
-               "logger=console", env={"HF_HUB_OFFLINE": "1"})
+    out = _run(
+        "+experiment=sft_tiny",
+        "model.pretrained=acme/does-not-exist-7b",
+        f"run.output_dir={tmp_path}",
+        "logger=console",
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 1
     assert "acme/does-not-exist-7b" in out.stderr and "HF_HUB_OFFLINE=1" in out.stderr
     assert "Traceback" not in out.stderr

@@ -12,8 +12,13 @@ from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["+experiment=sft_tiny", "train.max_steps=8", "checkpoint.every_steps=2", "data.num_samples=300",
-          "checkpoint.export_hf=false"]
+COMMON = [
+    "+experiment=sft_tiny",
+    "train.max_steps=8",
+    "checkpoint.every_steps=2",
+    "data.num_samples=300",
+    "checkpoint.export_hf=false",
+]
 
 
 def _last_per_step(run_dir):
@@ -23,8 +28,9 @@ def _last_per_step(run_dir):
 def test_killed_worker_recovers_in_job_with_identical_losses(run_main):
     rc, ref = run_main(*COMMON, name="ref")
     assert rc == 0
-    rc, run = run_main(*COMMON, "run.callbacks=[tests.helpers:KillWorkerAtStep]", "+extra.kill_worker_at_step=5",
-                       name="killed")
+    rc, run = run_main(
+        *COMMON, "run.callbacks=[tests.helpers:KillWorkerAtStep]", "+extra.kill_worker_at_step=5", name="killed"
+    )
     assert rc == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["restarts"] == 1
@@ -35,8 +41,13 @@ def test_killed_worker_recovers_in_job_with_identical_losses(run_main):
 
 
 def test_without_restarts_left_the_run_stops_naming_the_rank(run_main, capsys):
-    rc, run = run_main(*COMMON, "run.max_restarts=0", "run.callbacks=[tests.helpers:KillWorkerAtStep]",
-                       "+extra.kill_worker_at_step=3", name="fatal")
+    rc, run = run_main(
+        *COMMON,
+        "run.max_restarts=0",
+        "run.callbacks=[tests.helpers:KillWorkerAtStep]",
+        "+extra.kill_worker_at_step=3",
+        name="fatal",
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "rank 1" in err and "No restarts left" in err
@@ -66,8 +77,7 @@ def test_nan_on_one_rank_skips_the_update_on_every_rank(run_main, monkeypatch, t
     model and optimizer state saved after step 3 are byte-identical to those after step 2),
     the skip is reported naming step and rank, and training goes on."""
     monkeypatch.setenv("ORCHESTRATOR_FAULT_NAN", "1:3")
-    rc, run = run_main(*COMMON, "train.max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
-                       name="nan")
+    rc, run = run_main(*COMMON, "train.max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep_last=5", name="nan")
     assert rc == 0
     steps = {m["step"]: m for m in read_metrics(run)}
     assert steps[3]["skipped"] == 1 and all(steps[s]["skipped"] == 0 for s in (1, 2, 4, 5))
@@ -79,7 +89,8 @@ def test_nan_on_one_rank_skips_the_update_on_every_rank(run_main, monkeypatch, t
     assert not all(torch.equal(states[3][k], states[4][k]) for k in states[3])  # step 4 did
 
     monkeypatch.setenv("ORCHESTRATOR_FAULT_NAN", "0:2")
-    rc, run = run_main(*COMMON, "train.max_steps=3", "checkpoint.every_steps=0", "train.on_nonfinite=stop",
-                       name="nan_stop")
+    rc, run = run_main(
+        *COMMON, "train.max_steps=3", "checkpoint.every_steps=0", "train.on_nonfinite=stop", name="nan_stop"
+    )
     assert rc == 1
     assert "step 2: non-finite loss or gradient norm from rank(s) [0]" in (run / "train.log").read_text()

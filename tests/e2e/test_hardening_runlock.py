@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -37,8 +38,13 @@ except Exception as exc:
 
 
 def _holder(run_dir, start_at: float, hold_s: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), str(start_at), str(hold_s)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir), str(start_at), str(hold_s)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("stale_lock", [False, True], ids=["free", "stale-lock-left-by-a-lost-node"])
@@ -67,9 +73,8 @@ def test_lock_of_a_sigkilled_run_is_taken_over(tmp_path, caplog):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert (tmp_path / LOCK_NAME).exists()  # a killed run leaves its lock behind
-    with caplog.at_level(logging.WARNING, logger="orchestrator"):
-        with RunDirLock(tmp_path) as lock:
-            assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.token
+    with caplog.at_level(logging.WARNING, logger="orchestrator"), RunDirLock(tmp_path) as lock:
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.token
     assert f"process {p.pid} is gone" in caplog.text
     assert not (tmp_path / LOCK_NAME).exists()
 
@@ -85,8 +90,7 @@ def test_a_zombie_holder_is_stale(tmp_path):
 
 
 def _plant(run_dir, host: str, age_s: float, pid: int = 4242) -> None:
-    record = {"host": host, "pid": pid, "started": time.time() - age_s, "boot_id": "x", "token": "t",
-              "lease_s": 60}
+    record = {"host": host, "pid": pid, "started": time.time() - age_s, "boot_id": "x", "token": "t", "lease_s": 60}
     path = run_dir / LOCK_NAME
     path.write_text(json.dumps(record))
     os.utime(path, (time.time() - age_s, time.time() - age_s))
@@ -97,17 +101,22 @@ def test_lock_of_another_host_holds_until_its_lease_expires(tmp_path, caplog):
     with pytest.raises(RunDirLockedError, match="host gpu-node-7, pid 4242, started .*renewed 5s ago"):
         RunDirLock(tmp_path).acquire()
     _plant(tmp_path, "gpu-node-7", age_s=120)  # the node was lost two minutes ago
-    with caplog.at_level(logging.WARNING, logger="orchestrator"):
-        with RunDirLock(tmp_path):
-            pass
+    with caplog.at_level(logging.WARNING, logger="orchestrator"), RunDirLock(tmp_path):
+        pass
     assert "stale lock (host gpu-node-7" in caplog.text and "no heartbeat" in caplog.text
 
 
 def test_a_live_process_on_this_host_holds_the_lock(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        record = {"host": socket.gethostname(), "pid": sleeper.pid, "started": time.time(),
-                  "boot_id": open("/proc/sys/kernel/random/boot_id").read().strip(), "token": "t", "lease_s": 60}
+        record = {
+            "host": socket.gethostname(),
+            "pid": sleeper.pid,
+            "started": time.time(),
+            "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "token": "t",
+            "lease_s": 60,
+        }
         (tmp_path / LOCK_NAME).write_text(json.dumps(record))
         os.utime(tmp_path / LOCK_NAME, (0, 0))  # an old lease does not matter while the pid lives
         with pytest.raises(RunDirLockedError, match=f"pid {sleeper.pid}"):

@@ -20,12 +20,21 @@ pytestmark = pytest.mark.slow
 # exactly; its full-parameter restore is covered (on other world sizes) by tests/engines.
 # FSDP2 + LoRA saves in the background (checkpoint.async_save): the save begun at step 4 is
 # still uncommitted when the driver dies at step 5, so the rerun resumes from step 2.
-@pytest.mark.parametrize("backend, method, async_save", [("fsdp2", "full", False), ("fsdp2", "lora", True),
-                                                         ("deepspeed_zero3", "lora", False)])
+@pytest.mark.parametrize(
+    "backend, method, async_save",
+    [("fsdp2", "full", False), ("fsdp2", "lora", True), ("deepspeed_zero3", "lora", False)],
+)
 def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, backend, method, async_save):
-    common = ["+experiment=sft_tiny", f"backend={backend}", f"method={method}", "train.max_steps=8",
-              "checkpoint.every_steps=2", "logger=console", "data.num_samples=300",
-              f"checkpoint.async_save={async_save}"]
+    common = [
+        "+experiment=sft_tiny",
+        f"backend={backend}",
+        f"method={method}",
+        "train.max_steps=8",
+        "checkpoint.every_steps=2",
+        "logger=console",
+        "data.num_samples=300",
+        f"checkpoint.async_save={async_save}",
+    ]
     if method == "lora":
         common += ["method.dropout=0.1"]  # dropout: the workers' RNG must resume too
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
@@ -33,11 +42,20 @@ def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, backend
     reference = {m["step"]: m["loss"] for m in read_metrics(ref_dir)}
 
     # A real crash: the driver SIGKILLs itself at the end of step 5 (after checkpoint 4).
-    cmd = [sys.executable, "-m", "orchestrator", *common, f"run.output_dir={run_dir}",
-           "cluster=ray", f"cluster.address={ray_cluster.address}",
-           "run.callbacks=[tests.helpers:KillAtStep]", "+extra.kill_at_step=5"]
-    crashed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        *common,
+        f"run.output_dir={run_dir}",
+        "cluster=ray",
+        f"cluster.address={ray_cluster.address}",
+        "run.callbacks=[tests.helpers:KillAtStep]",
+        "+extra.kill_at_step=5",
+    ]
+    crashed = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO))
+    )
     assert crashed.returncode == -9, crashed.stderr[-3000:]
     committed = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
     assert committed == (["step_00000002"] if async_save else ["step_00000002", "step_00000004"])

@@ -17,8 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def _generate(model, tok, prompt="What is 2 + 3?"):
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]
@@ -31,8 +30,15 @@ def _assert_learns(run_dir: Path, drop: float):
 
 
 def test_full_sft_learns_checkpoints_exports_and_logs_to_wandb(run_main):
-    rc, run_dir = run_main("+experiment=sft_tiny", "train.max_steps=30", "checkpoint.every_steps=10",
-                           "checkpoint.keep_last=2", "logger=wandb")
+    rc, run_dir = run_main(
+        "+experiment=sft_tiny",
+        "train.max_steps=30",
+        "checkpoint.every_steps=10",
+        "checkpoint.keep_last=2",
+        "logger=wandb",
+        "run.callbacks=[tests.helpers:RecordLogprobs]",
+        "+extra.record_logprobs_at=30",
+    )
     assert rc == 0
     _assert_learns(run_dir, drop=1.0)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -47,15 +53,24 @@ def test_full_sft_learns_checkpoints_exports_and_logs_to_wandb(run_main):
     model = AutoModelForCausalLM.from_pretrained(export)
     tok = AutoTokenizer.from_pretrained(export)
     _generate(model, tok)
-    # The export is the trained model: its loss on training data matches the last steps.
+    # The export is the trained model: its log-probs on a batch equal those the trained,
+    # sharded policy computed on its workers after the last step.
     assert model.config.architectures == ["LlamaForCausalLM"]
+    from orchestrator.models.logprobs import token_logprobs
+    from tests.helpers import RecordLogprobs
+
+    trained = torch.load(run_dir / RecordLogprobs.FILE)
+    with torch.no_grad():
+        exported, _ = token_logprobs(model.eval(), RecordLogprobs.batch(), 256)
+    torch.testing.assert_close(exported, trained, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_sft_exports_adapter_loadable_with_peft_and_merged(run_main):
     from peft import PeftModel
 
-    rc, run_dir = run_main("+experiment=sft_tiny_lora", "train.max_steps=24", "checkpoint.every_steps=0",
-                           "method.export_merged=true")
+    rc, run_dir = run_main(
+        "+experiment=sft_tiny_lora", "train.max_steps=24", "checkpoint.every_steps=0", "method.export_merged=true"
+    )
     assert rc == 0
     _assert_learns(run_dir, drop=0.3)
     exports = json.loads((run_dir / "summary.json").read_text())["exports"]

@@ -18,8 +18,13 @@ from tests.conftest import read_metrics
 pytestmark = pytest.mark.slow
 
 BACKENDS = ["fsdp2", "deepspeed_zero3"]
-BASE = ["+experiment=sft_tiny", "train.max_steps=6", "train.global_batch_size=8", "data.num_samples=300",
-        "checkpoint.export_hf=false"]
+BASE = [
+    "+experiment=sft_tiny",
+    "train.max_steps=6",
+    "train.global_batch_size=8",
+    "data.num_samples=300",
+    "checkpoint.export_hf=false",
+]
 
 
 def _losses(run_dir):
@@ -37,10 +42,16 @@ def test_world_size_and_micro_batching_do_not_change_the_run(run_main, backend, 
     runs, norms = {}, {}
     extra = ["method.dropout=0.0"] if method == "lora" else []  # dropout draws differ per rank
     for workers, micro in [(1, 2), (2, 4)]:
-        rc, run_dir = run_main(*BASE, *extra, f"backend={backend}", f"method={method}",
-                               f"cluster.num_workers={workers}",
-                               f"train.micro_batch_size={micro}", "checkpoint.every_steps=0",
-                               name=f"w{workers}")
+        rc, run_dir = run_main(
+            *BASE,
+            *extra,
+            f"backend={backend}",
+            f"method={method}",
+            f"cluster.num_workers={workers}",
+            f"train.micro_batch_size={micro}",
+            "checkpoint.every_steps=0",
+            name=f"w{workers}",
+        )
         assert rc == 0
         runs[workers] = _losses(run_dir)
         norms[workers] = _grad_norms(run_dir)
@@ -56,15 +67,27 @@ def test_checkpoint_reshards_across_world_sizes(run_main, backend, save_world, l
     import shutil
 
     # The 2-rank run writes its step-3 checkpoint in the background (checkpoint.async_save).
-    rc, ref = run_main(*BASE, f"backend={backend}", f"cluster.num_workers={save_world}",
-                       "checkpoint.every_steps=3", f"checkpoint.async_save={save_world == 2}", name="ref")
+    rc, ref = run_main(
+        *BASE,
+        f"backend={backend}",
+        f"cluster.num_workers={save_world}",
+        "checkpoint.every_steps=3",
+        f"checkpoint.async_save={save_world == 2}",
+        name="ref",
+    )
     assert rc == 0
     # A new run dir seeded with the reference run's step-3 checkpoint, resumed on another world size.
     resumed = ref.parent / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(ref / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
-    rc, resumed = run_main(*BASE, f"backend={backend}", f"cluster.num_workers={load_world}",
-                           "checkpoint.every_steps=3", "checkpoint.resume=must", name="resumed")
+    rc, resumed = run_main(
+        *BASE,
+        f"backend={backend}",
+        f"cluster.num_workers={load_world}",
+        "checkpoint.every_steps=3",
+        "checkpoint.resume=must",
+        name="resumed",
+    )
     assert rc == 0
     a, b = _losses(ref), _losses(resumed)
     assert sorted(b) == [4, 5, 6]
@@ -85,10 +108,11 @@ def engine_group(ray_cluster):
 
     def _build(*overrides):
         cfg, _ = compose([*BASE, "cluster.num_workers=2", *overrides])
-        workers = WorkerGroup(TrainWorker, cfg)
+        stage = STAGES[cfg.stage.name](cfg, build_tokenizer(cfg.model))
+        workers = WorkerGroup(TrainWorker, stage.roles()["policy"])
         groups.append(workers)
         workers.call("build", 6)
-        return workers, STAGES[cfg.stage.name](cfg, build_tokenizer(cfg.model))
+        return workers, stage
 
     yield _build
     for workers in groups:
@@ -96,33 +120,35 @@ def engine_group(ray_cluster):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nonfinite_skip_logprobs_and_trainable_state(engine_group, backend):
+def test_nonfinite_skip_logprobs_and_inference_state(engine_group, backend):
     """A NaN gradient on one rank skips the update on every rank (and the schedule still
-    advances); then what GRPO needs: policy / reference log-probs and the weights to sync."""
+    advances); then what GRPO needs: policy / reference log-probs and the weights to sync,
+    merged under the base model's Hugging Face names."""
     import math
 
     import torch
 
-    workers, stage = engine_group(f"backend={backend}", "method=lora", "method.dropout=0.0",
-                                  "train.warmup_steps=0")
-    before = workers.call("trainable_state")
-    assert before[1] == {} and before[0] and all("lora_" in k for k in before[0])  # adapters only, on rank 0
+    workers, stage = engine_group(f"backend={backend}", "method=lora", "method.dropout=0.0", "train.warmup_steps=0")
+    before = workers.call("inference_state")
+    assert before[1] == {} and before[0]  # on rank 0 only
     before = before[0]
-    assert before["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].shape == (16, 128)
+    # Merged adapted layers under the plain model's names: what any inference engine loads.
+    assert not any("lora_" in k or "base_layer" in k or k.startswith("base_model") for k in before)
+    assert before["model.layers.0.self_attn.q_proj.weight"].shape == (128, 128)
 
     per_rank, _ = stage.next_step()
     per_rank[1][0]["world_size"] = float("nan")  # rank 1's loss scale: NaN loss and gradients there only
     results = workers.call_per_rank("train_step", per_rank)
     assert [r["skipped"] for r in results] == [1.0, 1.0]
     assert not math.isfinite(results[0]["grad_norm"])
-    after = workers.call("trainable_state")[0]
+    after = workers.call("inference_state")[0]
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
     per_rank, _ = stage.next_step()
     results = workers.call_per_rank("train_step", per_rank)
     assert [r["skipped"] for r in results] == [0.0, 0.0] and math.isfinite(results[0]["grad_norm"])
     assert results[0]["lr"] < 3e-3  # cosine decay: the schedule advanced through the skipped step
-    after = workers.call("trainable_state")[0]
+    after = workers.call("inference_state")[0]
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
     mbs = [per_rank[0][:1]] * 2  # both ranks score the same rows

@@ -23,13 +23,17 @@ from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
-RUNS = {"fsdp2": ["backend=fsdp2"],
-        # Threshold 0: every parameter is released after use and gathered again (by default
-        # DeepSpeed keeps parameters under 1e5 elements, i.e. all of this tiny model, gathered).
-        "deepspeed_zero3": ["backend=deepspeed_zero3",
-                            "+backend.extra.zero_optimization.stage3_param_persistence_threshold=0"],
-        # ZeRO-Offload: master weights, Adam state (DeepSpeedCPUAdam) and parameters on the CPU.
-        "zero3_offload": ["backend=deepspeed_zero3", "backend.offload_optimizer=cpu", "backend.offload_param=cpu"]}
+RUNS = {
+    "fsdp2": ["backend=fsdp2"],
+    # Threshold 0: every parameter is released after use and gathered again (by default
+    # DeepSpeed keeps parameters under 1e5 elements, i.e. all of this tiny model, gathered).
+    "deepspeed_zero3": [
+        "backend=deepspeed_zero3",
+        "+backend.extra.zero_optimization.stage3_param_persistence_threshold=0",
+    ],
+    # ZeRO-Offload: master weights, Adam state (DeepSpeedCPUAdam) and parameters on the CPU.
+    "zero3_offload": ["backend=deepspeed_zero3", "backend.offload_optimizer=cpu", "backend.offload_param=cpu"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +55,34 @@ def _load_export(run_dir, method, pretrained):
         return AutoModelForCausalLM.from_pretrained(exports["model"]).eval()
     from peft import PeftModel
 
-    assert json.loads((run_dir / "export/adapter/adapter_config.json").read_text())[
-        "base_model_name_or_path"] == str(pretrained)
+    assert json.loads((run_dir / "export/adapter/adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        pretrained
+    )
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrained), exports["adapter"]).eval()
 
 
-@pytest.mark.parametrize("method, runs", [
-    pytest.param("full", ["fsdp2", "deepspeed_zero3", "zero3_offload"], id="full"),
-    pytest.param("lora", ["fsdp2", "deepspeed_zero3"], id="lora")])
+@pytest.mark.parametrize(
+    "method, runs",
+    [
+        pytest.param("full", ["fsdp2", "deepspeed_zero3", "zero3_offload"], id="full"),
+        pytest.param("lora", ["fsdp2", "deepspeed_zero3"], id="lora"),
+    ],
+)
 def test_backends_agree_on_losses_and_exported_model(run_main, pretrained, method, runs):
     extra = ["method.dropout=0.0"] if method == "lora" else []  # dropout masks are drawn per backend run
     losses, models = {}, {}
     for run in runs:
-        rc, run_dir = run_main("+experiment=sft_tiny", f"method={method}", *RUNS[run], *extra,
-                               f"model.pretrained={pretrained}", "train.max_steps=6", "data.num_samples=300",
-                               "checkpoint.every_steps=0", name=run)
+        rc, run_dir = run_main(
+            "+experiment=sft_tiny",
+            f"method={method}",
+            *RUNS[run],
+            *extra,
+            f"model.pretrained={pretrained}",
+            "train.max_steps=6",
+            "data.num_samples=300",
+            "checkpoint.every_steps=0",
+            name=run,
+        )
         assert rc == 0
         losses[run] = [(m["loss"], m["grad_norm"]) for m in read_metrics(run_dir)]
         models[run] = _load_export(run_dir, method, pretrained)
@@ -78,9 +95,11 @@ def test_backends_agree_on_losses_and_exported_model(run_main, pretrained, metho
         base = AutoModelForCausalLM.from_pretrained(pretrained).eval()(ids).logits
     assert (logits["fsdp2"] - base).abs().max() > 1e-2  # the exports carry the training, not the start
     for run in runs[1:]:
-        print(f"{method} {run} vs fsdp2: max loss rel diff "
-              f"{max(abs(a[0] - b[0]) / b[0] for a, b in zip(losses[run], reference)):.1e}, max logit diff "
-              f"{(logits[run] - logits['fsdp2']).abs().max():.1e}")
+        print(
+            f"{method} {run} vs fsdp2: max loss rel diff "
+            f"{max(abs(a[0] - b[0]) / b[0] for a, b in zip(losses[run], reference)):.1e}, max logit diff "
+            f"{(logits[run] - logits['fsdp2']).abs().max():.1e}"
+        )
         for step, (got, want) in enumerate(zip(losses[run], reference), 1):
             assert got == pytest.approx(want, rel=1e-5), (run, step, got, want)
         torch.testing.assert_close(logits[run], logits["fsdp2"], atol=1e-4, rtol=1e-4)

@@ -38,10 +38,13 @@ def test_generated_config_follows_the_typed_config():
 
 
 def test_offload_and_extra_keys_are_merged():
-    c = _ds_config("backend.offload_optimizer=cpu", "backend.offload_param=cpu",
-                   "+backend.extra.zero_optimization.stage3_prefetch_bucket_size=1000",
-                   "+backend.extra.zero_optimization.offload_optimizer.ratio=0.5",
-                   "+backend.extra.flops_profiler.enabled=true")
+    c = _ds_config(
+        "backend.offload_optimizer=cpu",
+        "backend.offload_param=cpu",
+        "+backend.extra.zero_optimization.stage3_prefetch_bucket_size=1000",
+        "+backend.extra.zero_optimization.offload_optimizer.ratio=0.5",
+        "+backend.extra.flops_profiler.enabled=true",
+    )
     z = c["zero_optimization"]
     assert z["stage"] == 3 and z["stage3_prefetch_bucket_size"] == 1000
     assert z["offload_optimizer"] == {"device": "cpu", "pin_memory": False, "ratio": 0.5}
@@ -49,25 +52,36 @@ def test_offload_and_extra_keys_are_merged():
     assert c["flops_profiler"] == {"enabled": True}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["backend=fsdp2", "backend.offload_optimizer=cpu"], "'offload_optimizer' belongs to backend=deepspeed_zero3"),
-    (["backend=fsdp2", "backend.extra.train_batch_size=3"], "'extra' belongs to backend=deepspeed_zero3"),
-    (["backend=deepspeed_zero3", "backend.reshard_after_forward=false"],
-     "'reshard_after_forward' belongs to backend=fsdp2"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["backend=fsdp2", "backend.offload_optimizer=cpu"], "'offload_optimizer' belongs to backend=deepspeed_zero3"),
+        (["backend=fsdp2", "backend.extra.train_batch_size=3"], "'extra' belongs to backend=deepspeed_zero3"),
+        (
+            ["backend=deepspeed_zero3", "backend.reshard_after_forward=false"],
+            "'reshard_after_forward' belongs to backend=fsdp2",
+        ),
+    ],
+)
 def test_an_option_of_the_other_backend_fails_at_compose(overrides, message):
     with pytest.raises(ConfigError) as e:
         compose(overrides)
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("+backend.extra.zero_optimization.stage=2", "runs ZeRO stage 3 only"),
-    ("+backend.extra.gradient_accumulation_steps=4", "set train.global_batch_size / train.micro_batch_size instead"),
-    ("+backend.extra.fp16.enabled=true", "set backend.mixed_precision"),
-    ("+backend.extra.zero_optimization.offload_param.device=nvme", "set backend.offload_param instead"),
-    ("backend.offload_optimizer=gpu", "backend.offload_optimizer='gpu' is not valid. Valid values: none, cpu"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+backend.extra.zero_optimization.stage=2", "runs ZeRO stage 3 only"),
+        (
+            "+backend.extra.gradient_accumulation_steps=4",
+            "set train.global_batch_size / train.micro_batch_size instead",
+        ),
+        ("+backend.extra.fp16.enabled=true", "set backend.mixed_precision"),
+        ("+backend.extra.zero_optimization.offload_param.device=nvme", "set backend.offload_param instead"),
+        ("backend.offload_optimizer=gpu", "backend.offload_optimizer='gpu' is not valid. Valid values: none, cpu"),
+    ],
+)
 def test_bad_deepspeed_settings_fail_before_any_worker_starts(tmp_path, capsys, override, message):
     rc = main([*DS, override, f"run.output_dir={tmp_path / 'run'}"])
     assert rc == 2 and message in capsys.readouterr().err

@@ -12,8 +12,9 @@ from transformers import get_scheduler
 from orchestrator.engines.optim import build_scheduler
 
 
-@pytest.mark.parametrize("kind, hf_name", [("cosine", "cosine_with_min_lr"), ("linear", "linear"),
-                                           ("constant", "constant_with_warmup")])
+@pytest.mark.parametrize(
+    "kind, hf_name", [("cosine", "cosine_with_min_lr"), ("linear", "linear"), ("constant", "constant_with_warmup")]
+)
 def test_schedules_match_transformers(kind, hf_name):
     t = SimpleNamespace(warmup_steps=7, scheduler=kind, min_lr_ratio=0.1)
     ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)

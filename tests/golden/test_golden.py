@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 
@@ -27,25 +27,32 @@ RECORD = os.environ.get("ORCHESTRATOR_RECORD_GOLDEN") == "1"
 NO_FILES = ["checkpoint.every_steps=0", "checkpoint.save_final=false", "checkpoint.export_hf=false"]
 KEYS = ("loss", "grad_norm", "lr", "reward_mean", "accuracy", "samples_trained")
 
-CASES: Dict[str, List[str]] = {
+CASES: dict[str, list[str]] = {
     "sft_tiny": ["+experiment=sft_tiny", "train.max_steps=20", *NO_FILES],
     "sft_tiny_lora": ["+experiment=sft_tiny_lora", "train.max_steps=20", *NO_FILES],
     "moe_experts": ["+experiment=moe_experts", "debug=cpu", "train.max_steps=10", *NO_FILES],
 }
 # GRPO starts from a short SFT warm-up (recorded too), so rewards carry signal.
 WARMUP = ["+experiment=sft_arith_warmup", "train.max_steps=60", "checkpoint.every_steps=0"]
-GRPO = ["+experiment=grpo_math", "debug=cpu", "train.max_steps=5", "eval.samples=24",
-        "stage.prompts_per_step=16", "checkpoint.every_steps=0", "checkpoint.save_final=false",
-        "checkpoint.export_hf=false"]
+GRPO = [
+    "+experiment=grpo_math",
+    "debug=cpu",
+    "train.max_steps=5",
+    "eval.samples=24",
+    "stage.prompts_per_step=16",
+    "checkpoint.every_steps=0",
+    "checkpoint.save_final=false",
+    "checkpoint.export_hf=false",
+]
 
 
-def _numbers(run_dir: Path) -> Dict[str, Any]:
+def _numbers(run_dir: Path) -> dict[str, Any]:
     steps = [{k: m[k] for k in KEYS if k in m} for m in read_metrics(run_dir)]
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"steps": steps, "summary": {k: v for k, v in summary.items() if k.startswith("eval_")}}
 
 
-def _check(name: str, got: Dict[str, Any]) -> None:
+def _check(name: str, got: dict[str, Any]) -> None:
     path = HERE / f"{name}.json"
     if RECORD:
         path.write_text(json.dumps(got, indent=1) + "\n")

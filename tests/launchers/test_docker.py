@@ -52,8 +52,11 @@ def test_pinned_versions_satisfy_pyproject():
 def test_build_context_installs_the_package(tmp_path):
     from docker.utils.build import tar
 
-    ignore = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    ignore = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     with tarfile.open(fileobj=tar(str(REPO), exclude=ignore, dockerfile=("docker/Dockerfile", None))) as t:
         t.extractall(tmp_path / "ctx", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     ctx = tmp_path / "ctx"
@@ -66,10 +69,27 @@ def test_build_context_installs_the_package(tmp_path):
     assert (ctx / conf / "config.yaml").is_file()
 
     # `pip install --no-deps ./` in the image = build this wheel from the context.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "wheel"), str(ctx)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(ctx),
+        ],
+        check=True,
+    )
     wheel = next((tmp_path / "wheel").glob("orchestrator-*.whl"))
     files = zipfile.ZipFile(wheel).namelist()
-    for module in ("orchestrator/__main__.py", "orchestrator/config/schema.py", "launchers/__init__.py",
-                   "launchers/kubernetes.py"):
+    for module in (
+        "orchestrator/__main__.py",
+        "orchestrator/config/schema.py",
+        "launchers/__init__.py",
+        "launchers/kubernetes.py",
+    ):
         assert module in files

@@ -22,15 +22,33 @@ from tests.launchers.conftest import SHARED_K8S, TINY, entry
 
 CONFIGS = {
     "cpu_tiny": [*TINY, "cluster=kubernetes"],
-    "gpu_lora_2x8": ["+experiment=sft_lora", "data.source=/data/chat.jsonl", "cluster=kubernetes",
-                     "cluster.nodes=2", "cluster.gpus_per_node=8", "cluster.num_workers=16",
-                     "cluster.image=registry.example.com/ml/orchestrator:0.1.0", "cluster.namespace=ml-team",
-                     "cluster.service_account=trainer", "+cluster.node_selector.gpu=h100",
-                     "+cluster.env.HF_HUB_OFFLINE=1", "cluster.memory_per_node=900Gi",
-                     "cluster.cpus_per_node=96", "cluster.cpus_per_worker=8", "train.global_batch_size=64"],
-    "no_secret_abs_dir": [*TINY, "cluster=kubernetes", "cluster.wandb_secret=null",
-                          "cluster.shared_mount=/data", "run.output_dir=/data/runs/a", "cluster.backoff_limit=0",
-                          "cluster.image_pull_policy=Always", "cluster.head_cpus=500m"],
+    "gpu_lora_2x8": [
+        "+experiment=sft_lora",
+        "data.source=/data/chat.jsonl",
+        "cluster=kubernetes",
+        "cluster.nodes=2",
+        "cluster.gpus_per_node=8",
+        "cluster.num_workers=16",
+        "cluster.image=registry.example.com/ml/orchestrator:0.1.0",
+        "cluster.namespace=ml-team",
+        "cluster.service_account=trainer",
+        "+cluster.node_selector.gpu=h100",
+        "+cluster.env.HF_HUB_OFFLINE=1",
+        "cluster.memory_per_node=900Gi",
+        "cluster.cpus_per_node=96",
+        "cluster.cpus_per_worker=8",
+        "train.global_batch_size=64",
+    ],
+    "no_secret_abs_dir": [
+        *TINY,
+        "cluster=kubernetes",
+        "cluster.wandb_secret=null",
+        "cluster.shared_mount=/data",
+        "run.output_dir=/data/runs/a",
+        "cluster.backoff_limit=0",
+        "cluster.image_pull_policy=Always",
+        "cluster.head_cpus=500m",
+    ],
 }
 
 
@@ -128,11 +146,18 @@ def test_run_dir_off_the_shared_volume(tiny, capsys):
 
 def _kubeconfig(tmp_path: Path, server: str) -> Path:
     path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": server}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
-        "users": [{"name": "t", "user": {"token": "x"}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "t",
+                "clusters": [{"name": "t", "cluster": {"server": server}}],
+                "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
+                "users": [{"name": "t", "user": {"token": "x"}}],
+            }
+        )
+    )
     return path
 
 
@@ -156,8 +181,7 @@ def test_apply_runs_kubectl(k8s_run, tmp_path, capsys, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     overrides, run_dir = k8s_run
-    assert entry(*overrides, "cluster.apply=true", "cluster.context=prod",
-                 "cluster.namespace=ml") == 0
+    assert entry(*overrides, "cluster.apply=true", "cluster.context=prod", "cluster.namespace=ml") == 0
     assert calls.read_text().split() == ["--context", "prod", "apply", "-f", str(run_dir / "launch" / "rayjob.yaml")]
     out = capsys.readouterr().out
     assert "applied RayJob sft-tiny in namespace ml" in out

@@ -20,9 +20,13 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 def _ports(base: int) -> list:
-    return [f"--ray-client-server-port={base + 1}", f"--dashboard-agent-listen-port={base + 2}",
-            f"--dashboard-agent-grpc-port={base + 3}", f"--runtime-env-agent-port={base + 4}",
-            f"--metrics-export-port={base + 5}"]
+    return [
+        f"--ray-client-server-port={base + 1}",
+        f"--dashboard-agent-listen-port={base + 2}",
+        f"--dashboard-agent-grpc-port={base + 3}",
+        f"--runtime-env-agent-port={base + 4}",
+        f"--metrics-export-port={base + 5}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +36,32 @@ def ray_head(tmp_path_factory):
     base = free_port_block(24)
     common = ["--block", "--disable-usage-stats", "--num-cpus=2"]
     head = subprocess.Popen(
-        [RAY, "start", "--head", f"--port={base}", *_ports(base), "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={base + 6}", f"--temp-dir={tmp}/h", *common],
-        stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT)
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={base}",
+            *_ports(base),
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={base + 6}",
+            f"--temp-dir={tmp}/h",
+            *common,
+        ],
+        stdout=open(tmp / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     procs = [head]
     address = f"http://127.0.0.1:{base + 6}"
     try:
         wait_for(lambda: _reachable(address), 120, "the Ray head's Jobs API")
-        procs.append(subprocess.Popen(
-            [RAY, "start", f"--address=127.0.0.1:{base}", *_ports(base + 12), f"--temp-dir={tmp}/w", *common],
-            stdout=open(tmp / "worker.log", "w"), stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [RAY, "start", f"--address=127.0.0.1:{base}", *_ports(base + 12), f"--temp-dir={tmp}/w", *common],
+                stdout=open(tmp / "worker.log", "w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         wait_for(lambda: _alive_nodes(address) >= 2, 120, "the worker node to join")
         yield address
     finally:
@@ -78,9 +98,15 @@ def test_submit_stop_and_resume(ray_head, tmp_path, capsys):
     """Submit, follow the printed commands, stop (the driver checkpoints), submit the same
     config again with cluster.follow=true: it resumes and finishes on both nodes."""
     run_dir = tmp_path / "run"
-    common = [*TINY, f"run.output_dir={run_dir}", "cluster=ray_job", f"cluster.address={ray_head}",
-              "cluster.placement_strategy=STRICT_SPREAD", "checkpoint.every_steps=1000",
-              "+cluster.env.ORCH_TEST_MARK=from-submitter"]
+    common = [
+        *TINY,
+        f"run.output_dir={run_dir}",
+        "cluster=ray_job",
+        f"cluster.address={ray_head}",
+        "cluster.placement_strategy=STRICT_SPREAD",
+        "checkpoint.every_steps=1000",
+        "+cluster.env.ORCH_TEST_MARK=from-submitter",
+    ]
     assert entry(*common, "train.max_steps=200", "cluster.submission_id=rj-first") == 0
     out = capsys.readouterr().out
     assert "submitted Ray job rj-first" in out
@@ -105,8 +131,7 @@ def test_submit_stop_and_resume(ray_head, tmp_path, capsys):
     assert "checkpointing after the current step" in capsys.readouterr().out
 
     total = stopped_at + 2
-    assert entry(*common, f"train.max_steps={total}", "cluster.submission_id=rj-second",
-                 "cluster.follow=true") == 0
+    assert entry(*common, f"train.max_steps={total}", "cluster.submission_id=rj-second", "cluster.follow=true") == 0
     assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:08d}" in capsys.readouterr().out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == stopped_at and summary["steps"] == total
@@ -139,6 +164,10 @@ def test_unreachable_address(tiny, capsys):
 
 
 def test_cli_needs_a_command():
-    proc = subprocess.run([sys.executable, "-m", "launchers.ray_job"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "launchers.ray_job"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"},
+    )
     assert proc.returncode == 2 and "status,logs,stop" in proc.stderr

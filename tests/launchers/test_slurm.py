@@ -16,9 +16,10 @@ from tests.launchers.conftest import entry, free_port_block, wait_for
 
 pytestmark = [
     pytest.mark.slurm,
-    pytest.mark.skipif(shutil.which("sbatch") is None,
-                       reason="sbatch is not on PATH: start the local test cluster with "
-                              "`bash slurm/ci_setup.sh` (CI's .ci/run does)"),
+    pytest.mark.skipif(
+        shutil.which("sbatch") is None,
+        reason="sbatch is not on PATH: start the local test cluster with `bash slurm/ci_setup.sh` (CI's .ci/run does)",
+    ),
 ]
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
@@ -61,10 +62,19 @@ def slurm_job():
 @pytest.mark.slow
 def test_submit_runs_on_two_nodes(tmp_path, capsys, slurm_job):
     run_dir = tmp_path / "run"
-    rc = entry("+experiment=sft_tiny", "debug=cpu", "logger=console", "checkpoint.export_hf=false",
-               f"run.output_dir={run_dir}", "train.max_steps=4", "cluster=slurm", "cluster.nodes=2",
-               "cluster.placement_strategy=STRICT_SPREAD", "cluster.time=15",
-               f"cluster.ray_port={free_port_block(16)}")
+    rc = entry(
+        "+experiment=sft_tiny",
+        "debug=cpu",
+        "logger=console",
+        "checkpoint.export_hf=false",
+        f"run.output_dir={run_dir}",
+        "train.max_steps=4",
+        "cluster=slurm",
+        "cluster.nodes=2",
+        "cluster.placement_strategy=STRICT_SPREAD",
+        "cluster.time=15",
+        f"cluster.ray_port={free_port_block(16)}",
+    )
     assert rc == 0
     job_id, log = submitted(capsys.readouterr().out)
     slurm_job.append(job_id)
@@ -89,9 +99,18 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path, capsys, slurm_job):
     """What happens before a time limit (`--signal=B:USR1@N`), sent now instead of waiting."""
     run_dir = tmp_path / "run"
     total = 60  # enough steps that the signal lands mid-run however fast the steps are
-    rc = entry("+experiment=sft_tiny", "debug=cpu", "logger=console", "checkpoint.export_hf=false",
-               f"run.output_dir={run_dir}", f"train.max_steps={total}", "checkpoint.every_steps=1000",
-               "cluster=slurm", "cluster.time=15", f"cluster.ray_port={free_port_block(16)}")
+    rc = entry(
+        "+experiment=sft_tiny",
+        "debug=cpu",
+        "logger=console",
+        "checkpoint.export_hf=false",
+        f"run.output_dir={run_dir}",
+        f"train.max_steps={total}",
+        "checkpoint.every_steps=1000",
+        "cluster=slurm",
+        "cluster.time=15",
+        f"cluster.ray_port={free_port_block(16)}",
+    )
     assert rc == 0
     job_id, log = submitted(capsys.readouterr().out)
     slurm_job.append(job_id)
@@ -122,11 +141,14 @@ def test_gpus_on_a_partition_without_them(tiny, capsys):
     assert not (run_dir / "launch").exists()  # nothing rendered or submitted
 
 
-@pytest.mark.parametrize("override, message", [
-    ("cluster.partition=nosuch", "cluster.partition='nosuch' does not exist on this Slurm cluster"),
-    ("cluster.nodes=64", "cluster.nodes=64 but partition"),
-    ("cluster.cpus_per_node=4096", "4096 CPUs per node asked for"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cluster.partition=nosuch", "cluster.partition='nosuch' does not exist on this Slurm cluster"),
+        ("cluster.nodes=64", "cluster.nodes=64 but partition"),
+        ("cluster.cpus_per_node=4096", "4096 CPUs per node asked for"),
+    ],
+)
 def test_allocation_that_does_not_fit_the_partition(tiny, capsys, override, message):
     overrides, _ = tiny
     assert entry(*overrides, "cluster=slurm", override) == 2

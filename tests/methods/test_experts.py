@@ -17,15 +17,27 @@ from orchestrator.config.schema import ExpertsMethodConfig, ModelConfig, TrainCo
 from orchestrator.config.validate import validate
 from orchestrator.engines.optim import build_optimizer
 from orchestrator.errors import ConfigError
+from orchestrator.methods.base import Reference
 from orchestrator.methods.experts import Experts, delta_io
 from orchestrator.methods.experts.__main__ import main as cli
 from orchestrator.methods.full import Full
 from orchestrator.models import build_model
 from orchestrator.models.moe import moe_layers, router_statistics
 from orchestrator.models.tokenizer import byte_tokenizer
+from orchestrator.roles import policy_spec
 
-TINY = ModelConfig(name="t", arch="qwen3_moe", hidden_size=64, intermediate_size=128, num_layers=2,
-                   num_heads=4, num_kv_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+TINY = ModelConfig(
+    name="t",
+    arch="qwen3_moe",
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+)
 FUSED = ("gate_up_proj", "down_proj")
 
 
@@ -87,9 +99,18 @@ def _jsonl(path, rows):
 
 def _run_cfg(tmp_path, *overrides):
     data = _jsonl(tmp_path / "a.jsonl", [{"prompt": "a" * 100, "completion": "a" * 100}] * 8)
-    cfg, _ = compose(["method=experts", "model=tiny_moe", "model.num_layers=2", "data=jsonl",
-                      f"data.source={data}", f"run.output_dir={tmp_path / 'run'}", "logger=console",
-                      *overrides])
+    cfg, _ = compose(
+        [
+            "method=experts",
+            "model=tiny_moe",
+            "model.num_layers=2",
+            "data=jsonl",
+            f"data.source={data}",
+            f"run.output_dir={tmp_path / 'run'}",
+            "logger=console",
+            *overrides,
+        ]
+    )
     return cfg
 
 
@@ -101,7 +122,7 @@ def _bias_router_to_experts_3_and_6(model, rows):
     ids = torch.tensor([rows[0]["input_ids"]])
     model(input_ids=ids, position_ids=torch.tensor([rows[0]["position_ids"]]))
     h.remove()
-    a = (ids[0] == byte_tokenizer()("a", add_special_tokens=False)["input_ids"][0])
+    a = ids[0] == byte_tokenizer()("a", add_special_tokens=False)["input_ids"][0]
     x = seen[0].reshape(ids.shape[1], -1)[a].mean(0)
     with torch.no_grad():
         gate.weight[3] = 50 * x / x.dot(x)
@@ -120,15 +141,18 @@ def test_router_statistics_choose_the_experts_the_data_routes_to(tmp_path, score
 
     # The hook-based counts agree with transformers' own router logits (softmax top-k).
     tokens, _, seen = router_statistics(model, rows[:1])
-    out = model(input_ids=torch.tensor([rows[0]["input_ids"]]),
-                position_ids=torch.tensor([rows[0]["position_ids"]]), output_router_logits=True,
-                use_cache=False)
+    out = model(
+        input_ids=torch.tensor([rows[0]["input_ids"]]),
+        position_ids=torch.tensor([rows[0]["position_ids"]]),
+        output_router_logits=True,
+        use_cache=False,
+    )
     for layer, logits in enumerate(out.router_logits):
         top = logits.softmax(-1).topk(2, dim=-1).indices.flatten()
         assert torch.equal(tokens[layer], torch.bincount(top, minlength=8).double())
     assert seen == len(rows[0]["input_ids"])
 
-    method = Experts(cfg.method, run_cfg=cfg)
+    method = Experts(cfg.method, policy_spec(cfg))
     method.apply(model)
     assert method.selection[0] == expected
     record = json.loads((tmp_path / "run" / "experts_selection.json").read_text())
@@ -137,14 +161,18 @@ def test_router_statistics_choose_the_experts_the_data_routes_to(tmp_path, score
     assert (tmp_path / "run" / "experts_selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A restart (same request) reuses the saved choice instead of measuring a changed model.
-    again = Experts(cfg.method, run_cfg=cfg)
+    again = Experts(cfg.method, policy_spec(cfg))
     again.apply(build_model(cfg.model, torch.float32))
     assert again.selection == method.selection
 
 
 def _state_bytes(opt):
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-               if torch.is_tensor(t) and t.ndim > 0)
+    return sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.ndim > 0
+    )
 
 
 def test_optimizer_state_scales_with_the_number_of_selected_experts():
@@ -163,7 +191,7 @@ def test_optimizer_state_scales_with_the_number_of_selected_experts():
 def test_export_delta_applied_to_base_equals_export_and_matches_trainable_state(tmp_path):
     cfg = _run_cfg(tmp_path, "method.experts={0:[2],1:[5,7]}", "method.train_router=true")
     initial = build_model(cfg.model, torch.float32).state_dict()
-    method = Experts(cfg.method, run_cfg=cfg)
+    method = Experts(cfg.method, policy_spec(cfg))
     model = method.apply(build_model(cfg.model, torch.float32))
     _train(model)
     # What weight sync sends (trainable params, + index buffers under FSDP2) is the delta.
@@ -180,40 +208,73 @@ def test_export_delta_applied_to_base_equals_export_and_matches_trainable_state(
     assert all(torch.equal(base[k], initial[k]) for k in initial)  # the base training started from
     applied = tmp_path / "applied"  # the `python -m orchestrator.methods.experts apply` entry
     assert cli(["apply", "--base", out["base"], "--delta", out["delta"], "--out", str(applied)]) == 0
-    assert cli(["apply", "--base", out["base"], "--delta", str(applied / "model.safetensors"),
-                "--out", str(tmp_path / "x")]) == 1  # not a delta: a clear error, no output
+    assert (
+        cli(
+            [
+                "apply",
+                "--base",
+                out["base"],
+                "--delta",
+                str(applied / "model.safetensors"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 1
+    )  # not a delta: a clear error, no output
     assert not (tmp_path / "x").exists()
     a = AutoModelForCausalLM.from_pretrained(applied).state_dict()
     b = AutoModelForCausalLM.from_pretrained(out["model"]).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _changed(base, b) == {"model.layers.0.mlp.experts.gate_up_proj": [2],
-                                 "model.layers.0.mlp.experts.down_proj": [2],
-                                 "model.layers.1.mlp.experts.gate_up_proj": [5, 7],
-                                 "model.layers.1.mlp.experts.down_proj": [5, 7],
-                                 "model.layers.0.mlp.gate.weight": "all", "model.layers.1.mlp.gate.weight": "all"}
+    assert _changed(base, b) == {
+        "model.layers.0.mlp.experts.gate_up_proj": [2],
+        "model.layers.0.mlp.experts.down_proj": [2],
+        "model.layers.1.mlp.experts.gate_up_proj": [5, 7],
+        "model.layers.1.mlp.experts.down_proj": [5, 7],
+        "model.layers.0.mlp.gate.weight": "all",
+        "model.layers.1.mlp.gate.weight": "all",
+    }
 
 
-def test_disable_adapter_gives_the_base_model_as_reference():
+def test_reference_is_the_base_with_slices_off_and_sync_weights_are_merged():
     base = build_model(TINY, torch.float32).eval()
-    model = Experts(ExpertsMethodConfig(experts=[0, 1, 2, 3])).apply(build_model(TINY, torch.float32))
+    method = Experts(ExpertsMethodConfig(experts=[0, 1, 2, 3]))
+    model = method.apply(build_model(TINY, torch.float32))
     _train(model, lr=5e-2)
     model.eval()
     ids = torch.randint(5, 200, (1, 16))
+    assert method.reference is Reference.WEIGHTS_OFF
     with torch.no_grad():
-        with model.disable_adapter():
+        with method.reference_context(model):
             ref = model(input_ids=ids).logits
         policy = model(input_ids=ids).logits
         assert torch.equal(ref, base(input_ids=ids).logits)
-    assert (policy - ref).abs().max() > 1e-3
-    # With whole modules training there is no frozen base to fall back on.
-    other = Experts(ExpertsMethodConfig(experts=[0], train_router=True)).apply(build_model(TINY, torch.float32))
-    assert not hasattr(other, "disable_adapter")
+        assert (policy - ref).abs().max() > 1e-3
+        # Weight sync: merged fused tensors under transformers names make a plain model the policy.
+        plain = build_model(TINY, torch.float32).eval()
+        merged = method.hf_weights(model.state_dict())
+        assert merged and all(".parametrizations." not in k for k in merged)
+        plain.load_state_dict(merged, strict=False)
+        torch.testing.assert_close(plain(input_ids=ids).logits, policy, rtol=0, atol=0)
+    # With whole modules training there is no frozen base inside: the reference is a frozen copy.
+    other = Experts(ExpertsMethodConfig(experts=[0], train_router=True))
+    other.apply(build_model(TINY, torch.float32))
+    assert other.reference is Reference.FROZEN_COPY
 
 
 def test_shared_experts_option_on_qwen2_moe():
-    cfg = Qwen2MoeConfig(vocab_size=300, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                         shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    cfg = Qwen2MoeConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -232,15 +293,18 @@ def test_shared_experts_option_on_qwen2_moe():
             assert torch.equal(params[k], v), k
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model=tiny_moe", "method.experts=[8]"], "expert 8 in layer 0 is out of range"),
-    (["model=tiny_moe", "method.experts={9:[1]}"], "layer 9 has no experts"),
-    (["model=tiny_moe", "method.experts=[]"], "selects no expert"),
-    (["model=tiny_moe", "method.experts={0:[],1:[]}"], "selects no expert"),
-    (["model=tiny_llama"], "needs a mixture-of-experts model"),
-    (["model=tiny_moe", "method.threshold=1.5"], "method.threshold=1.5 must be in (0, 1]"),
-    (["model=tiny_moe", "method.train_shared_experts=true"], "has no shared experts"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=tiny_moe", "method.experts=[8]"], "expert 8 in layer 0 is out of range"),
+        (["model=tiny_moe", "method.experts={9:[1]}"], "layer 9 has no experts"),
+        (["model=tiny_moe", "method.experts=[]"], "selects no expert"),
+        (["model=tiny_moe", "method.experts={0:[],1:[]}"], "selects no expert"),
+        (["model=tiny_llama"], "needs a mixture-of-experts model"),
+        (["model=tiny_moe", "method.threshold=1.5"], "method.threshold=1.5 must be in (0, 1]"),
+        (["model=tiny_moe", "method.train_shared_experts=true"], "has no shared experts"),
+    ],
+)
 def test_bad_input_is_a_config_error_before_training(overrides, message):
     cfg, _ = compose(["method=experts", *overrides])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("]", r"\]").replace("[", r"\[")):
@@ -273,8 +337,13 @@ def test_esft_threshold_cap_and_ties():
     from orchestrator.methods.experts.selection import esft_select
 
     layers = moe_layers(build_model(TINY, torch.float32))
-    scores = torch.tensor([[0, 5, 0, 3, 2, 0, 0, 0],      # shares .5 .3 .2
-                           [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.float64)  # all tied
+    scores = torch.tensor(
+        [
+            [0, 5, 0, 3, 2, 0, 0, 0],  # shares .5 .3 .2
+            [1, 1, 1, 1, 1, 1, 1, 1],
+        ],
+        dtype=torch.float64,
+    )  # all tied
     assert esft_select(scores, layers, 0.5, 0) == {0: [1], 1: [0, 1, 2, 3]}
     assert esft_select(scores, layers, 0.8, 0) == {0: [1, 3], 1: [0, 1, 2, 3, 4, 5, 6]}
     assert esft_select(scores, layers, 1.0, 2) == {0: [1, 3], 1: [0, 1]}

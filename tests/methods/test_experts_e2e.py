@@ -17,9 +17,19 @@ from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
-BASE = ["+experiment=moe_experts", "debug=cpu", "model=tiny_moe", "model.num_layers=2", "train.max_steps=4",
-        "train.lr=1e-2", "train.warmup_steps=0", "data.num_samples=200", "method.threshold=0.3",
-        "method.stats_tokens=4096", "checkpoint.every_steps=2"]
+BASE = [
+    "+experiment=moe_experts",
+    "debug=cpu",
+    "model=tiny_moe",
+    "model.num_layers=2",
+    "train.max_steps=4",
+    "train.lr=1e-2",
+    "train.warmup_steps=0",
+    "data.num_samples=200",
+    "method.threshold=0.3",
+    "method.stats_tokens=4096",
+    "checkpoint.every_steps=2",
+]
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "deepspeed_zero3"])
@@ -54,8 +64,9 @@ def test_moe_experts_recipe_trains_only_the_selected_experts_exports_and_resumes
     resumed = ref.parent / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(ref / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
-    rc, resumed = run_main(*BASE, f"backend={backend}", "checkpoint.resume=must", "checkpoint.export_hf=false",
-                           name="resumed")
+    rc, resumed = run_main(
+        *BASE, f"backend={backend}", "checkpoint.resume=must", "checkpoint.export_hf=false", name="resumed"
+    )
     assert rc == 0
     a = {m["step"]: m["loss"] for m in read_metrics(ref)}
     b = {m["step"]: m["loss"] for m in read_metrics(resumed)}

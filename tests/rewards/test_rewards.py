@@ -20,10 +20,18 @@ class Spec:
     kwargs: dict = field(default_factory=dict)
 
 
-@pytest.mark.parametrize("completion, answer, expected", [
-    ("68", "68", 1.0), ("The answer is \\boxed{68}.", "68", 1.0), ("68<|im_end|>", "68", 1.0),
-    ("67", "68", 0.0), ("", "68", 0.0), ("no idea", "68", 0.0), ("\\boxed{1/2}", "0.5", 1.0),
-])
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("68", "68", 1.0),
+        ("The answer is \\boxed{68}.", "68", 1.0),
+        ("68<|im_end|>", "68", 1.0),
+        ("67", "68", 0.0),
+        ("", "68", 0.0),
+        ("no idea", "68", 0.0),
+        ("\\boxed{1/2}", "0.5", 1.0),
+    ],
+)
 def test_math_verify(completion, answer, expected):
     assert math_verify(completion, answer) == expected
 
@@ -48,9 +56,15 @@ def hanging_reward(completion, answer, **_):
 
 
 def test_runner_weights_sum_and_masks_raising_and_hanging_rewards():
-    runner = RewardRunner([Spec("exact_match", 1.0), Spec("tests.rewards.test_rewards:raising_reward", 0.5),
-                           Spec("tests.rewards.test_rewards:hanging_reward", 0.1)],
-                          timeout_s=3, num_workers=2)
+    runner = RewardRunner(
+        [
+            Spec("exact_match", 1.0),
+            Spec("tests.rewards.test_rewards:raising_reward", 0.5),
+            Spec("tests.rewards.test_rewards:hanging_reward", 0.1),
+        ],
+        timeout_s=3,
+        num_workers=2,
+    )
     try:
         t = time.time()
         totals, valid, stats = runner.score(["7", "boom", "hang", "8"], ["7", "7", "7", "7"])
@@ -68,3 +82,32 @@ def test_runner_weights_sum_and_masks_raising_and_hanging_rewards():
 def test_unknown_reward_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot load reward 'nope'"):
         RewardRunner([Spec("nope")], timeout_s=1, num_workers=1)
+
+
+def test_hanging_calls_count_once_per_sample_and_queued_calls_still_score():
+    """16 hanging calls among 20 samples and two reward functions: 16 timeouts (not every
+    call that was queued behind a hung one), and the other samples are scored."""
+    completions = ["hang"] * 16 + ["7", "8", "7", "x"]
+    runner = RewardRunner(
+        [Spec("exact_match", 1.0), Spec("tests.rewards.test_rewards:hanging_reward", 0.1)], timeout_s=1, num_workers=4
+    )
+    try:
+        t = time.time()
+        totals, valid, stats = runner.score(completions, ["7"] * 20)
+        assert time.time() - t < 60
+        assert stats["reward_timeouts"] == 16 and stats["reward_errors"] == 0 and "reward_unscored" not in stats
+        assert valid == [False] * 16 + [True] * 4
+        assert totals[16:] == pytest.approx([1.05, 0.05, 1.05, 0.05])
+    finally:
+        runner.close()
+
+
+def test_calls_still_queued_after_the_last_round_are_unscored(monkeypatch):
+    monkeypatch.setattr("orchestrator.rewards.runner.MAX_ROUNDS", 0)  # no second run
+    runner = RewardRunner([Spec("tests.rewards.test_rewards:hanging_reward")], timeout_s=1, num_workers=1)
+    try:
+        _, valid, stats = runner.score(["hang", "7"], ["7", "7"])
+        assert valid == [False, False]
+        assert stats["reward_timeouts"] == 1 and stats["reward_unscored"] == 1
+    finally:
+        runner.close()

@@ -14,8 +14,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_ranks_on_different_nodes_train_together(run_main):
-    rc, run_dir = run_main("+experiment=sft_tiny", "cluster.placement_strategy=STRICT_SPREAD",
-                           "train.max_steps=12", "checkpoint.export_hf=false", "checkpoint.every_steps=0")
+    rc, run_dir = run_main(
+        "+experiment=sft_tiny",
+        "cluster.placement_strategy=STRICT_SPREAD",
+        "train.max_steps=12",
+        "checkpoint.export_hf=false",
+        "checkpoint.every_steps=0",
+    )
     assert rc == 0
     workers = json.loads((run_dir / "summary.json").read_text())["workers"]
     assert [w["rank"] for w in workers] == [0, 1]
@@ -25,7 +30,12 @@ def test_ranks_on_different_nodes_train_together(run_main):
 
 
 def test_more_workers_than_the_cluster_holds_is_a_clear_error(run_main):
-    rc, run_dir = run_main("+experiment=sft_tiny", "cluster.num_workers=8", "cluster.cpus_per_worker=1",
-                           "train.global_batch_size=8", "train.micro_batch_size=1")
+    rc, run_dir = run_main(
+        "+experiment=sft_tiny",
+        "cluster.num_workers=8",
+        "cluster.cpus_per_worker=1",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=1",
+    )
     assert rc == 2
     assert not (run_dir / "metrics.jsonl").exists()

@@ -47,8 +47,9 @@ import contextlib
 import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,7 +89,7 @@ class ExpertSlices(nn.Module):
     """Parametrization of a fused expert tensor: the frozen base with the selected experts'
     slices replaced by a trainable copy."""
 
-    def __init__(self, base: torch.Tensor, experts: List[int]):
+    def __init__(self, base: torch.Tensor, experts: list[int]):
         super().__init__()
         self.register_buffer("index", torch.tensor(experts, dtype=torch.long, device=base.device))
         dtype = torch.float32 if base.dtype in (torch.bfloat16, torch.float16) else base.dtype
@@ -108,8 +109,7 @@ def _meta_model(cfg) -> nn.Module:
     from orchestrator.models import model_config
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config(cfg.model),
-                                                trust_remote_code=cfg.model.trust_remote_code)
+        return AutoModelForCausalLM.from_config(model_config(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
 
 
 def check_config(cfg) -> None:
@@ -121,25 +121,29 @@ def check_config(cfg) -> None:
     if not 0 < c.threshold <= 1:
         raise ConfigError(f"method.threshold={c.threshold} must be in (0, 1]")
     if c.max_per_layer < 0 or c.stats_tokens <= 0:
-        raise ConfigError(f"method.max_per_layer={c.max_per_layer} must be >= 0 and "
-                          f"method.stats_tokens={c.stats_tokens} > 0")
+        raise ConfigError(
+            f"method.max_per_layer={c.max_per_layer} must be >= 0 and method.stats_tokens={c.stats_tokens} > 0"
+        )
     model = _meta_model(cfg)
     check_model(c, model, cfg.model.pretrained or f"{cfg.model.name} (arch {cfg.model.arch})")
 
 
-def check_model(c, model: nn.Module, label: str) -> List[MoeLayer]:
+def check_model(c, model: nn.Module, label: str) -> list[MoeLayer]:
     layers = moe_layers(model)
     if not layers:
         raise ConfigError(
             f"method=experts needs a mixture-of-experts model, but model {label} has no experts "
             "(no fused expert parameters found). Use an MoE model (model=tiny_moe, qwen3_30b_a3b, "
-            "mixtral_8x7b), or method=full / method=lora for dense models.")
+            "mixtral_8x7b), or method=full / method=lora for dense models."
+        )
     if c.experts is not None:
         parse_explicit(c.experts, layers)
     elif not all(routing_is_observable(layer) for layer in layers):
-        raise ConfigError(f"method=experts: the routing of {type(layers[0].experts).__name__} cannot be "
-                          "observed, so experts cannot be chosen from router statistics; give "
-                          "method.experts explicitly")
+        raise ConfigError(
+            f"method=experts: the routing of {type(layers[0].experts).__name__} cannot be "
+            "observed, so experts cannot be chosen from router statistics; give "
+            "method.experts explicitly"
+        )
     if c.train_shared_experts and not any(layer.shared_params for layer in layers):
         raise ConfigError(f"method.train_shared_experts=true but model {label} has no shared experts")
     if c.train_attention and not attention_params(model):
@@ -158,8 +162,8 @@ class Experts(Method):
         """The role spec (`orchestrator.roles.RoleSpec`): model, data and run dir for router
         statistics (None in bare use)."""
         self.selection: Selection | None = None
-        self.record: Dict[str, Any] | None = None
-        self.base_whole: Dict[str, torch.Tensor] | None = None
+        self.record: dict[str, Any] | None = None
+        self.base_whole: dict[str, torch.Tensor] | None = None
         """Initial values of whole-trained parameters, for exporting a locally built base."""
 
     # ------------------------------------------------------------------ apply
@@ -206,10 +210,10 @@ class Experts(Method):
             return super().reference_context(model)
         return _disabled(model._orchestrator_expert_slices)
 
-    def hf_weights(self, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def hf_weights(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each parametrised fused tensor merged (base with the trained slices written in) under
         its `transformers` name; whole-trained parameters as they are."""
-        out: Dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
         whole = self.reference is Reference.FROZEN_COPY
         for key, value in state.items():
             m = _ORIGINAL.match(key)
@@ -224,21 +228,22 @@ class Experts(Method):
                 out[key] = value
         return out
 
-    def _layer_experts(self, path: str) -> List[int]:
+    def _layer_experts(self, path: str) -> list[int]:
         layer = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
         if layer is None or self.selection is None:
             raise KeyError(f"{path}: expert slices without their indices")
         return sorted(self.selection[int(layer.group(1))])
 
-    def _whole_params(self, model: nn.Module, layers: List[MoeLayer]) -> List[str]:
+    def _whole_params(self, model: nn.Module, layers: list[MoeLayer]) -> list[str]:
         c, names = self.cfg, []
         for layer in layers:
-            names += (layer.router_params if c.train_router else []) + \
-                (layer.shared_params if c.train_shared_experts else [])
+            names += (layer.router_params if c.train_router else []) + (
+                layer.shared_params if c.train_shared_experts else []
+            )
         return names + (attention_params(model) if c.train_attention else [])
 
     # -------------------------------------------------------------- selection
-    def _select(self, model: nn.Module, layers: List[MoeLayer]) -> Selection:
+    def _select(self, model: nn.Module, layers: list[MoeLayer]) -> Selection:
         rank = dist.get_rank() if _distributed() else 0
         # Rank 0 decides (explicit, or a saved record) and measures; under ZeRO-3 every rank
         # takes part in the measuring forwards, whose parameter gathers are collectives.
@@ -259,40 +264,56 @@ class Experts(Method):
             return None
         return Path(self.run_cfg.run_dir).resolve()
 
-    def _request(self) -> Dict[str, Any]:
+    def _request(self) -> dict[str, Any]:
         """What determines the selection; a saved record is reused only if this matches."""
         c, r = self.cfg, self.run_cfg
-        req = {"experts": c.experts, "score": c.score, "threshold": c.threshold,
-               "max_per_layer": c.max_per_layer, "stats_tokens": c.stats_tokens}
+        req = {
+            "experts": c.experts,
+            "score": c.score,
+            "threshold": c.threshold,
+            "max_per_layer": c.max_per_layer,
+            "stats_tokens": c.stats_tokens,
+        }
         if r is not None:
             req.update(model=r.model.pretrained or r.model.name, data=r.data.source, seed=r.data.seed)
         return json.loads(json.dumps(req))
 
-    def _base_record(self, layers: List[MoeLayer]) -> Dict[str, Any]:
-        return {"request": self._request(), "layers": [layer.index for layer in layers],
-                "num_experts": max(layer.num_experts for layer in layers)}
+    def _base_record(self, layers: list[MoeLayer]) -> dict[str, Any]:
+        return {
+            "request": self._request(),
+            "layers": [layer.index for layer in layers],
+            "num_experts": max(layer.num_experts for layer in layers),
+        }
 
-    def _known_record(self, layers: List[MoeLayer]) -> Dict[str, Any] | None:
+    def _known_record(self, layers: list[MoeLayer]) -> dict[str, Any] | None:
         """The explicit selection, or the one saved in the run dir for the same request."""
         base = self._base_record(layers)
         if self.cfg.experts is not None:
             sel = parse_explicit(self.cfg.experts, layers)
-            return {"source": "explicit", **base,
-                    "experts": {str(layer.index): sel.get(layer.index, []) for layer in layers}}
+            return {
+                "source": "explicit",
+                **base,
+                "experts": {str(layer.index): sel.get(layer.index, []) for layer in layers},
+            }
         saved = read_record(self.run_dir) if self.run_dir is not None else None
         if saved is not None and saved.get("request") == base["request"]:
             log.info("method=experts: reusing the selection in %s", self.run_dir / SELECTION_FILE)
             return saved
         if saved is not None:
-            log.warning("method=experts: the selection settings differ from %s; choosing again (a "
-                        "checkpoint saved with the old choice will not load)", self.run_dir / SELECTION_FILE)
+            log.warning(
+                "method=experts: the selection settings differ from %s; choosing again (a "
+                "checkpoint saved with the old choice will not load)",
+                self.run_dir / SELECTION_FILE,
+            )
         return None
 
-    def _measure(self, model: nn.Module, layers: List[MoeLayer]) -> Dict[str, Any]:
+    def _measure(self, model: nn.Module, layers: list[MoeLayer]) -> dict[str, Any]:
         c, base = self.cfg, self._base_record(layers)
         if self.run_cfg is None:
-            raise ConfigError("method=experts without method.experts chooses experts from the "
-                              "training data, which needs the role spec (Experts(cfg, spec))")
+            raise ConfigError(
+                "method=experts without method.experts chooses experts from the "
+                "training data, which needs the role spec (Experts(cfg, spec))"
+            )
         from orchestrator.models import build_tokenizer
 
         rows = stats_rows(self.run_cfg, build_tokenizer(self.run_cfg.model), c.stats_tokens)
@@ -300,14 +321,21 @@ class Experts(Method):
         device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
         tokens, gates, seen = router_statistics(model, rows, device)
         sel = esft_select(tokens if c.score == "token" else gates, layers, c.threshold, c.max_per_layer)
-        return {"source": "router", **base, "score": c.score, "threshold": c.threshold,
-                "max_per_layer": c.max_per_layer, "stats_tokens": seen,
-                "experts": {str(k): v for k, v in sel.items()},
-                "token_share": _rounded(shares(tokens)), "gate_share": _rounded(shares(gates))}
+        return {
+            "source": "router",
+            **base,
+            "score": c.score,
+            "threshold": c.threshold,
+            "max_per_layer": c.max_per_layer,
+            "stats_tokens": seen,
+            "experts": {str(k): v for k, v in sel.items()},
+            "token_share": _rounded(shares(tokens)),
+            "gate_share": _rounded(shares(gates)),
+        }
 
     # ----------------------------------------------------------------- export
-    def export(self, model: nn.Module, out_dir: Path, tokenizer, base_ref: str | None) -> Dict[str, str]:
-        out: Dict[str, str] = {}
+    def export(self, model: nn.Module, out_dir: Path, tokenizer, base_ref: str | None) -> dict[str, str]:
+        out: dict[str, str] = {}
         delta = delta_io.from_model(model)
         whole = [k for k in delta if k + delta_io.IDS not in delta and not k.endswith(delta_io.IDS)]
         # A locally built base (no hub id or directory to point at) is written beside the
@@ -361,7 +389,7 @@ def _from_rank0(compute) -> Any:
 
 
 @contextlib.contextmanager
-def _disabled(slices: List[ExpertSlices]):
+def _disabled(slices: list[ExpertSlices]):
     for s in slices:
         s.enabled = False
     try:
@@ -371,7 +399,7 @@ def _disabled(slices: List[ExpertSlices]):
             s.enabled = True
 
 
-def _rounded(t: torch.Tensor) -> List[List[float]]:
+def _rounded(t: torch.Tensor) -> list[list[float]]:
     return [[round(float(v), 6) for v in row] for row in t]
 
 

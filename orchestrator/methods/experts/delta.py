@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,12 +29,13 @@ _PARAMETRIZED = re.compile(r"^(.*)\.parametrizations\.([^.]+)\.0\.(weight|index)
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def from_state_dict(state: Mapping[str, torch.Tensor],
-                    selection: Mapping[int, Sequence[int]] | None = None) -> Dict[str, torch.Tensor]:
+def from_state_dict(
+    state: Mapping[str, torch.Tensor], selection: Mapping[int, Sequence[int]] | None = None
+) -> dict[str, torch.Tensor]:
     """Training-time state (trainable params, and index buffers where the engine includes
     them, as FSDP2 does) -> delta keys. Missing indices come from `selection`
     ({decoder layer: experts}, the method's `selection`), e.g. for ZeRO-3's trainable_state."""
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         m = _PARAMETRIZED.match(key)
         if m is None:
@@ -52,12 +53,12 @@ def from_state_dict(state: Mapping[str, torch.Tensor],
     return out
 
 
-def from_model(model: nn.Module) -> Dict[str, torch.Tensor]:
+def from_model(model: nn.Module) -> dict[str, torch.Tensor]:
     """The delta of a model with the experts method applied, in the base parameters' dtype
     (so base + delta equals the merged export bit for bit)."""
     from torch.nn.utils import parametrize
 
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         if not parametrize.is_parametrized(module):
             continue
@@ -79,8 +80,10 @@ def apply_delta(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> None:
         if key.endswith(IDS):
             continue
         if key not in params:
-            raise KeyError(f"delta entry {key!r} is not a parameter of {type(model).__name__}; "
-                           "was the delta made for another architecture?")
+            raise KeyError(
+                f"delta entry {key!r} is not a parameter of {type(model).__name__}; "
+                "was the delta made for another architecture?"
+            )
         target = params[key]
         ids = delta.get(key + IDS)
         if ids is None:
@@ -89,14 +92,14 @@ def apply_delta(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> None:
             target.index_copy_(0, ids.to(target.device), value.to(target.device, target.dtype))
 
 
-def save(delta: Dict[str, torch.Tensor], path: Path, base: str | None, selection: Dict) -> None:
+def save(delta: dict[str, torch.Tensor], path: Path, base: str | None, selection: dict) -> None:
     from safetensors.torch import save_file
 
     meta = {"format": FORMAT, "base": base or "", "experts": json.dumps(selection)}
     save_file({k: v.contiguous() for k, v in delta.items()}, str(path), metadata=meta)
 
 
-def load(path: Path) -> Dict[str, torch.Tensor]:
+def load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 

@@ -29,8 +29,9 @@ import os
 import random
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any
 
 import torch
 
@@ -40,15 +41,14 @@ from orchestrator.models.moe import MoeLayer
 log = logging.getLogger("orchestrator")
 SELECTION_FILE = "experts_selection.json"
 HEATMAP_FILE = "experts_selection.png"
-Selection = Dict[int, List[int]]
+Selection = dict[int, list[int]]
 
 
 # ---------------------------------------------------------------- explicit selection
-def _index_list(value: Any, where: str) -> List[int]:
+def _index_list(value: Any, where: str) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                       for v in value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise ConfigError(f"method.experts{where} must be a list of expert indices, got {value!r}")
     return sorted(set(value))
 
@@ -62,8 +62,10 @@ def parse_explicit(spec: Any, layers: Sequence[MoeLayer]) -> Selection:
         try:
             spec = json.loads(Path(spec).expanduser().read_text())["experts"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"method.experts={spec!r}: not a readable selection JSON with an "
-                              f"'experts' object ({type(exc).__name__}: {exc})") from exc
+            raise ConfigError(
+                f"method.experts={spec!r}: not a readable selection JSON with an "
+                f"'experts' object ({type(exc).__name__}: {exc})"
+            ) from exc
     by_layer = {layer.index: layer for layer in layers}
     if isinstance(spec, dict):
         sel: Selection = {}
@@ -73,8 +75,10 @@ def parse_explicit(spec: Any, layers: Sequence[MoeLayer]) -> Selection:
             except (TypeError, ValueError):
                 raise ConfigError(f"method.experts: layer key {key!r} is not an integer") from None
             if idx not in by_layer:
-                raise ConfigError(f"method.experts: layer {idx} has no experts; the MoE layers of this "
-                                  f"model are {_ranges(sorted(by_layer))}")
+                raise ConfigError(
+                    f"method.experts: layer {idx} has no experts; the MoE layers of this "
+                    f"model are {_ranges(sorted(by_layer))}"
+                )
             sel[idx] = _index_list(value, f"[{idx}]")
     else:
         experts = _index_list(spec, "")
@@ -83,16 +87,20 @@ def parse_explicit(spec: Any, layers: Sequence[MoeLayer]) -> Selection:
         n = by_layer[idx].num_experts
         bad = [e for e in experts if not 0 <= e < n]
         if bad:
-            raise ConfigError(f"method.experts: expert {bad[0]} in layer {idx} is out of range; the model "
-                              f"has {n} experts per layer (valid indices 0..{n - 1})")
+            raise ConfigError(
+                f"method.experts: expert {bad[0]} in layer {idx} is out of range; the model "
+                f"has {n} experts per layer (valid indices 0..{n - 1})"
+            )
     if not any(sel.values()):
-        raise ConfigError("method.experts selects no expert: give at least one index (e.g. "
-                          "method.experts=[0,1] or method.experts={0:[1,3]}), or leave it unset (null) "
-                          "to choose experts from router statistics")
+        raise ConfigError(
+            "method.experts selects no expert: give at least one index (e.g. "
+            "method.experts=[0,1] or method.experts={0:[1,3]}), or leave it unset (null) "
+            "to choose experts from router statistics"
+        )
     return {idx: e for idx, e in sorted(sel.items()) if e}
 
 
-def _ranges(xs: List[int]) -> str:
+def _ranges(xs: list[int]) -> str:
     if xs and xs == list(range(xs[0], xs[-1] + 1)) and len(xs) > 2:
         return f"{xs[0]}..{xs[-1]}"
     return ", ".join(map(str, xs))
@@ -105,8 +113,7 @@ def shares(counts: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, counts / total.clamp_min(1e-30), torch.zeros_like(counts))
 
 
-def esft_select(scores: torch.Tensor, layers: Sequence[MoeLayer], threshold: float,
-                max_per_layer: int) -> Selection:
+def esft_select(scores: torch.Tensor, layers: Sequence[MoeLayer], threshold: float, max_per_layer: int) -> Selection:
     """Per layer, the fewest top-scoring experts whose cumulative share reaches `threshold`."""
     sel: Selection = {}
     for row, layer in zip(shares(scores), layers):
@@ -124,7 +131,7 @@ def esft_select(scores: torch.Tensor, layers: Sequence[MoeLayer], threshold: flo
 
 
 # ---------------------------------------------------------------------- sample
-def stats_rows(run_cfg, tokenizer, max_tokens: int) -> List[Dict[str, List[int]]]:
+def stats_rows(run_cfg, tokenizer, max_tokens: int) -> list[dict[str, list[int]]]:
     """Packed, unpadded rows of up to `max_tokens` tokens from the run's data source."""
     from orchestrator.data.batching import pack
     from orchestrator.data.sft import SftTokenizer, to_messages
@@ -154,14 +161,17 @@ def stats_rows(run_cfg, tokenizer, max_tokens: int) -> List[Dict[str, List[int]]
         if total >= max_tokens:
             break
     if not examples:
-        raise DataError(f"data.source={d.source!r}: no row could be rendered to measure router "
-                        "statistics for method=experts; give method.experts explicitly instead")
-    return [{"input_ids": r["input_ids"], "position_ids": r["position_ids"]}
-            for r in pack(examples, d.max_seq_len, d.seed)]
+        raise DataError(
+            f"data.source={d.source!r}: no row could be rendered to measure router "
+            "statistics for method=experts; give method.experts explicitly instead"
+        )
+    return [
+        {"input_ids": r["input_ids"], "position_ids": r["position_ids"]} for r in pack(examples, d.max_seq_len, d.seed)
+    ]
 
 
 # ---------------------------------------------------------------- record / report
-def write_record(run_dir: Path, record: Dict[str, Any]) -> None:
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     """The selection JSON and (for router selections) a heatmap PNG, in the run dir."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{SELECTION_FILE}.{os.getpid()}.tmp"  # rollout workers may write it too
@@ -171,18 +181,20 @@ def write_record(run_dir: Path, record: Dict[str, Any]) -> None:
         (run_dir / HEATMAP_FILE).write_bytes(heatmap_png(record))
 
 
-def read_record(run_dir: Path) -> Dict[str, Any] | None:
+def read_record(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((run_dir / SELECTION_FILE).read_text())
     except (OSError, ValueError):
         return None
 
 
-def table(record: Dict[str, Any]) -> str:
+def table(record: dict[str, Any]) -> str:
     experts = {int(k): v for k, v in record["experts"].items()}
     share = record.get(f"{record.get('score', 'token')}_share")
-    lines = [f"method=experts: {sum(map(len, experts.values()))} experts selected "
-             f"({record['source']}{', score ' + record['score'] if share else ''})"]
+    lines = [
+        f"method=experts: {sum(map(len, experts.values()))} experts selected "
+        f"({record['source']}{', score ' + record['score'] if share else ''})"
+    ]
     for i, layer in enumerate(record["layers"]):
         chosen = experts.get(layer, [])
         covered = f"  share {sum(share[i][e] for e in chosen):.2f}" if share else ""
@@ -190,7 +202,7 @@ def table(record: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def heatmap_png(record: Dict[str, Any]) -> bytes:
+def heatmap_png(record: dict[str, Any]) -> bytes:
     """Layers x experts, shade = score share (per-layer max = darkest); selected experts in
     orange, the rest in blue. Written by hand: no imaging library is a dependency."""
     share = record[f"{record.get('score', 'token')}_share"]
@@ -203,8 +215,11 @@ def heatmap_png(record: Dict[str, Any]) -> bytes:
         line = bytearray()
         for e, s in enumerate(layer_share):
             t = s / top
-            rgb = (255, int(255 - 150 * t), int(255 - 255 * t)) if (i, e) in selected \
+            rgb = (
+                (255, int(255 - 150 * t), int(255 - 255 * t))
+                if (i, e) in selected
                 else (int(255 - 225 * t), int(255 - 180 * t), 255)
+            )
             line += bytes(rgb) * (cell - 1) + b"\xff\xff\xff"
         rows += [line] * (cell - 1) + [bytearray(b"\xff" * len(line))]
     width, height = len(rows[0]) // 3, len(rows)
@@ -213,8 +228,12 @@ def heatmap_png(record: Dict[str, Any]) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     raw = b"".join(b"\x00" + bytes(r) for r in rows)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 class LogExpertSelection:
@@ -226,7 +245,7 @@ class LogExpertSelection:
         self.run_dir = Path(cfg.run.output_dir).resolve()
         self.done = False
 
-    def on_step_end(self, step: int, metrics: Dict[str, Any]) -> None:
+    def on_step_end(self, step: int, metrics: dict[str, Any]) -> None:
         if self.done:
             return
         self.done = True
@@ -244,14 +263,24 @@ class LogExpertSelection:
         data = []
         for i, layer in enumerate(record["layers"]):
             for e in range(record["num_experts"]):
-                data.append([layer, e, *(record[k][i][e] if record.get(k) else None
-                                         for k in ("token_share", "gate_share")), e in experts.get(layer, ())])
-        payload: Dict[str, Any] = {"experts/selection": wandb.Table(
-            columns=["layer", "expert", "token_share", "gate_share", "selected"], data=data)}
+                data.append(
+                    [
+                        layer,
+                        e,
+                        *(record[k][i][e] if record.get(k) else None for k in ("token_share", "gate_share")),
+                        e in experts.get(layer, ()),
+                    ]
+                )
+        payload: dict[str, Any] = {
+            "experts/selection": wandb.Table(
+                columns=["layer", "expert", "token_share", "gate_share", "selected"], data=data
+            )
+        }
         if record.get("token_share"):
             png = base64.b64encode(heatmap_png(record)).decode()
-            payload["experts/heatmap"] = wandb.Html(f'<img src="data:image/png;base64,{png}" '
-                                                    'style="image-rendering: pixelated; width: 100%">')
+            payload["experts/heatmap"] = wandb.Html(
+                f'<img src="data:image/png;base64,{png}" style="image-rendering: pixelated; width: 100%">'
+            )
         try:
             wandb.run.log(payload, step=step)
         except Exception as exc:  # W&B must never stop training

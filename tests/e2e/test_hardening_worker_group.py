@@ -1,0 +1,81 @@
+"""WorkerGroup calls: a rank that hangs (a real actor sleeping forever in a method) is
+detected within `call_timeout`, its Python stack is dumped with py-spy into the log, and a
+WorkerError takes the driver's recovery path; an error of ours raised in a worker (a full
+disk while saving) propagates as itself, so the driver does not restart into it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+import ray
+
+from orchestrator.errors import StorageError, WorkerError
+from orchestrator.workers.group import WorkerGroup, call_timeout
+
+pytestmark = pytest.mark.slow
+
+
+class Rank:
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def node_info(self) -> dict:
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    def step(self, hang_rank: int) -> int:
+        if self.rank == hang_rank:
+            self.deadlocked_in_user_code()
+        return self.rank
+
+    def deadlocked_in_user_code(self) -> None:
+        while True:
+            time.sleep(1)
+
+    def save(self, path: str) -> None:
+        if self.rank == 1:
+            raise StorageError(f"cannot write checkpoint step 4 in {path}: ENOSPC")
+
+
+def _group(n: int = 2) -> WorkerGroup:
+    """A WorkerGroup over plain actors (no placement group, no torch.distributed)."""
+    g = WorkerGroup.__new__(WorkerGroup)
+    g.actors = [ray.remote(num_cpus=0)(Rank).remote(r) for r in range(n)]
+    g.nodes = ray.get([a.node_info.remote() for a in g.actors])
+    return g
+
+
+def test_a_hung_rank_is_detected_and_its_stack_dumped(ray_cluster, caplog):
+    g = _group()
+    try:
+        assert g.call("step", -1) == [0, 1]  # no timeout in force: plain calls
+        with call_timeout(None):
+            assert g.call("step", -1) == [0, 1]
+        t = time.time()
+        with caplog.at_level(logging.ERROR), call_timeout(3), pytest.raises(WorkerError) as info:
+            g.call("step", 1)
+        assert time.time() - t < 60
+        msg = str(info.value)
+        assert f"step hung (rank 1: node {g.nodes[1]['ip']} pid {g.nodes[1]['pid']})" in msg
+        assert "run.step_timeout_s=3s" in msg
+        assert "--- rank 1" in caplog.text and "deadlocked_in_user_code" in caplog.text  # py-spy's dump
+    finally:
+        for a in g.actors:
+            ray.kill(a)
+
+
+def test_an_error_of_ours_in_a_worker_propagates_as_itself(ray_cluster):
+    g = _group()
+    try:
+        with pytest.raises(StorageError, match="ENOSPC"):
+            g.call("save", "/ckpts")
+    finally:
+        for a in g.actors:
+            ray.kill(a)
