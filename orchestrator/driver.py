@@ -134,24 +134,24 @@ class Driver:
         self.roles.shutdown()
         return self._start(stage, ckpt, latest, total, initial)
 
-    def run(self) -> dict[str, Any]:
+    def _prepare(self):
+        """Everything before any worker starts: the config record, tokenizer, stage, resume point."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_dict))
-
         tokenizer = build_tokenizer(cfg.model)
         model_config(cfg.model)  # fail here, not in every worker, if the model is unreachable
         stage = STAGES[cfg.stage.name](cfg, tokenizer)
-        total = stage.total_steps
-        ckpt = Checkpointer(
-            self.ckpt_dir,
-            cfg.checkpoint,
-            lambda: {"stage": stage.state_dict(), "world_size": cfg.cluster.num_workers, "choices": self.choices},
-        )
-        latest = ckpt.resume_point()
-        callbacks = load_callbacks(cfg.run.callbacks, cfg)
+        meta = {"world_size": cfg.cluster.num_workers, "choices": self.choices}
+        ckpt = Checkpointer(self.ckpt_dir, cfg.checkpoint, lambda: {"stage": stage.state_dict(), **meta})
+        return config_dict, tokenizer, stage, ckpt
 
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        config_dict, tokenizer, stage, ckpt = self._prepare()
+        total, latest = stage.total_steps, ckpt.resume_point()
+        callbacks = load_callbacks(cfg.run.callbacks, cfg)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         initial = stage.state_dict()
         tracker, restarts = None, 0
@@ -179,8 +179,8 @@ class Driver:
                     continue
                 if self._stop_signal is not None:
                     raise Preempted(
-                        f"stopped by signal {self._stop_signal} at step {step}; checkpoint "
-                        f"{ckpt.last}. Run the same command again to resume."
+                        f"stopped by signal {self._stop_signal} at step {step}; checkpoint {ckpt.last}. "
+                        "Run the same command again to resume."
                     )
             ckpt.commit_pending(self.roles, wait=True)
             summary = self._finish(stage, ckpt, tracker, tokenizer, total, start, restarts, metrics)

@@ -78,16 +78,22 @@ def generate(
             else None
         )
         for r, row in enumerate(seqs[:, width:].tolist()):
-            comp = []
-            for t in row:
-                if t == pad and t != eos:
-                    break
-                comp.append(t)
-                if t == eos:
-                    break
+            comp = _trim(row, pad, eos)
             out.append(comp)
             lps.append(scores[r, : len(comp)].tolist() if scores is not None else None)
         if greedy and n > 1:  # greedy samples are identical: repeat instead of recomputing
             out[-len(chunk) :] = [c for c in out[-len(chunk) :] for _ in range(n)]
             lps[-len(chunk) :] = [lp for lp in lps[-len(chunk) :] for _ in range(n)]
     return out, lps
+
+
+def _trim(row: list[int], pad: int, eos: int) -> list[int]:
+    """A generated row up to and including EOS, without the padding after it."""
+    comp = []
+    for t in row:
+        if t == pad and t != eos:
+            break
+        comp.append(t)
+        if t == eos:
+            break
+    return comp

@@ -173,31 +173,8 @@ class GrpoStage(Stage):
         answers = [p["answer"] for p in batch for _ in range(r.n)]
         rewards, valid, rstats = self.rewards.score(texts, answers)
         times["time/reward"] = time.time() - t
-        rw = torch.tensor(rewards)
-        ok = torch.tensor(valid)
-        adv = group_advantages(rw, r.n, g.std_normalize)
-        keep = ok.clone()
-        flat = zero_std_groups(rw, r.n)
-        if g.filter_zero_std_groups:
-            keep &= ~flat.repeat_interleave(r.n)
-
-        rows = []
-        idx = [i for i in range(len(comps)) if keep[i] and comps[i]]
-        weights = token_weights([len(comps[i]) for i in idx], g.loss_agg, r.max_new_tokens)
-        for i, w in zip(idx, weights):
-            p = prompt_ids[i // r.n]
-            rows.append({"input_ids": p + comps[i], "prompt_len": len(p), "weight": w, "adv": float(adv[i])})
-
-        metrics: dict[str, Any] = {
-            "reward_mean": float(rw[ok].mean()) if ok.any() else 0.0,
-            "reward_std": float(rw[ok].std()) if ok.sum() > 1 else 0.0,
-            "completion_len": sum(len(c) for c in comps) / len(comps),
-            "zero_std_groups": float(flat.float().mean()),
-            "samples_trained": len(rows),
-            "rollout_version": rollout_version,
-            **rstats,
-        }
-        metrics["accuracy"] = sum(1.0 for i, v in enumerate(valid) if v and rewards[i] >= 1.0) / len(valid)
+        rows, metrics = self._rows(prompt_ids, comps, rewards, valid)
+        metrics.update(rollout_version=rollout_version, **rstats)
         if rows:
             metrics.update(self._train(roles, rows, times, step))
         else:
@@ -211,6 +188,34 @@ class GrpoStage(Stage):
         if self.cfg.eval.every_steps and self.heldout and step % self.cfg.eval.every_steps == 0:
             metrics["eval_accuracy"] = self.evaluate()
         return metrics
+
+    def _rows(
+        self, prompt_ids: list[list[int]], comps: list[list[int]], rewards: list[float], valid: list[bool]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Group advantages -> the rows to train (prompt + completion, token weight, advantage)."""
+        g, n = self.g, self.r.n
+        rw = torch.tensor(rewards)
+        ok = torch.tensor(valid)
+        adv = group_advantages(rw, n, g.std_normalize)
+        keep = ok.clone()
+        flat = zero_std_groups(rw, n)
+        if g.filter_zero_std_groups:
+            keep &= ~flat.repeat_interleave(n)
+        rows = []
+        idx = [i for i in range(len(comps)) if keep[i] and comps[i]]
+        weights = token_weights([len(comps[i]) for i in idx], g.loss_agg, self.r.max_new_tokens)
+        for i, w in zip(idx, weights):
+            p = prompt_ids[i // n]
+            rows.append({"input_ids": p + comps[i], "prompt_len": len(p), "weight": w, "adv": float(adv[i])})
+        metrics: dict[str, Any] = {
+            "reward_mean": float(rw[ok].mean()) if ok.any() else 0.0,
+            "reward_std": float(rw[ok].std()) if ok.sum() > 1 else 0.0,
+            "completion_len": sum(len(c) for c in comps) / len(comps),
+            "zero_std_groups": float(flat.float().mean()),
+            "samples_trained": len(rows),
+            "accuracy": sum(1.0 for i, v in enumerate(valid) if v and rewards[i] >= 1.0) / len(valid),
+        }
+        return rows, metrics
 
     def _train(self, roles, rows: list[dict[str, Any]], times: dict[str, float], step: int) -> dict[str, float]:
         g, workers = self.g, roles.policy
