@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
-from transformers import AutoModelForCausalLM
-
 from orchestrator.engines.optim import _shape
 from orchestrator.methods import get_method
 from orchestrator.methods.base import unwrap
+from orchestrator.models import _auto_class
 from orchestrator.models.logprobs import token_logprobs
 
 # loss_fn(model, micro_batch) -> (loss to backward, {metric name: 0-d tensor or float summed over micro-batches})
@@ -153,8 +152,9 @@ class EngineBase:
             return {}
         if self.compute_bf16:
             sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
+        auto, _ = _auto_class(self.spec.head)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(self.hf_config)
+            skeleton = auto.from_config(self.hf_config)
         skeleton = self.method.apply(skeleton)
         skeleton.load_state_dict(sd, strict=False, assign=True)
         unwrap(skeleton).tie_weights()

@@ -136,7 +136,7 @@ class DeepSpeedZero3Engine(EngineBase):
 
         hf_ds = HfDeepSpeedConfig(self.ds_config)  # transformers builds under zero.Init while it lives
         try:
-            model = self.method.load_base(spec.model, master_dtype(spec.model))
+            model = self.method.load_base(spec.model, master_dtype(spec.model), spec.head)
         finally:
             unset_hf_deepspeed_config()
             del hf_ds

@@ -48,7 +48,7 @@ class FSDP2Engine(EngineBase):
     def __init__(self, spec, rank: int, world_size: int, device: torch.device, total_steps: int):
         super().__init__(spec, rank, world_size, device, total_steps)
         b = spec.backend
-        model = self._after_build(self.method.build(spec.model, master_dtype(spec.model), spec.seed))
+        model = self._after_build(self.method.build(spec.model, master_dtype(spec.model), spec.seed, spec.head))
         self.sharded = world_size > 1 or b.shard_single_rank
         if self.sharded:
             self._shard(model, b)

@@ -37,11 +37,11 @@ class Method:
         """The role spec (model, data, run dir) for methods that read more than their own config."""
 
     # ----------------------------------------------------------------- build
-    def build(self, model_spec, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    def build(self, model_spec, dtype: torch.dtype, seed: int, head: str = "lm") -> torch.nn.Module:
         """The module to shard: the base (`load_base`) with the method applied. New
         parameters are drawn from `seed`, so they are identical on every rank (each rank keeps
         only its shard of its own copy: differing inits would stitch a mixed tensor)."""
-        return self.apply_seeded(self.load_base(model_spec, dtype), seed)
+        return self.apply_seeded(self.load_base(model_spec, dtype, head), seed)
 
     def apply_seeded(self, model: torch.nn.Module, seed: int) -> torch.nn.Module:
         """`apply` with new parameters drawn from `seed`, leaving the caller's RNG as it was."""
@@ -49,10 +49,11 @@ class Method:
             torch.manual_seed(seed)
             return self.apply(model)
 
-    def load_base(self, model_spec, dtype: torch.dtype) -> torch.nn.Module:
+    def load_base(self, model_spec, dtype: torch.dtype, head: str = "lm") -> torch.nn.Module:
+        """The base model of `model_spec` with its head (`lm`, or a scalar `score` / `value` head)."""
         from orchestrator.models import build_model
 
-        return build_model(model_spec, dtype)
+        return build_model(model_spec, dtype, head)
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError

@@ -115,22 +115,43 @@ def model_config(m: ModelConfig) -> PretrainedConfig:
         ) from exc
 
 
-def build_model(m: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
-    """A full (unsharded) model on CPU: random init (seeded, identical on every rank) or pretrained."""
+def _auto_class(head: str) -> tuple[type, dict]:
+    """The `transformers` Auto class of a head: `lm` (causal LM), `score` (one scalar per
+    sequence, read at the last non-pad token: reward models), `value` (one scalar per token:
+    critics)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    heads = {
+        "lm": (AutoModelForCausalLM, {}),
+        "score": (AutoModelForSequenceClassification, {"num_labels": 1}),
+        "value": (AutoModelForTokenClassification, {"num_labels": 1}),
+    }
+    if head not in heads:
+        raise ValueError(f"unknown model head {head!r}: use one of {', '.join(heads)}")
+    return heads[head]
+
+
+def build_model(m: ModelConfig, dtype: torch.dtype, head: str = "lm") -> torch.nn.Module:
+    """A full (unsharded) model on CPU: random init (seeded, identical on every rank) or pretrained,
+    with a causal LM head or a scalar head (`_auto_class`)."""
+    auto, extra = _auto_class(head)
     if m.pretrained is None:
         cfg = model_config(m)
         cfg._attn_implementation = m.attn_implementation
+        for key, value in extra.items():
+            setattr(cfg, key, value)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(m.init_seed)
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=m.attn_implementation)
+            model = auto.from_config(cfg, dtype=dtype, attn_implementation=m.attn_implementation)
         return model
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return auto.from_pretrained(
             m.pretrained,
             revision=m.revision,
             dtype=dtype,
             attn_implementation=m.attn_implementation,
             trust_remote_code=m.trust_remote_code,
+            **extra,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(

@@ -138,3 +138,16 @@ def test_grpo_roles_reference_and_weight_sync(method, frozen_reference):
     trained = policy.calls[-2][1]
     assert all("ref_logp" in mb and "old_logp" in mb for mbs in trained for mb in mbs)
     assert stage.version == 2 and stage.rollout.synced == [2] and metrics["policy_version"] == 2
+
+
+@pytest.mark.parametrize("head, out_shape", [("lm", (2, 9, None)), ("score", (2, 1)), ("value", (2, 9, 1))])
+def test_role_heads_build_through_the_method(head, out_shape):
+    """A critic (value head) or reward model (score head) role is built by the same path."""
+    from orchestrator.methods import get_method
+    from orchestrator.roles import policy_spec
+
+    cfg, _ = compose(["+experiment=sft_tiny"])
+    spec = policy_spec(cfg)
+    model = get_method(spec).build(spec.model, torch.float32, seed=0, head=head)
+    out = model(input_ids=torch.randint(5, 200, (2, 9))).logits
+    assert out.shape[: len(out_shape)] == tuple(s if s is not None else out.shape[i] for i, s in enumerate(out_shape))
