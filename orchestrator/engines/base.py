@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
+
 from orchestrator.engines.optim import _shape
 from orchestrator.methods import get_method
 from orchestrator.methods.base import unwrap
-from orchestrator.models import _auto_class
+from orchestrator.models import auto_class
 from orchestrator.models.logprobs import token_logprobs
 
 # loss_fn(model, micro_batch) -> (loss to backward, {metric name: 0-d tensor or float summed over micro-batches})
@@ -152,7 +153,7 @@ class EngineBase:
             return {}
         if self.compute_bf16:
             sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
-        auto, _ = _auto_class(self.spec.head)
+        auto, _ = auto_class(self.spec.head)
         with torch.device("meta"):
             skeleton = auto.from_config(self.hf_config)
         skeleton = self.method.apply(skeleton)

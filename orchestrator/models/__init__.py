@@ -115,7 +115,7 @@ def model_config(m: ModelConfig) -> PretrainedConfig:
         ) from exc
 
 
-def _auto_class(head: str) -> tuple[type, dict]:
+def auto_class(head: str) -> tuple[type, dict]:
     """The `transformers` Auto class of a head: `lm` (causal LM), `score` (one scalar per
     sequence, read at the last non-pad token: reward models), `value` (one scalar per token:
     critics)."""
@@ -133,8 +133,8 @@ def _auto_class(head: str) -> tuple[type, dict]:
 
 def build_model(m: ModelConfig, dtype: torch.dtype, head: str = "lm") -> torch.nn.Module:
     """A full (unsharded) model on CPU: random init (seeded, identical on every rank) or pretrained,
-    with a causal LM head or a scalar head (`_auto_class`)."""
-    auto, extra = _auto_class(head)
+    with a causal LM head or a scalar head (`auto_class`)."""
+    auto, extra = auto_class(head)
     if m.pretrained is None:
         cfg = model_config(m)
         cfg._attn_implementation = m.attn_implementation
