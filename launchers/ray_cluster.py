@@ -15,10 +15,6 @@ from orchestrator.errors import ConfigError
 
 log = logging.getLogger("orchestrator")
 
-CONNECT_TIMEOUT_S = 30.0
-"""How long to wait for the cluster at `cluster.address` to answer (it may be starting)
-before failing; becomes `cluster.connect_timeout_s` once the schema has it."""
-
 
 def run_attached(cfg, choices: dict[str, str]) -> dict[str, Any]:
     import ray
@@ -27,7 +23,7 @@ def run_attached(cfg, choices: dict[str, str]) -> dict[str, Any]:
     from orchestrator.driver import Driver
 
     if not ray.is_initialized():
-        connect(cfg.cluster.address, CONNECT_TIMEOUT_S)
+        connect(cfg.cluster.address, cfg.cluster.connect_timeout_s)
     try:
         cfg = resolve_init_from(cfg, choices, _run_connected)  # chained stages run here first
         return Driver(cfg, choices).run()

@@ -17,6 +17,7 @@ from orchestrator.config.compose import compose, group_options, to_yaml
 from orchestrator.config.validate import validate
 from orchestrator.errors import OrchestratorError
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT
 GROUPS = [
     "model",
     "method",
@@ -86,9 +87,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         LAUNCHERS[cfg.cluster.name](cfg, choices)
         return 0
     except OrchestratorError as exc:
-        logging.getLogger("orchestrator").error("error: %s", exc) if logging.getLogger().handlers else None
-        print(f"error: {exc}", file=sys.stderr)
+        _report(f"error: {exc}")
         return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once (the first one checkpoints)
+        _report(
+            "interrupted: stopped without a checkpoint of the current step; the latest complete "
+            "checkpoint is intact. Run the same command again to resume."
+        )
+        return INTERRUPTED_EXIT
+
+
+def _report(line: str) -> None:
+    """One line on stderr (and in train.log once logging is set up), never twice."""
+    if any(getattr(h, "_orchestrator", False) for h in logging.getLogger().handlers):
+        logging.getLogger("orchestrator").error(line)
+    else:
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class Checkpointer:
         """`cfg`: the `checkpoint` config; `meta()`: the run state written with each save."""
         self.cfg = cfg
         self.dir = ckpt_dir
-        self.manager = CheckpointManager(ckpt_dir, cfg.keep_last)
+        self.manager = CheckpointManager(ckpt_dir, cfg.keep_last, on_corrupt=str(cfg.on_corrupt), checksum=cfg.checksum)
         self.meta = meta
         self.last: Optional[Path] = None
         """The newest committed checkpoint of this run (resumed from, or saved)."""

@@ -21,21 +21,31 @@ from omegaconf import OmegaConf
 
 from orchestrator.checkpoint import Checkpoint
 from orchestrator.checkpointer import Checkpointer
-from orchestrator.errors import OrchestratorError, WorkerError
+from orchestrator.errors import OrchestratorError, WorkerError, WorkerOOMError
 from orchestrator.models import build_tokenizer, model_config
-from orchestrator.roles import Roles
+from orchestrator.roles import POLICY, Roles
+from orchestrator.run_config import record_config
+from orchestrator.runlock import RunDirLock
 from orchestrator.stages import STAGES
 from orchestrator.tracking import Tracker
-from orchestrator.workers.group import WorkerGroup
+from orchestrator.workers.group import WorkerGroup, call_timeout
 from orchestrator.workers.train_worker import TrainWorker
 
 log = logging.getLogger("orchestrator")
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers treat it as "killed by signal", requeue-able
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(OrchestratorError):
+    """Stopped by a signal after checkpointing: exit 128 + the signal (130 for Ctrl-C,
+    143 for SIGTERM; SIGUSR1, a scheduler's warning, exits 143 so that it requeues)."""
+
     exit_code = PREEMPTED_EXIT
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum if signum == signal.SIGINT else PREEMPTED_EXIT
 
 
 def load_callbacks(paths: list[str], cfg) -> list[Any]:
@@ -93,7 +103,12 @@ class Driver:
         return self.roles.policy if self.roles is not None else None
 
     def _on_signal(self, signum, _frame) -> None:
-        log.warning("received %s: checkpointing after the current step, then exiting", signal.Signals(signum).name)
+        if signum == signal.SIGINT and self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        hint = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        log.warning(
+            "received %s: checkpointing after the current step, then exiting%s", signal.Signals(signum).name, hint
+        )
         self._stop_signal = signum
 
     def _start(self, stage, ckpt: Checkpointer, latest: Optional[Checkpoint], total: int, initial) -> int:
@@ -116,6 +131,8 @@ class Driver:
     ) -> int:
         """Rebuild every worker group from the last complete checkpoint; the step to go on from."""
         ckpt.abort_pending()  # its writers are gone: never commit it
+        if isinstance(exc, WorkerOOMError):
+            raise exc
         if restarts > self.cfg.run.max_restarts:
             raise WorkerError(
                 f"{exc}. No restarts left (run.max_restarts={self.cfg.run.max_restarts}); "
@@ -135,24 +152,38 @@ class Driver:
         return self._start(stage, ckpt, latest, total, initial)
 
     def _prepare(self):
-        """Everything before any worker starts: the config record, tokenizer, stage, resume point."""
+        """Everything before any worker starts: tokenizer, stage, resume point, the config record."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config_dict))
         tokenizer = build_tokenizer(cfg.model)
         model_config(cfg.model)  # fail here, not in every worker, if the model is unreachable
         stage = STAGES[cfg.stage.name](cfg, tokenizer)
-        meta = {"world_size": cfg.cluster.num_workers, "choices": self.choices}
+        meta = {"world_size": cfg.cluster.num_workers, "choices": self.choices, "total_steps": stage.total_steps}
         ckpt = Checkpointer(self.ckpt_dir, cfg.checkpoint, lambda: {"stage": stage.state_dict(), **meta})
-        return config_dict, tokenizer, stage, ckpt
+        latest = ckpt.resume_point()
+        record_config(self.run_dir, config_dict, resuming=latest is not None)
+        if latest is not None and latest.meta.get("total_steps") not in (None, stage.total_steps):
+            log.info(
+                "the run now ends at step %d (was %d): the LR schedule continues from step %d along the new length",
+                stage.total_steps,
+                latest.meta["total_steps"],
+                latest.step,
+            )
+        return config_dict, tokenizer, stage, ckpt, latest
 
     def run(self) -> dict[str, Any]:
+        """The run, holding the run directory's lock (a second run into it refuses to start)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunDirLock(self.run_dir):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        config_dict, tokenizer, stage, ckpt = self._prepare()
-        total, latest = stage.total_steps, ckpt.resume_point()
+        config_dict, tokenizer, stage, ckpt, latest = self._prepare()
+        total = stage.total_steps
         callbacks = load_callbacks(cfg.run.callbacks, cfg)
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         initial = stage.state_dict()
         tracker, restarts = None, 0
         try:
@@ -167,7 +198,8 @@ class Driver:
             while step < total:
                 try:
                     step += 1
-                    metrics = stage.step(self.roles, step)
+                    with call_timeout(cfg.run.step_timeout_s):
+                        metrics = stage.step(self.roles, step)
                     tracker.log_step(step, metrics)
                     for cb in callbacks:
                         cb.on_step_end(step, metrics)
@@ -175,12 +207,15 @@ class Driver:
                 except WorkerError as exc:
                     restarts += 1
                     step = self._recover(exc, stage, ckpt, step, total, initial, restarts)
+                    tracker.rewind(step)  # the steps after the checkpoint are trained and logged again
                     stage.setup(self.roles, step, tracker)
                     continue
                 if self._stop_signal is not None:
+                    name = signal.Signals(self._stop_signal).name
                     raise Preempted(
-                        f"stopped by signal {self._stop_signal} at step {step}; checkpoint {ckpt.last}. "
-                        "Run the same command again to resume."
+                        f"stopped by {name} at step {step}; checkpoint {ckpt.last}. "
+                        "Run the same command again to resume.",
+                        self._stop_signal,
                     )
             ckpt.commit_pending(self.roles, wait=True)
             summary = self._finish(stage, ckpt, tracker, tokenizer, total, start, restarts, metrics)
@@ -208,7 +243,7 @@ class Driver:
     ) -> dict[str, Any]:
         """Export, write summary.json and log the summary numbers."""
         exports: dict[str, str] = {}
-        if self.cfg.checkpoint.export_hf:
+        if self.cfg.checkpoint.export_hf and POLICY in self.roles.trained():  # a frozen-only stage exports nothing
             t = time.time()
             exports = self.roles.policy.call("export_hf", str(self.run_dir / "export"), tokenizer)[0]
             log.info("exported %s (%.1fs)", ", ".join(f"{k}: {v}" for k, v in exports.items()), time.time() - t)
@@ -223,7 +258,7 @@ class Driver:
             "metrics": str(tracker.metrics_path),
             "log": str(self.run_dir / "train.log"),
             "wandb": tracker.wandb_dir,
-            "workers": self.roles.policy.nodes,
+            "workers": next(iter(self.roles.groups.values())).nodes if self.roles.groups else [],
             **stage.summary(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

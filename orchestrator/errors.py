@@ -42,5 +42,10 @@ class WorkerError(OrchestratorError):
     """A worker actor died or raised; names the rank and node."""
 
 
+class WorkerOOMError(WorkerError):
+    """Ray's memory monitor killed a worker: the node ran out of memory. Not retried: a
+    restart would run into the same limit."""
+
+
 class NonFiniteError(OrchestratorError):
     """Non-finite loss or gradient norm with train.on_nonfinite=stop."""

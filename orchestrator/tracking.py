@@ -2,7 +2,7 @@
 
 W&B mode `auto` logs online when an API key is configured and offline otherwise (sync
 later with `wandb sync <run dir>/wandb/offline-run-*`). A W&B failure never stops
-training: the online attempt is bounded (`WANDB_INIT_TIMEOUT_S`, one line while it
+training: the online attempt is bounded (`logger.wandb_init_timeout_s`, one line while it
 waits), then init falls back to offline (same run id, after resetting the W&B service the
 failed attempt left holding it; a new id if that still fails), then to none; a failing
 `log` warns once. The W&B run id is kept in the run dir, so a resumed run continues the
@@ -29,7 +29,6 @@ from typing import Any
 
 log = logging.getLogger("orchestrator")
 
-WANDB_INIT_TIMEOUT_S = 30.0
 """Bound on the online W&B init (W&B's own default is 90 s); becomes
 `logger.wandb_init_timeout_s` once the schema has it."""
 
@@ -81,7 +80,7 @@ class Tracker:
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         mode = str(_wandb_mode(self.cfg.mode))
-        timeout = WANDB_INIT_TIMEOUT_S
+        timeout = self.cfg.wandb_init_timeout_s
         attempts = [(mode, run_id)] + ([("offline", run_id), ("offline", None)] if mode == "online" else [])
         for attempt, attempt_id in attempts:
             attempt_id = attempt_id or uuid.uuid4().hex[:12]

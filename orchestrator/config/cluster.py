@@ -82,6 +82,8 @@ class RayClusterConfig(ClusterConfig):
     name: str = "ray"
     address: str = "auto"
     """Address of a running Ray cluster (`auto` finds the one on this node)."""
+    connect_timeout_s: float = 30.0
+    """How long to wait for the Ray cluster at `address` to answer (it may be starting) before failing."""
 
 
 # Submitting launchers size the worker group from the allocation by default: one worker

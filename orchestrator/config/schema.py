@@ -112,6 +112,11 @@ class Resume(Choice):
     never = "never"
 
 
+class OnCorrupt(Choice):
+    fallback = "fallback"
+    stop = "stop"
+
+
 class LoggerMode(Choice):
     auto = "auto"
     online = "online"
@@ -509,9 +514,12 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     log_every: int = 1
     """Console/W&B log interval in steps (the metrics JSONL gets every step)."""
+    wandb_init_timeout_s: float = 30.0
+    """Bound on the online W&B init before falling back to offline (one waiting line meanwhile)."""
 
     def check(self, cfg: Config) -> None:
         positive(self.log_every, "logger.log_every")
+        positive(self.wandb_init_timeout_s, "logger.wandb_init_timeout_s")
 
 
 # ---------------------------------------------------------------------- checkpoint
@@ -532,6 +540,12 @@ class CheckpointConfig:
     """Copy the state in memory and write it from a background thread while training goes on
     (the directory is committed once every rank has written). The last save and a save on a
     stop signal are always written before the run goes on or exits."""
+    on_corrupt: OnCorrupt = OnCorrupt.fallback
+    """A latest checkpoint that fails its manifest (size / CRC32 per file, written at commit):
+    fallback (set it aside as step_N.corrupt, warn, resume from the newest intact one) | stop
+    (fail naming the file)."""
+    checksum: bool = True
+    """CRC32 of every checkpoint file in its manifest (False: sizes only, faster on huge states)."""
 
     def check(self, cfg: Config) -> None:
         positive(self.keep_last, "checkpoint.keep_last")
@@ -588,8 +602,13 @@ class RunConfig:
     init_from: str | None = None
     """Start from another run's exported model: a run or model directory, or
     `experiment:NAME` to run that experiment first (reused when already complete)."""
+    step_timeout_s: float | None = None
+    """A worker call with no result from some rank within this many seconds counts as a hung
+    worker: its stack is dumped and it is recovered like a dead worker (None: off)."""
 
     def check(self, cfg: Config) -> None:
+        if self.step_timeout_s is not None:
+            positive(self.step_timeout_s, "run.step_timeout_s")
         for cb in self.callbacks:
             if not re.fullmatch(r"[\w.]+:[\w.]+", cb):
                 raise ConfigError(f"run.callbacks entry {cb!r} must look like 'package.module:object'")

@@ -29,9 +29,16 @@ MAX_ROUNDS = 4
 _STARTED = None  # in a pool process: the shared start flags, one byte per call of a batch
 
 
-def _init_worker(started) -> None:
+POOL_START_S = 120.0
+"""How long a new pool may take to start its processes and import the reward functions
+(spawned interpreters, slow on a loaded node) before it counts as broken."""
+
+
+def _init_worker(started, names: Sequence[str]) -> None:
     global _STARTED
     _STARTED = started
+    for name in names:  # import the reward modules now, not inside the first timed call
+        resolve(name)
 
 
 def _call(job: int, name: str, completion: str, answer: str, kwargs: dict[str, Any]) -> float:
@@ -63,7 +70,8 @@ class RewardRunner:
             ctx = mp.get_context("spawn")
             self._capacity = max(4096, calls)
             self._started = ctx.RawArray("b", self._capacity)
-            self._pool = ctx.Pool(self.num_workers, initializer=_init_worker, initargs=(self._started,))
+            names = [sp.name for sp in self.specs]
+            self._pool = ctx.Pool(self.num_workers, initializer=_init_worker, initargs=(self._started, names))
         return self._pool
 
     def score(
@@ -71,6 +79,31 @@ class RewardRunner:
     ) -> tuple[list[float], list[bool], dict[str, float]]:
         """Weighted reward per sample, a validity mask, and counts of errors/timeouts."""
         calls = [(i, s) for i in range(len(completions)) for s in self.specs]
+        values, raised, hung, todo = self._run_calls(calls, completions, answers)
+        bad_value = {calls[j][0] for j in raised}
+        timed_out = {calls[j][0] for j in hung}
+        unscored = {calls[j][0] for j in todo} - timed_out - bad_value
+        valid = [i not in bad_value and i not in timed_out and i not in unscored for i in range(len(completions))]
+        totals = [0.0] * len(completions)
+        per_fn: dict[str, list[float]] = {s.name: [] for s in self.specs}
+        for j, value in values.items():
+            i, spec = calls[j]
+            totals[i] += spec.weight * value
+            per_fn[spec.name].append(value)
+        self._warn(hung, timed_out, raised, bad_value, unscored)
+        stats = {
+            "reward_errors": float(len(bad_value)),
+            "reward_timeouts": float(len(timed_out)),
+            **({"reward_unscored": float(len(unscored))} if unscored else {}),
+        }
+        for name, vals in per_fn.items():
+            if vals:
+                stats[f"reward/{name.split(':')[-1]}"] = sum(vals) / len(vals)
+        return totals, valid, stats
+
+    def _run_calls(self, calls, completions: Sequence[str], answers: Sequence[str]):
+        """Every call in the pool; calls queued behind a hung one run again in a new pool (up to
+        MAX_ROUNDS). Returns (values, raised, hung, still unscored) by call index."""
         values: dict[int, float] = {}
         raised: dict[int, str] = {}
         hung: list[int] = []
@@ -97,16 +130,9 @@ class RewardRunner:
             todo = [j for j in stalled if j not in started]  # only queued behind a hung call: run again
             if not todo or not started:  # done, or no call even started: the pool is broken
                 break
-        bad_value = {calls[j][0] for j in raised}
-        timed_out = {calls[j][0] for j in hung}
-        unscored = {calls[j][0] for j in todo} - timed_out - bad_value
-        valid = [i not in bad_value and i not in timed_out and i not in unscored for i in range(len(completions))]
-        totals = [0.0] * len(completions)
-        per_fn: dict[str, list[float]] = {s.name: [] for s in self.specs}
-        for j, value in values.items():
-            i, spec = calls[j]
-            totals[i] += spec.weight * value
-            per_fn[spec.name].append(value)
+        return values, raised, hung, todo
+
+    def _warn(self, hung, timed_out, raised, bad_value, unscored) -> None:
         if timed_out:
             log.warning(
                 "rewards: %d call(s) made no progress for stage.reward_timeout_s=%s (%d sample(s) masked); "
@@ -116,9 +142,11 @@ class RewardRunner:
                 len(timed_out),
             )
         if raised:
-            first = raised[min(raised)]
             log.warning(
-                "rewards: %d call(s) raised (first: %s); %d sample(s) masked", len(raised), first, len(bad_value)
+                "rewards: %d call(s) raised (first: %s); %d sample(s) masked",
+                len(raised),
+                raised[min(raised)],
+                len(bad_value),
             )
         if unscored:
             log.warning(
@@ -126,22 +154,16 @@ class RewardRunner:
                 len(unscored),
                 MAX_ROUNDS,
             )
-        stats = {
-            "reward_errors": float(len(bad_value)),
-            "reward_timeouts": float(len(timed_out)),
-            **({"reward_unscored": float(len(unscored))} if unscored else {}),
-        }
-        for name, vals in per_fn.items():
-            if vals:
-                stats[f"reward/{name.split(':')[-1]}"] = sum(vals) / len(vals)
-        return totals, valid, stats
 
     def _wait(self, jobs, values: dict[int, float], raised: dict[int, str]) -> list[int]:
         """Collect results until none is left or no call completed for `timeout_s` (a stall: the
         calls left are hung, or queued behind hung ones); returns the calls left."""
         pending = dict(jobs)
         last_progress = time.time()
+        starting = True  # until some call runs, the pool may still be starting its processes
         while pending:
+            if starting and any(self._started[j] for j in pending):
+                starting, last_progress = False, time.time()
             ready = [j for j, job in pending.items() if job.ready()]
             for j in ready:
                 try:
@@ -153,7 +175,7 @@ class RewardRunner:
                     raised[j] = f"{type(exc).__name__}: {exc}"
             if ready:
                 last_progress = time.time()
-            elif time.time() - last_progress > self.timeout_s:
+            elif time.time() - last_progress > (POOL_START_S if starting else self.timeout_s):
                 break
             else:
                 time.sleep(0.02)

@@ -14,6 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from orchestrator.errors import ConfigError, WorkerError
 from orchestrator.rollout.base import Completion, SamplingParams
 from orchestrator.rollout.worker import RolloutWorker
+from orchestrator.workers.group import current_call_timeout, dump_stacks
 
 log = logging.getLogger("orchestrator")
 
@@ -65,11 +66,16 @@ class RolloutGroup:
             ]
         self.actors = [remote.options(**o).remote(r, model_spec, i, tokenizer) for i, o in enumerate(opts)]
         self.version = 0
+        self.nodes = ray.get([a.node_info.remote() for a in self.actors])
         self._get([a.update_weights.remote(0, {}) for a in self.actors], "start")  # wait until built
 
     def _get(self, refs, what: str):
+        timeout = current_call_timeout()  # run.step_timeout_s: a hung rollout worker is a dead one
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as exc:
+            log.error("rollout %s: no result within %gs; stacks:\n%s", what, timeout, dump_stacks(self.nodes))
+            raise WorkerError(f"rollout {what} hung for {timeout:g}s (run.step_timeout_s)") from exc
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             raise WorkerError(
                 f"rollout {what} failed: {type(exc).__name__}: "

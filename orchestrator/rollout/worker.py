@@ -27,6 +27,17 @@ class RolloutWorker:
         self.engine = cls(model_spec, rollout_cfg, tokenizer, device)
         self.version = 0
 
+    def node_info(self) -> dict[str, Any]:
+        import os
+
+        import ray
+
+        return {
+            "pid": os.getpid(),
+            "ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
     def update_weights(self, version: int, state: dict[str, torch.Tensor]) -> int:
         if state:
             self.engine.load_weights(state)

@@ -18,11 +18,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.errors import ConfigError, OrchestratorError, WorkerError
+from orchestrator.errors import ConfigError, OrchestratorError, WorkerError, WorkerOOMError
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ class WorkerGroup:
                 )
             try:
                 ray.get(done[0])
+            except OutOfMemoryError as exc:
+                raise _oom_error(method, refs.index(done[0]), exc) from exc
             except (RayActorError, RayTaskError) as exc:
                 rank = refs.index(done[0])
                 node = self.nodes[rank] if hasattr(self, "nodes") else {"ip": "?", "pid": "?"}
@@ -171,6 +173,12 @@ def call_timeout(seconds: Optional[float]) -> Iterator[None]:
         _CALL_TIMEOUT_S.reset(token)
 
 
+def current_call_timeout() -> float | None:
+    """The timeout `call_timeout` set for worker calls here (None: none), for other gathers
+    (e.g. the rollout group's) to honour it the same way."""
+    return _CALL_TIMEOUT_S.get()
+
+
 def _py_spy_dump(pid: int) -> str:
     exe = shutil.which("py-spy")
     if exe is None:
@@ -202,3 +210,15 @@ def dump_stacks(nodes: Sequence[dict[str, Any]], timeout_s: float = 60.0) -> str
             text = f"(no stack: {type(exc).__name__}: {exc})"
         parts.append(f"--- rank {n.get('rank', '?')} (node {n.get('ip', '?')}, pid {n.get('pid', '?')}) ---\n{text}")
     return "\n".join(parts)
+
+
+def _oom_error(method: str, rank: int, exc: Exception) -> WorkerOOMError:
+    """Ray's memory-monitor kill as one message: the node and the memory figures Ray gives."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    figures = next((ln for ln in lines if ln.startswith("Memory on the node")), lines[0] if lines else "")
+    return WorkerOOMError(
+        f"{method} on rank {rank}: the worker was killed by Ray's memory monitor: the node ran out of memory "
+        f"({figures}). Not restarting, a restart would hit the same limit: lower train.micro_batch_size or "
+        "data.max_seq_len, set backend.activation_checkpointing=true, offload optimizer state "
+        "(backend=deepspeed_zero3 backend.offload_optimizer=cpu), or use nodes with more memory."
+    )

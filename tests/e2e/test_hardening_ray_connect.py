@@ -19,10 +19,7 @@ pytestmark = pytest.mark.slow
 
 def _entry(*overrides: str, timeout_s: float, tmp_path) -> subprocess.CompletedProcess:
     """The real entry in a subprocess (no Ray session yet), with the connect timeout lowered."""
-    code = (
-        f"import sys, launchers.ray_cluster as r; r.CONNECT_TIMEOUT_S = {timeout_s!r}\n"
-        "from orchestrator.__main__ import main; sys.exit(main(sys.argv[1:]))"
-    )
+    code = "import sys; from orchestrator.__main__ import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [
             sys.executable,
@@ -32,6 +29,7 @@ def _entry(*overrides: str, timeout_s: float, tmp_path) -> subprocess.CompletedP
             "logger=console",
             f"run.output_dir={tmp_path / 'run'}",
             "cluster=ray",
+            f"cluster.connect_timeout_s={timeout_s}",
             *overrides,
         ],
         cwd=REPO,

@@ -16,14 +16,21 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import tracking
 from orchestrator.__main__ import main
 from orchestrator.tracking import Tracker
 from tests.conftest import REPO, read_metrics
 
 
-def _cfg(wandb: bool = False) -> SimpleNamespace:
-    logger = SimpleNamespace(wandb=wandb, mode="auto", project="hardening", entity=None, tags=[], log_every=1)
+def _cfg(wandb: bool = False, init_timeout_s: float = 30.0) -> SimpleNamespace:
+    logger = SimpleNamespace(
+        wandb=wandb,
+        mode="auto",
+        project="hardening",
+        entity=None,
+        tags=[],
+        log_every=1,
+        wandb_init_timeout_s=init_timeout_s,
+    )
     return SimpleNamespace(logger=logger, run=SimpleNamespace(name="t"))
 
 
@@ -91,10 +98,9 @@ def test_wandb_with_bad_key_and_no_server_falls_back_to_offline(tmp_path, monkey
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2 + "deadbeef")  # 40 characters, not a key
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
-    monkeypatch.setattr(tracking, "WANDB_INIT_TIMEOUT_S", 5.0)
     t = time.time()
     with caplog.at_level(logging.INFO, logger="orchestrator"):
-        tracker = Tracker(_cfg(wandb=True), tmp_path, {"lr": 1e-4}, total_steps=3, start_step=0)
+        tracker = Tracker(_cfg(wandb=True, init_timeout_s=5.0), tmp_path, {"lr": 1e-4}, total_steps=3, start_step=0)
     took = time.time() - t
     try:
         assert tracker.wandb is not None, caplog.text

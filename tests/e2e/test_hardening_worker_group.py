@@ -79,3 +79,43 @@ def test_an_error_of_ours_in_a_worker_propagates_as_itself(ray_cluster):
     finally:
         for a in g.actors:
             ray.kill(a)
+
+
+OOM_SCRIPT = """
+import os, sys, time
+os.environ["RAY_memory_usage_threshold"] = "0.02"  # any real use is over it: the monitor kills
+os.environ["RAY_memory_monitor_refresh_ms"] = "100"
+import ray
+from orchestrator.errors import WorkerOOMError
+from orchestrator.workers.group import WorkerGroup
+
+class Grower:
+    def grow(self):
+        chunks = [bytearray(50 << 20) for _ in range(4)]
+        time.sleep(30)
+        return len(chunks)
+
+ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+g = WorkerGroup.__new__(WorkerGroup)
+g.actors = [ray.remote(num_cpus=0, max_restarts=0)(Grower).remote()]
+g.nodes = [{"ip": "?", "pid": "?"}]
+try:
+    g.call("grow")
+except WorkerOOMError as exc:
+    print("OOM:", exc)
+    sys.exit(0)
+sys.exit(3)
+"""
+
+
+def test_a_worker_killed_by_the_memory_monitor_is_reported_as_oom(tmp_path):
+    """A real kill by Ray's memory monitor (its threshold lowered in a Ray of its own)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = subprocess.run([sys.executable, "-c", OOM_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("OOM:")][0]
+    assert "memory monitor" in line and "Memory on the node" in line and "Not restarting" in line

@@ -68,7 +68,9 @@ def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, backend
     summary = json.loads((run_dir / "summary.json").read_text())
     start = 2 if async_save else 4
     assert summary["resumed_from"] == start
-    resumed = [m for m in read_metrics(run_dir)][5:]  # lines after the crashed run's 5 steps
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 9))  # each step once, the crash's extra steps dropped
+    resumed = metrics[start:]
     assert [m["step"] for m in resumed] == list(range(start + 1, 9))
     assert [m["loss"] for m in resumed] == [reference[s] for s in range(start + 1, 9)]
     if async_save:  # the reference run committed its background saves too
