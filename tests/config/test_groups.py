@@ -154,6 +154,7 @@ def test_the_choice_fields_are_enums():
         "backend.offload_optimizer",
         "backend.offload_param",
         "checkpoint.resume",
+        "checkpoint.on_corrupt",
         "logger.mode",
         "cluster.placement_strategy",
         "cluster.image_pull_policy",
