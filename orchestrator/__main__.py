@@ -45,11 +45,17 @@ def _help() -> str:
     return "\n".join(lines)
 
 
-def setup_logging(run_dir: Optional[Path]) -> None:
+def _remove_handlers() -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_orchestrator", False):
             root.removeHandler(h)
+            h.close()
+
+
+def setup_logging(run_dir: Optional[Path]) -> None:
+    _remove_handlers()
+    root = logging.getLogger()
     fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if run_dir is not None:
@@ -69,6 +75,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "-h" in args or "--help" in args:
         print(_help())
         return 0
+    # Handlers left by an earlier call in this process write to that call's run dir and
+    # stderr; errors before this run's logging is set up go straight to stderr.
+    _remove_handlers()
     show_cfg = "--cfg" in args
     if show_cfg:
         i = args.index("--cfg")
