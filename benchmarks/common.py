@@ -158,7 +158,7 @@ def local_roles(spec, worker):
 
 
 class LocalRollout:
-    """RolloutGroup's surface (generate, sync, version) over one in-process RolloutWorker."""
+    """RolloutGroup's surface (generate, sync, sleep, version) over one in-process RolloutWorker."""
 
     def __init__(self, worker):
         self.actors = [worker]
@@ -179,6 +179,9 @@ class LocalRollout:
         self.version = version
         nbytes = sum(v.numel() * v.element_size() for v in state.values())
         return {"time/sync": time.time() - t, "sync_mbytes": nbytes / 2**20}
+
+    def sleep(self) -> None:
+        self.actors[0].sleep()
 
     def shutdown(self) -> None:
         pass

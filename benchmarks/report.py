@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from orchestrator.tracking.plots import benchmark_chart
+
 
 def write_results(
     out_dir: Path, kind: str, machine: dict[str, Any], settings: dict[str, Any], entries: dict[str, Any]
@@ -27,7 +29,7 @@ def write_results(
     md = out_dir / f"{kind}.md"
     md.write_text(markdown(doc))
     png = out_dir / f"{kind}.png"
-    chart(doc, png)
+    benchmark_chart(doc, png, _machine_line(doc["machine"]))
     return [path, md, png]
 
 
@@ -122,40 +124,3 @@ def markdown(doc: dict[str, Any]) -> str:
     if notes:
         lines += ["", "Notes:", ""] + [f"- {name}: {n}" for name, n in notes]
     return "\n".join(lines) + "\n"
-
-
-def chart(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [
-        (f"{name}: {r['name']}", r["value"], r["goal"])
-        for name, e in doc["benchmarks"].items()
-        for r in e.get("ratios", [])
-        if not r.get("absolute") and isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])
-    ]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * max(len(rows), 1) + 1.6))
-    if rows:
-        labels, values, goals = zip(*rows)
-        y = list(range(len(rows)))[::-1]
-        colors = ["tab:grey" if g is None else "tab:green" if v <= g else "tab:red" for _, v, g in rows]
-        ax.barh(y, values, color=colors, alpha=0.8)
-        for yi, g in zip(y, goals):
-            if g is not None:
-                ax.plot([g, g], [yi - 0.4, yi + 0.4], color="black", lw=2)
-        ax.axvline(1.0, color="grey", ls=":", lw=1)
-        ax.set_yticks(y)
-        ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlabel(
-        "ratio, lower is better for ours (black tick: goal, met in green, missed in red; "
-        "grey: no goal; dotted: parity)",
-        fontsize=8,
-    )
-    title = _machine_line(doc["machine"])
-    cut = title.find(", torch")
-    ax.set_title(f"{doc['kind'].upper()}: {title[:cut]}\n{title[cut + 2 :]}" if cut > 0 else title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -8,6 +8,7 @@ benchmark. Running a subset (`--only`) updates those entries and keeps the other
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
@@ -26,16 +27,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _cpu_suite() -> dict[str, Callable[..., dict[str, Any]]]:
-    from benchmarks import checkpoint, grpo, moe, sft, startup
+    from benchmarks import checkpoint, grpo, moe, qlora, rollout, sft, startup
 
-    return {
+    suite = {
         "sft_step": sft.sft_step,
         "lora_step": sft.lora_step,
         "grpo_iteration": grpo.grpo_iteration,
         "checkpoint_save": checkpoint.checkpoint_save,
         "time_to_first_step": startup.time_to_first_step,
         "moe_experts": moe.moe_experts,
+        "qlora_step": qlora.qlora_step,
     }
+    if importlib.util.find_spec("vllm") is not None:  # scripts/install_vllm_cpu.sh
+        suite["rollout_engines"] = rollout.rollout_engines
+    return suite
 
 
 def _gpu_suite() -> dict[str, Callable[..., dict[str, Any]]]:

@@ -59,7 +59,8 @@ def ours(ch, cfg) -> dict[str, Any]:
     }
 
 
-def trl(ch, cfg, lora: bool) -> dict[str, Any]:
+def trl(ch, cfg, lora: bool, model_fn=None) -> dict[str, Any]:
+    """`model_fn(cfg)`: the model TRL trains (default: the fp32 base, as ours builds it)."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -90,7 +91,7 @@ def trl(ch, cfg, lora: bool) -> dict[str, Any]:
         dataset_num_proc=None,
     )
     trainer = sequential(SFTTrainer)(
-        model=build_model(cfg.model, master_dtype(cfg.model)),
+        model=model_fn(cfg) if model_fn else build_model(cfg.model, master_dtype(cfg.model)),
         args=args,
         train_dataset=data,
         processing_class=tok,

@@ -8,17 +8,25 @@ applied with `kubectl apply` when cluster.apply=true:
   RayJob <name>             a head pod that runs only the driver (num-cpus 0) and a worker
                             group of cluster.nodes pods with cluster.gpus_per_node GPUs each;
                             every pod mounts the shared PVC (run dirs: checkpoints, exports)
-                            and /dev/shm, and gets WANDB_API_KEY from the cluster.wandb_secret
-                            Secret when that exists. The entrypoint:
+                            and a size-limited /dev/shm, and gets WANDB_API_KEY from the
+                            cluster.wandb_secret Secret when that exists. The entrypoint:
       python -m orchestrator 'hydra.searchpath=[file:///etc/orchestrator]' +resolved=config
 
-A relative run.output_dir is placed under the shared mount, so a retried job (KubeRay's
-backoffLimit, e.g. after a node was preempted) or the same RayJob applied again after
-`kubectl delete rayjob <name>` resumes from the latest checkpoint there.
+Lifecycle: KubeRay deletes the Ray cluster cluster.ttl_s after the job ends (the RayJob and
+the run dir stay); cluster.time sets the job's deadline (activeDeadlineSeconds). A stopping
+pod (RayJob deleted, deadline, Kueue preemption, node drain) runs its preStop hook first
+(launchers/pod_stop.py): the head's signals the driver, which checkpoints after the current
+step, and the workers' wait for that, within cluster.stop_grace_s. A relative run.output_dir
+is placed under the shared mount, so a retried job (cluster.backoff_limit) or the same
+RayJob applied again resumes from the latest checkpoint there. Options for shared clusters:
+cluster.image_pull_secrets, cluster.priority_class, cluster.kueue_queue / kueue_priority.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import math
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -35,14 +43,26 @@ from launchers.common import (
     require_tool,
     shell_join,
 )
+from orchestrator.config.cluster import slurm_time_seconds
 from orchestrator.errors import OrchestratorError
 
 CONFIG_ROOT = "/etc/orchestrator"
 UID = 1000  # the image's non-root user (docker/Dockerfile); fsGroup makes the PVC writable
+HOOK_MARGIN_S = 10  # of the grace period, left to Ray's own shutdown after a preStop hook
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
-def _container(cfg, name: str, cpus: str, memory: str, gpus: int, mounts: list[dict]) -> dict:
+def half_quantity(quantity: str) -> str:
+    """Half of a memory quantity, in Mi (the default /dev/shm limit: half the pod's memory)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kMGT]i?)?", quantity)
+    if not m or (m.group(2) or "") not in _UNITS:
+        return quantity  # an unusual but valid quantity (e.g. 1e9): no smaller limit than the pod's
+    return f"{max(1, math.floor(float(m.group(1)) * _UNITS[m.group(2) or ''] / 2 / 2**20))}Mi"
+
+
+def _container(cfg, name: str, resources: tuple[str, str, int], mounts: list[dict], role: str) -> dict:
     c = cfg.cluster
+    cpus, memory, gpus = resources
     env = [{"name": k, "value": str(v)} for k, v in c.env.items()]
     if c.wandb_secret:
         env.append(
@@ -52,6 +72,7 @@ def _container(cfg, name: str, cpus: str, memory: str, gpus: int, mounts: list[d
             }
         )
     limits = {"cpu": cpus, "memory": memory, **({"nvidia.com/gpu": gpus} if gpus else {})}
+    hook = ["python", "-m", "launchers.pod_stop", role, f"--timeout={max(1, c.stop_grace_s - HOOK_MARGIN_S)}"]
     return {
         "name": name,
         "image": c.image,
@@ -59,13 +80,14 @@ def _container(cfg, name: str, cpus: str, memory: str, gpus: int, mounts: list[d
         "env": env,
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": mounts,
+        "lifecycle": {"preStop": {"exec": {"command": hook}}},
     }
 
 
-def _pod(cfg, container: dict, volumes: list[dict], gpus: bool) -> dict:
+def _pod_spec(cfg, containers: list[dict], volumes: list[dict], gpus: bool) -> dict:
     c = cfg.cluster
     spec: dict[str, Any] = {
-        "containers": [container],
+        "containers": containers,
         "volumes": volumes,
         "securityContext": {"runAsUser": UID, "runAsGroup": UID, "fsGroup": UID},
     }
@@ -73,28 +95,52 @@ def _pod(cfg, container: dict, volumes: list[dict], gpus: bool) -> dict:
         spec["nodeSelector"] = dict(c.node_selector)
     if c.service_account:
         spec["serviceAccountName"] = c.service_account
+    if c.priority_class:
+        spec["priorityClassName"] = c.priority_class
+    if c.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in c.image_pull_secrets]
     if gpus:  # GPU node pools are commonly tainted so that only GPU pods land there
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return spec
+
+
+def _ray_pod(cfg, container: dict, volumes: list[dict], gpus: bool) -> dict:
+    spec = _pod_spec(cfg, [container], volumes, gpus)
+    spec["terminationGracePeriodSeconds"] = cfg.cluster.stop_grace_s
     return {"spec": spec}
 
 
-def manifests(cfg, choices: dict[str, str]) -> list[dict[str, Any]]:
+def _submitter(cfg) -> dict:
+    """KubeRay's default submitter pod (its resources; KubeRay fills in the command), with the
+    pull secrets and priority class of the other pods."""
     c = cfg.cluster
-    name = job_name(cfg)
-    labels = {"app.kubernetes.io/name": "orchestrator", "orchestrator/run": name}
-    meta = {"name": name, "namespace": c.namespace, "labels": labels}
-    config_map = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {**meta, "name": f"{name}-config"},
-        "data": {"config.yaml": overlay_yaml(cfg, choices, base=c.shared_mount)},
+    container = {
+        "name": "ray-job-submitter",
+        "image": c.image,
+        "imagePullPolicy": str(c.image_pull_policy),
+        "resources": {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
     }
-    shared = [{"name": "shared", "mountPath": c.shared_mount}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    spec = _pod_spec(cfg, [container], [], gpus=False)
+    del spec["volumes"]
+    spec["restartPolicy"] = "Never"
+    return {"spec": spec}
+
+
+def _volumes(cfg, name: str, memory: str) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) of a pod: the shared PVC and /dev/shm, limited to half of `memory`."""
+    c = cfg.cluster
+    shm = {"medium": "Memory", "sizeLimit": c.shm_size or half_quantity(memory)}
     volumes = [
         {"name": "shared", "persistentVolumeClaim": {"claimName": c.shared_pvc}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "dshm", "emptyDir": shm},
     ]
-    head_volumes = volumes + [
+    return volumes, [{"name": "shared", "mountPath": c.shared_mount}, {"name": "dshm", "mountPath": "/dev/shm"}]
+
+
+def _head_group(cfg, name: str) -> dict:
+    c = cfg.cluster
+    volumes, mounts = _volumes(cfg, name, c.head_memory)
+    volumes.append(
         {
             "name": "config",
             "configMap": {
@@ -102,52 +148,77 @@ def manifests(cfg, choices: dict[str, str]) -> list[dict[str, Any]]:
                 "items": [{"key": "config.yaml", "path": f"{RESOLVED_GROUP}/config.yaml"}],
             },
         }
-    ]
-    head = _container(
-        cfg,
-        "ray-head",
-        c.head_cpus,
-        c.head_memory,
-        0,
-        shared + [{"name": "config", "mountPath": CONFIG_ROOT, "readOnly": True}],
     )
+    mounts.append({"name": "config", "mountPath": CONFIG_ROOT, "readOnly": True})
+    head = _container(cfg, "ray-head", (c.head_cpus, c.head_memory, 0), mounts, "head")
     head["ports"] = [
         {"containerPort": 6379, "name": "gcs"},
         {"containerPort": 8265, "name": "dashboard"},
         {"containerPort": 10001, "name": "client"},
     ]
-    worker = _container(cfg, "ray-worker", c.cpus_per_node, c.memory_per_node, c.gpus_per_node, shared)
-    ray_job = {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayJob",
-        "metadata": meta,
-        "spec": {
-            "entrypoint": "python " + shell_join(entry_args(CONFIG_ROOT)),
-            # The driver gets SIGTERM on stop/delete; give it time to checkpoint.
-            "runtimeEnvYAML": yaml.safe_dump({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}),
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": c.ttl_s,
-            "backoffLimit": c.backoff_limit,
-            "rayClusterSpec": {
-                "headGroupSpec": {
-                    # num-cpus 0: training actors never land on the driver's pod.
-                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": _pod(cfg, head, head_volumes, gpus=False),
-                },
-                "workerGroupSpecs": [
-                    {
-                        "groupName": "gpu-workers" if c.gpus_per_node else "workers",
-                        "replicas": c.nodes,
-                        "minReplicas": c.nodes,
-                        "maxReplicas": c.nodes,
-                        "rayStartParams": {},
-                        "template": _pod(cfg, worker, volumes, gpus=bool(c.gpus_per_node)),
-                    }
-                ],
-            },
+    # num-cpus 0: training actors never land on the driver's pod.
+    return {
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "template": _ray_pod(cfg, head, volumes, gpus=False),
+    }
+
+
+def _worker_group(cfg, name: str) -> dict:
+    c = cfg.cluster
+    volumes, mounts = _volumes(cfg, name, c.memory_per_node)
+    worker = _container(cfg, "ray-worker", (c.cpus_per_node, c.memory_per_node, c.gpus_per_node), mounts, "worker")
+    return {
+        "groupName": "gpu-workers" if c.gpus_per_node else "workers",
+        "replicas": c.nodes,
+        "minReplicas": c.nodes,
+        "maxReplicas": c.nodes,
+        "rayStartParams": {},
+        "template": _ray_pod(cfg, worker, volumes, gpus=bool(c.gpus_per_node)),
+    }
+
+
+def _labels(cfg, name: str) -> dict[str, str]:
+    c = cfg.cluster
+    labels = {"app.kubernetes.io/name": "orchestrator", "orchestrator/run": name}
+    if c.kueue_queue:
+        labels["kueue.x-k8s.io/queue-name"] = c.kueue_queue
+    if c.kueue_priority:
+        labels["kueue.x-k8s.io/priority-class"] = c.kueue_priority
+    return labels
+
+
+def manifests(cfg, choices: dict[str, str]) -> list[dict[str, Any]]:
+    c = cfg.cluster
+    name = job_name(cfg)
+    meta = {"name": name, "namespace": c.namespace, "labels": _labels(cfg, name)}
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            **meta,
+            "name": f"{name}-config",
+            "labels": {k: v for k, v in meta["labels"].items() if "kueue" not in k},
+        },
+        "data": {"config.yaml": overlay_yaml(cfg, choices, base=c.shared_mount)},
+    }
+    spec: dict[str, Any] = {
+        "entrypoint": "python " + shell_join(entry_args(CONFIG_ROOT)),
+        # `ray job stop` (and a deleted RayJob) SIGTERMs the driver: time to checkpoint.
+        "runtimeEnvYAML": yaml.safe_dump({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(c.stop_grace_s)}}),
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": c.ttl_s,
+        "backoffLimit": c.backoff_limit,
+        "submitterPodTemplate": _submitter(cfg),
+        "rayClusterSpec": {
+            "rayVersion": c.ray_version or importlib.metadata.version("ray"),
+            "headGroupSpec": _head_group(cfg, name),
+            "workerGroupSpecs": [_worker_group(cfg, name)],
         },
     }
-    return [config_map, ray_job]
+    deadline = slurm_time_seconds(c.time) if c.time else None
+    if deadline:
+        spec["activeDeadlineSeconds"] = deadline
+    return [config_map, {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta, "spec": spec}]
 
 
 def submit(cfg, choices: dict[str, str]) -> dict[str, Any]:

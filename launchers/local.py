@@ -37,6 +37,6 @@ def _cpus_needed(cfg) -> int:
     from orchestrator.stages import STAGES
 
     r = cfg.rollout
-    if STAGES[cfg.stage.name].uses_rollout and r.placement == "separate":
+    if (STAGES[cfg.stage.name].uses_rollout or cfg.run.eval_after) and r.placement == "separate":
         need += r.num_workers * r.cpus_per_worker
     return max(os.cpu_count() or 1, need)

@@ -11,6 +11,7 @@ import socket
 import time
 from typing import Any
 
+from launchers import ray_auth
 from orchestrator.errors import ConfigError
 
 log = logging.getLogger("orchestrator")
@@ -66,13 +67,17 @@ def _resolve(address: str) -> tuple[str, int, bool]:
 
 
 def _gcs_answers(host: str, port: int, timeout_s: float) -> str | None:
-    """None when a Ray GCS answers at host:port within about `timeout_s`; else why not."""
+    """None when a Ray GCS answers at host:port within about `timeout_s`; else why not. A GCS
+    that wants a token this process does not have raises the message saying which to set."""
     try:
         from ray._raylet import InnerGcsClient
+        from ray.exceptions import AuthenticationError
     except ImportError:  # private API moved: ray.init's own checks remain
         return None
     try:
         InnerGcsClient.standalone(f"{host}:{port}", None, int(max(timeout_s, 1) * 1000))
+    except AuthenticationError:
+        raise ray_auth.rejected(f"{host}:{port}") from None
     except Exception as exc:  # noqa: BLE001  (RpcError: something listens there, but not a Ray GCS)
         return f"something listens on {host}:{port} but no Ray GCS answered: {exc}"
     return None
@@ -83,7 +88,8 @@ def connect(address: str, timeout_s: float) -> None:
 
     Ray itself retries an unreachable GCS for many minutes, printing its own connection
     lines. A plain TCP connect is tried first, once a second until `timeout_s` (a cluster
-    may still be starting), then one bounded GCS handshake; only then does Ray connect.
+    may still be starting), then one bounded GCS handshake; only then does Ray connect. The
+    cluster's auth token is presented as Ray's CLI would (launchers/ray_auth.py).
     """
     import ray
 
@@ -101,6 +107,7 @@ def connect(address: str, timeout_s: float) -> None:
             log.info("waiting up to %gs for the Ray cluster at %s:%d (%s)", timeout_s, host, port, why)
             waiting = True
         time.sleep(1)
+    ray_auth.prepare_gcs_client()  # token auth: Ray aborts the process when the token is missing
     if is_gcs:
         why = _gcs_answers(host, port, max(1.0, deadline - time.monotonic()))
         if why is not None:

@@ -15,6 +15,10 @@ The entrypoint runs the driver on the head, attached to that cluster (cluster=ra
 The run dir is the same absolute path there: put run.output_dir on storage the cluster
 writes to (for a remote cluster, e.g. run.output_dir=/mnt/shared/runs/NAME).
 
+A cluster with token authentication on (Ray's default once a token exists on the head) gets
+its token as Ray's CLI reads it: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or
+~/.ray/auth_token (launchers/ray_auth.py); without it the command fails naming them.
+
 Follow and control a job (Ray's `ray job status|logs|stop --address ...` work as well):
 
     python -m launchers.ray_job status JOB_ID [--address http://HOST:8265]
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from launchers import ray_auth
 from launchers.common import REPO, RESOLVED_GROUP, job_name, write_overlay
 from orchestrator.config.compose import conf_dir
 from orchestrator.errors import ConfigError, OrchestratorError
@@ -44,12 +49,16 @@ STOP_GRACE_S = "120"
 
 
 def client(address: str):
+    """A Jobs API client for `address`, presenting the cluster's auth token (launchers/ray_auth.py)."""
     try:
+        from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
     except ImportError as exc:  # ray without the [default] extra has no Jobs client
         raise ConfigError(f"the Ray Jobs client is not installed ({exc}); pip install 'ray[default]'") from exc
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=ray_auth.http_headers())
+    except AuthenticationError:  # the constructor's first request is an authenticated one
+        raise ray_auth.rejected(address) from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(
             f"cannot reach the Ray Jobs API at cluster.address={address!r} ({str(exc).splitlines()[0]}). "
@@ -123,6 +132,18 @@ def follow(jobs, job_id: str) -> str:
     return status
 
 
+def _command(jobs, args: argparse.Namespace) -> None:
+    if args.command == "status":
+        info = jobs.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    elif args.command == "logs" and args.follow:
+        follow(jobs, args.job_id)
+    elif args.command == "logs":
+        print(jobs.get_job_logs(args.job_id), end="")
+    else:
+        print(f"{args.job_id}: stop {'requested' if jobs.stop_job(args.job_id) else 'not needed (not running)'}")
+
+
 def main(argv: Optional[list] = None) -> int:
     default = os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265"
     p = argparse.ArgumentParser(prog="python -m launchers.ray_job", description=__doc__.split("\n")[0])
@@ -131,17 +152,14 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--address", default=default, help=f"Ray Jobs API address (default {default})")
     p.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
     args = p.parse_args(argv)
+    from ray.exceptions import AuthenticationError
+
     try:
-        jobs = client(args.address)
-        if args.command == "status":
-            info = jobs.get_job_info(args.job_id)
-            print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
-        elif args.command == "logs" and args.follow:
-            follow(jobs, args.job_id)
-        elif args.command == "logs":
-            print(jobs.get_job_logs(args.job_id), end="")
-        else:
-            print(f"{args.job_id}: stop {'requested' if jobs.stop_job(args.job_id) else 'not needed (not running)'}")
+        _command(client(args.address), args)
+    except AuthenticationError:  # the cluster's token changed since the client was made
+        exc = ray_auth.rejected(args.address)
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except OrchestratorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,11 +1,16 @@
 """cluster=slurm: render an sbatch script from the resolved config and submit it.
 
 The script (template `slurm/ray_job.sbatch.j2`) starts Ray on the allocation, head on the
-first node and a worker on each other node (srun), waits until every node has joined, runs
-`python -m orchestrator` with the resolved config attached to that cluster (cluster=ray,
-see launchers/common.py), and stops Ray. `--signal=B:USR1@cluster.signal_before_s` makes the
-driver checkpoint before the time limit; the script then requeues the job (`--requeue`,
-`scontrol requeue`) and the requeued job resumes from the checkpoint (same run dir).
+first node and a worker on each other node (srun), each on ports free on its node (so jobs
+can share nodes) and with token auth, waits until every node has joined, runs `python -m
+orchestrator` with the resolved config attached to that cluster (cluster=ray, see
+launchers/common.py), and stops Ray. Every stop checkpoints first:
+`--signal=B:USR1@cluster.signal_before_s` before the time limit (the script then requeues
+the job: `--requeue`, `scontrol requeue`), and the SIGTERM that a plain `scancel`,
+preemption or the time limit sends to every process of the job (Ray and its workers start
+with SIGTERM blocked, so they serve the driver's checkpoint until Slurm's SIGKILL, KillWait
+seconds later; Slurm requeues a preempted job). A requeued job resumes from the checkpoint
+(same run dir).
 
 Everything for the job sits in `<run dir>/launch/`: `resolved/config.yaml`, `job.sbatch`
 (submit it again by hand with `sbatch`) and the job's log `slurm-<job id>.out`, appended
@@ -37,6 +42,11 @@ def cpus_per_node(c) -> int:
     return c.cpus_per_node or math.ceil(c.num_workers / c.nodes) * c.cpus_per_worker
 
 
+def checkpoint_dir(cfg) -> Path:
+    """Where the driver keeps checkpoints (as orchestrator.driver.Driver resolves it)."""
+    return Path(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints").resolve()
+
+
 def render(cfg, choices: dict[str, str]) -> dict[str, Any]:
     """Write the resolved config and the sbatch script into <run dir>/launch; return paths."""
     c = cfg.cluster
@@ -65,6 +75,7 @@ def render(cfg, choices: dict[str, str]) -> dict[str, Any]:
         env=c.env,
         python=c.python or sys.executable,
         entry=shell_join(entry_args(str(launch))),
+        checkpoints=checkpoint_dir(cfg),
     )
     script.write_text(text)
     script.chmod(0o755)
@@ -153,7 +164,8 @@ def submit(cfg, choices: dict[str, str]) -> dict[str, Any]:
         f"submitted Slurm job {job_id} ({c.nodes} node(s), {c.num_workers} workers)\n"
         f"  follow:  tail -f {log}\n"
         f"  status:  squeue -j {job_id}   (scontrol show job {job_id})\n"
-        f"  stop:    scancel {job_id}   (checkpoint first: scancel --signal=TERM --batch {job_id})\n"
+        f"  stop:    scancel {job_id}   (checkpoints first, within Slurm's KillWait; without a deadline: "
+        f"scancel --signal=TERM --batch {job_id})\n"
         f"  checkpoint + requeue now: scancel --signal=USR1 --batch {job_id}\n"
         f"  run dir: {Path(cfg.run.output_dir).resolve()}  (metrics.jsonl, train.log, checkpoints/)\n"
         f"  script:  {job['script']}"

@@ -96,7 +96,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         LAUNCHERS[cfg.cluster.name](cfg, choices)
         return 0
     except OrchestratorError as exc:
-        _report(f"error: {exc}")
+        prefix = getattr(exc, "report_prefix", None)
+        _report(f"{prefix} {exc}" if prefix else f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once (the first one checkpoints)
         _report(

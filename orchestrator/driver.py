@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from orchestrator.roles import POLICY, Roles
 from orchestrator.run_config import record_config
 from orchestrator.runlock import RunDirLock
 from orchestrator.stages import STAGES
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import Tracker, summary_lines
 from orchestrator.workers.group import WorkerGroup, call_timeout
 from orchestrator.workers.train_worker import TrainWorker
 
@@ -42,6 +43,8 @@ class Preempted(OrchestratorError):
     143 for SIGTERM; SIGUSR1, a scheduler's warning, exits 143 so that it requeues)."""
 
     exit_code = PREEMPTED_EXIT
+    report_prefix = "stopped"
+    """A planned stop, not a failure: reported as `stopped by SIGUSR1 ...`, not `error: ...`."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -81,6 +84,17 @@ def start_roles(specs, total: int) -> Roles:
                 f"{counts['params_total']:,}",
                 100 * counts["params_trainable"] / max(counts["params_total"], 1),
             )
+            if "base_4bit_bytes" in counts:  # a quantized base (Method.memory_stats)
+                mib = {k: v / 2**20 for k, v in counts.items() if k.endswith("_bytes")}
+                log.info(
+                    "%s: 4-bit base %.2f MiB, %.2f MiB of it on rank 0 of %d (in bf16: %.2f MiB, fp32: %.2f MiB)",
+                    name,
+                    mib["base_4bit_bytes"],
+                    mib["base_4bit_rank_bytes"],
+                    group.world_size,
+                    mib["base_bf16_bytes"],
+                    mib["base_fp32_bytes"],
+                )
     except BaseException:
         roles.shutdown()
         raise
@@ -173,10 +187,16 @@ class Driver:
         return config_dict, tokenizer, stage, ckpt, latest
 
     def run(self) -> dict[str, Any]:
-        """The run, holding the run directory's lock (a second run into it refuses to start)."""
+        """The run, holding the run directory's lock (a second run into it refuses to start);
+        with run.eval_after, then the evaluation of its export (orchestrator/evals/after.py)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with RunDirLock(self.run_dir):
-            return self._run()
+            summary = self._run()
+            if self.cfg.run.eval_after:
+                from orchestrator.evals.after import evaluate_after
+
+                summary = evaluate_after(self.cfg, self.choices, summary)
+            return summary
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -212,11 +232,12 @@ class Driver:
                     continue
                 if self._stop_signal is not None:
                     name = signal.Signals(self._stop_signal).name
-                    raise Preempted(
-                        f"stopped by {name} at step {step}; checkpoint {ckpt.last}. "
-                        "Run the same command again to resume.",
-                        self._stop_signal,
+                    then = (
+                        "the job script requeues or ends the job"
+                        if os.environ.get("SLURM_JOB_ID")
+                        else "run the same command again to resume"
                     )
+                    raise Preempted(f"by {name} at step {step}; checkpoint {ckpt.last}; {then}.", self._stop_signal)
             ckpt.commit_pending(self.roles, wait=True)
             summary = self._finish(stage, ckpt, tracker, tokenizer, total, start, restarts, metrics)
             self._print_summary(summary)
@@ -261,8 +282,8 @@ class Driver:
             "workers": next(iter(self.roles.groups.values())).nodes if self.roles.groups else [],
             **stage.summary(),
         }
+        summary.update(tracker.finish(summary))  # charts; numbers, export, eval report to the trackers
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         return summary
 
     @staticmethod
@@ -277,6 +298,5 @@ class Driver:
         lines += [f"  export ({k}): {v}" for k, v in s["exports"].items()]
         lines += [f"  {k}: {v}" for k, v in s.items() if k.startswith("eval_")]
         lines += [f"  metrics:     {s['metrics']}", f"  log:         {s['log']}"]
-        if s["wandb"]:
-            lines.append(f"  W&B:         {s['wandb']}")
+        lines += summary_lines(s)  # each tracker's run, and the charts
         log.info("\n".join(lines))

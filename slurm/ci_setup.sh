@@ -17,6 +17,7 @@ set -euo pipefail
 CONF_DIR=/etc/slurm
 LOG_DIR=/var/log/slurm
 PARTITION=${SLURM_CI_PARTITION:-debug}
+URGENT=${SLURM_CI_URGENT_PARTITION:-urgent}
 NODES=${SLURM_CI_NODES:-2}
 
 log() { echo "[slurm-ci] $*"; }
@@ -74,9 +75,15 @@ ReturnToService=2
 JobRequeue=1
 # Finished jobs stay visible to scontrol for 10 minutes (there is no accounting daemon).
 MinJobAge=600
-KillWait=10
+# Slurm's default: what a cancelled or preempted job has between SIGTERM and SIGKILL.
+KillWait=30
 MpiDefault=none
-${node_lines}PartitionName=$PARTITION Nodes=$names Default=YES MaxTime=INFINITE State=UP
+# A job in the "$URGENT" partition preempts jobs of "$PARTITION" on its nodes; a preempted job
+# is requeued (when it allows requeueing), as on clusters with preemptible partitions.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+${node_lines}PartitionName=$PARTITION Nodes=$names Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=$URGENT Nodes=$names Default=NO MaxTime=INFINITE State=UP PriorityTier=2
 EOF
 )
 

@@ -12,6 +12,8 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The session's in-process cluster (ray.cluster_utils) runs without token auth; every test
+# of an external `ray start --head` cluster (tests/launchers) removes this and runs with auth on.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]

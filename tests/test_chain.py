@@ -58,6 +58,23 @@ def test_a_chained_cpu_recipe_runs_as_written_under_debug(tmp_path):
     assert sub.data.source == "synthetic:arithmetic_noisy"
 
 
+def test_sft_dpo_grpo_recipe_chains_dpo_then_its_sft_warmup(tmp_path):
+    cfg, choices = compose(["+experiment=sft_dpo_grpo_math", "debug=cpu", f"run.output_dir={tmp_path}"])
+    assert cfg.stage.name == "grpo" and cfg.run.init_from == "experiment:dpo_ultrafeedback"
+    seen = []
+    out = resolve_init_from(cfg, choices, _fake_launch(seen))
+    (dpo,) = seen  # the DPO recipe, shrunk to CPU (as written it needs a GPU)
+    assert dpo.stage.name == "dpo" and dpo.model.name == "tiny_llama" and dpo.cluster.gpus_per_worker == 0
+    assert dpo.data.source == "synthetic:arithmetic_pairs"
+    assert dpo.run.init_from == "experiment:sft_arith_warmup"  # resolved when the DPO run launches
+    assert out.model.pretrained == str(tmp_path / "init_from_dpo_ultrafeedback" / "export" / "hf")
+    # ... and that SFT warm-up runs as written (a CPU recipe).
+    seen_sft = []
+    resolve_init_from(dpo, {"debug": "cpu", "logger": "console"}, _fake_launch(seen_sft))
+    (sft,) = seen_sft
+    assert sft.stage.name == "sft" and sft.run.name == "sft_arith_warmup"
+
+
 CHAIN_A = """# @package _global_
 defaults:
   - override /model: tiny_llama

@@ -131,8 +131,9 @@ class SlurmClusterConfig(ClusterConfig):
     """Environment variables exported in the job."""
     python: str | None = None
     """Python on the nodes; None: the interpreter that submits (shared filesystem)."""
-    ray_port: int = 6379
-    """Ray head port; the head's other ports are the next few above it."""
+    ray_port: int | None = None
+    """Ray head (GCS) port; None: one the system picks when the job starts. Ray's other ports
+    are always picked that way, so several jobs can share a node."""
     ray_start_timeout_s: int = 300
     """How long the script waits for every node to join the Ray cluster."""
     dry_run: bool = False
@@ -158,8 +159,8 @@ class SlurmClusterConfig(ClusterConfig):
                 f"{self.time!r} ({limit}s): the job would be signalled before it starts. Lower it or raise "
                 "cluster.time."
             )
-        if not 1024 <= self.ray_port <= 65000:
-            raise ConfigError(f"cluster.ray_port={self.ray_port} must be in [1024, 65000]")
+        if self.ray_port is not None and not 1024 <= self.ray_port <= 65535:
+            raise ConfigError(f"cluster.ray_port={self.ray_port} must be in [1024, 65535] (or null: a free port)")
         for arg in self.sbatch_args:
             if not arg.startswith("-"):
                 raise ConfigError(f"cluster.sbatch_args entry {arg!r} must be an sbatch option (--name=value)")
@@ -232,8 +233,29 @@ class KubernetesClusterConfig(ClusterConfig):
     """Environment variables for every Ray container."""
     backoff_limit: int = 2
     """Times KubeRay retries a failed job; each retry resumes from the latest checkpoint."""
-    ttl_s: int = 3600
-    """Seconds the finished RayJob (and its logs) stays before deletion."""
+    ttl_s: int = 60
+    """Seconds KubeRay keeps the Ray cluster (head and worker pods, their GPUs) after the job
+    ends, then deletes it; the RayJob object (its status) and the run dir on the PVC stay."""
+    time: str | None = None
+    """The run's time limit (Slurm's formats: minutes, HH:MM:SS, D-HH:MM:SS); KubeRay stops
+    the job after it (activeDeadlineSeconds), the driver checkpointing first. None: no limit."""
+    stop_grace_s: int = 300
+    """Seconds a stopping pod has for the driver to checkpoint (terminationGracePeriodSeconds;
+    the preStop hooks of launchers/pod_stop.py use them). Also `ray job stop`'s grace."""
+    shm_size: str | None = None
+    """Size limit of /dev/shm (memory-backed: it counts against the pod's memory limit);
+    None: half of the pod's memory."""
+    ray_version: str | None = None
+    """rayVersion of the RayCluster (KubeRay picks the submitter's commands by it); None: the
+    installed Ray's version, which the image pins through constraints.txt."""
+    image_pull_secrets: list[str] = field(default_factory=list)
+    """Secrets with registry credentials for pulling cluster.image (imagePullSecrets)."""
+    priority_class: str | None = None
+    """PriorityClass of the pods (priorityClassName), e.g. so that training is not preempted."""
+    kueue_queue: str | None = None
+    """Kueue LocalQueue to admit the job through (label kueue.x-k8s.io/queue-name)."""
+    kueue_priority: str | None = None
+    """Kueue WorkloadPriorityClass of the job (label kueue.x-k8s.io/priority-class)."""
     apply: bool = False
     """`kubectl apply` the rendered manifests (else only render and print them)."""
     context: str | None = None
@@ -249,7 +271,9 @@ class KubernetesClusterConfig(ClusterConfig):
                 f"cluster.namespace={self.namespace!r} is not a valid Kubernetes namespace "
                 "(lowercase letters, digits and '-', at most 63)"
             )
-        for key in ("cpus_per_node", "memory_per_node", "head_cpus", "head_memory"):
+        for key in ("cpus_per_node", "memory_per_node", "head_cpus", "head_memory", "shm_size"):
+            if getattr(self, key) is None:
+                continue
             if not re.fullmatch(_K8S_QUANTITY, str(getattr(self, key))):
                 raise ConfigError(
                     f"cluster.{key}={getattr(self, key)!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)"
@@ -264,7 +288,23 @@ class KubernetesClusterConfig(ClusterConfig):
                 "run.output_dir (placed under the mount) or a path below the mount."
             )
         positive(self.backoff_limit, "cluster.backoff_limit", allow_zero=True)
+        positive(self.ttl_s, "cluster.ttl_s", allow_zero=True)
+        positive(self.stop_grace_s, "cluster.stop_grace_s")
+        if self.time is not None:
+            slurm_time_seconds(self.time)
+        _check_k8s_names(self)
         super().check(cfg)
+
+
+def _check_k8s_names(c: KubernetesClusterConfig) -> None:
+    """Names the API server would reject: secrets, priority class, Kueue labels (DNS-1123)."""
+    named = [("image_pull_secrets", s) for s in c.image_pull_secrets]
+    named += [(key, getattr(c, key)) for key in ("priority_class", "kueue_queue", "kueue_priority")]
+    for key, value in named:
+        if value is not None and not re.fullmatch(_DNS_SUBDOMAIN, value):
+            raise ConfigError(
+                f"cluster.{key}: {value!r} is not a Kubernetes object name (lowercase letters, digits, '-' and '.')"
+            )
 
 
 def _check_env(env: dict[str, str]) -> None:
@@ -293,6 +333,7 @@ _K8S_QUANTITY = (
     r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^(?=.{1,63}$)[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # also a valid label value
 # sbatch --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (the forms `man sbatch` lists).
 _SLURM_TIME = re.compile(
     r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"

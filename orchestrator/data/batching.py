@@ -8,6 +8,8 @@
 
 Each epoch visits the rows in a permutation seeded by (seed, epoch). The position is
 (epoch, batch index), so a resumed run sees exactly the batches it would have seen.
+`examples` are an in-memory list or a prepared table (`data/table.py`: memory-mapped,
+rows assembled when a batch reads them, the same rows and order as from the list).
 The last batch of an epoch may be partial; every rank still runs the same number of
 micro-batches (ranks without data get an all-masked one), because each forward and
 backward is a collective under FSDP and unequal counts would hang.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,30 +27,15 @@ import torch
 
 from orchestrator.data.chat import IGNORE
 from orchestrator.data.collate import pad_collate
+from orchestrator.data.table import row_lengths, row_view
 
 Row = dict[str, list[int]]
 
 
 def pack(examples: Sequence[Row], max_len: int, seed: int) -> list[Row]:
-    """Concatenate examples, in a seeded order, into rows of at most `max_len` tokens."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    rows: list[Row] = []
-    cur: Row = {"input_ids": [], "labels": [], "position_ids": []}
-    for i in order:
-        ex = examples[i]
-        n = len(ex["input_ids"])
-        if cur["input_ids"] and len(cur["input_ids"]) + n > max_len:
-            rows.append(cur)
-            cur = {"input_ids": [], "labels": [], "position_ids": []}
-        cur["input_ids"] += ex["input_ids"]
-        # The first token of each example is never a target for the previous example's last
-        # token: the shift in the loss would otherwise train across the boundary.
-        cur["labels"] += [IGNORE] + list(ex["labels"][1:])
-        cur["position_ids"] += list(range(n))
-    if cur["input_ids"]:
-        rows.append(cur)
-    return rows
+    """Concatenate examples, in a seeded order, into rows of at most `max_len` tokens
+    (`table.pack_plan` + `table.packed_row`)."""
+    return row_view(examples, "packed", max_len, seed)
 
 
 class BatchSource:
@@ -63,10 +51,7 @@ class BatchSource:
         shuffle: bool,
         group_by_length: bool,
     ):
-        if batching == "packed":
-            self.rows = pack(examples, max_len, seed)
-        else:
-            self.rows = [dict(ex, position_ids=list(range(len(ex["input_ids"])))) for ex in examples]
+        self.rows = row_view(examples, batching, max_len, seed)
         self.global_batch = global_batch
         self.seed, self.shuffle, self.group_by_length = (
             seed,
@@ -74,37 +59,40 @@ class BatchSource:
             group_by_length and batching == "padded",
         )
         self.epoch, self.index = 0, 0
-        self._order_epoch, self._batches = -1, []
+        self._order_epoch, self._order, self._starts = -1, array("q"), array("q")
 
     @property
     def batches_per_epoch(self) -> int:
         return math.ceil(len(self.rows) / self.global_batch)
 
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+    def _epoch_batches(self, epoch: int) -> array:
+        """Where each batch of `epoch` starts in that epoch's row order (`self._order`);
+        arrays, not lists, so that a large corpus costs 8 bytes a row."""
         if self._order_epoch != epoch:
-            order = list(range(len(self.rows)))
+            order = array("q", range(len(self.rows)))
             rng = random.Random(f"{self.seed}-{epoch}")
             if self.shuffle:
                 rng.shuffle(order)
             if self.group_by_length:
-                mega = self.global_batch * 16
-                order = [
-                    i
-                    for s in range(0, len(order), mega)
-                    for i in sorted(
-                        order[s : s + mega],
-                        key=lambda j: -len(self.rows[j]["input_ids"]),
-                    )
-                ]
-            batches = [order[s : s + self.global_batch] for s in range(0, len(order), self.global_batch)]
+                mega, lengths = self.global_batch * 16, row_lengths(self.rows)
+                order = array(
+                    "q",
+                    (
+                        i
+                        for s in range(0, len(order), mega)
+                        for i in sorted(order[s : s + mega], key=lambda j: -lengths[j])
+                    ),
+                )
+            starts = array("q", range(0, len(order), self.global_batch))
             if self.group_by_length and self.shuffle:
-                rng.shuffle(batches)
-            self._order_epoch, self._batches = epoch, batches
-        return self._batches
+                rng.shuffle(starts)  # the permutation depends on the length only: as when shuffling batches
+            self._order_epoch, self._order, self._starts = epoch, order, starts
+        return self._starts
 
     def next(self) -> list[Row]:
         batches = self._epoch_batches(self.epoch)
-        batch = [self.rows[i] for i in batches[self.index]]
+        start = batches[self.index]
+        batch = [self.rows[i] for i in self._order[start : start + self.global_batch]]
         self.index += 1
         if self.index >= len(batches):
             self.epoch, self.index = self.epoch + 1, 0

@@ -7,15 +7,18 @@ leading messages are the prompt. Each side is rendered through the one chat enco
 (`chat.split_completion`), so `prompt_ids` is exactly what a rollout would be given and
 `prompt_ids + chosen_ids` is the rendering of the whole chosen conversation.
 
-Truncation to `max_seq_len` (prompt plus the longer completion): the prompt is cut from
-the left (its end, the assistant header, is what the completion follows), down to
+Truncation: a prompt longer than `max_prompt_len` (when set) is cut from the left to it
+(its end, the assistant header, is what the completion follows). Then to `max_seq_len`
+(prompt plus the longer completion): the prompt is cut from the left down to
 `max_seq_len - longer completion` tokens but never below half of `max_seq_len`; the
 completions are then cut from the right to the room left (TRL's `keep_end` prompt
-truncation). Missing, empty or identical completions are bad rows (`data/bad_rows.py`).
+truncation). The tokenizer counts the rows it cut (`truncated`); the stage logs it.
+Missing, empty or identical completions are bad rows (`data/bad_rows.py`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from orchestrator.config.schema import DataConfig
@@ -67,26 +70,48 @@ def to_pair(row: dict[str, Any]) -> tuple[Messages, Messages, Messages]:
     return prompt, sides[0], sides[1]
 
 
+def cut_prompt_and_completions(
+    p: list[int], completions: list[list[int]], max_len: int, max_prompt_len: int | None, truncate: bool
+) -> tuple[list[int], list[list[int]], bool]:
+    """The truncation rule above, shared by pairs and KTO examples: (prompt, completions, cut?)."""
+    cut = False
+    if max_prompt_len is not None and len(p) > max_prompt_len:
+        if not truncate:
+            raise ValueError(
+                f"the prompt's {len(p)} tokens exceed data.max_prompt_len={max_prompt_len} "
+                "(set data.truncate=true to cut it)"
+            )
+        p, cut = p[len(p) - max_prompt_len :], True
+    longest = max(len(c) for c in completions)
+    if len(p) + longest > max_len:
+        if not truncate:
+            raise ValueError(
+                f"{len(p) + longest} tokens exceed data.max_seq_len={max_len} (set data.truncate=true to cut them)"
+            )
+        keep = max(max_len - longest, min(len(p), max_len // 2))
+        p, completions, cut = p[len(p) - keep :], [c[: max_len - keep] for c in completions], True
+    return p, completions, cut
+
+
 class PairTokenizer:
     """(prompt, chosen, rejected) messages -> `{"prompt_ids", "chosen_ids", "rejected_ids"}`."""
 
-    def __init__(self, tokenizer: Any, max_seq_len: int, truncate: bool):
+    def __init__(self, tokenizer: Any, max_seq_len: int, truncate: bool, max_prompt_len: int | None = None):
         require_chat_template(tokenizer)
         self.tok = tokenizer
         self.max_len = max_seq_len
+        self.max_prompt_len = max_prompt_len
         self.truncate = truncate
+        self.truncated = 0
+        """Pairs cut so far (prompt, completions or both)."""
 
     def __call__(self, prompt: Messages, chosen: Messages, rejected: Messages) -> Pair:
         p, c = split_completion(self.tok, prompt, chosen)
         _, r = split_completion(self.tok, prompt, rejected)
-        longest, budget = max(len(c), len(r)), self.max_len
-        if len(p) + longest > budget:
-            if not self.truncate:
-                raise ValueError(
-                    f"{len(p) + longest} tokens exceed data.max_seq_len={budget} (set data.truncate=true to cut them)"
-                )
-            keep = max(budget - longest, min(len(p), budget // 2))
-            p, c, r = p[len(p) - keep :], c[: budget - keep], r[: budget - keep]
+        budget = self.max_len
+        p, (c, r), cut = cut_prompt_and_completions(p, [c, r], budget, self.max_prompt_len, self.truncate)
+        if cut:
+            self.truncated += 1
             if c == r:
                 raise ValueError(
                     f"'chosen' and 'rejected' are identical in their first {len(c)} tokens, "
@@ -100,5 +125,16 @@ def tokenize_pairs(rows: list[RawRow], tokenizer: Any, d: DataConfig) -> list[Pa
     fail the run or are skipped, per `d.on_bad_rows`."""
     if not rows:
         return parse_rows(rows, dict, d)  # raises: no rows
-    enc = PairTokenizer(tokenizer, d.max_seq_len, d.truncate)
-    return parse_rows(rows, lambda row: enc(*to_pair(row)), d, "preference rows")
+    enc = PairTokenizer(tokenizer, d.max_seq_len, d.truncate, d.max_prompt_len)
+    pairs = parse_rows(rows, lambda row: enc(*to_pair(row)), d, "preference rows")
+    log_truncated(enc.truncated, len(pairs), "pairs", d)
+    return pairs
+
+
+def log_truncated(n: int, total: int, what: str, d: DataConfig) -> None:
+    """One line when rows were cut: how many, and by which limits."""
+    if n:
+        limits = f"data.max_seq_len={d.max_seq_len}"
+        if d.max_prompt_len is not None:
+            limits = f"data.max_prompt_len={d.max_prompt_len}, {limits}"
+        logging.getLogger("orchestrator").info(f"{n} of {total} {what} truncated ({limits})")

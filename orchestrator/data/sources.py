@@ -85,10 +85,17 @@ def _load_parquet(path: Path) -> list[RawRow]:
 
 
 def _load_hf(name: str, d: DataConfig) -> list[RawRow]:
+    ds = hf_dataset(name, d)
+    return [RawRow(f"hf:{name}[{d.split}]:row {i + 1}", r) for i, r in enumerate(ds)]
+
+
+def hf_dataset(name: str, d: DataConfig, streaming: bool = False) -> Any:
+    """`datasets.load_dataset(name, split=d.split)` (its first `d.num_samples` rows), or a
+    DataError that says how to work without the Hub."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=d.split)
+        ds = datasets.load_dataset(name, split=d.split, streaming=streaming)
     # network, missing dataset, bad split: all end the same way
     except Exception as exc:
         raise DataError(
@@ -98,8 +105,8 @@ def _load_hf(name: str, d: DataConfig) -> list[RawRow]:
             "data.source to that file."
         ) from exc
     if d.num_samples:
-        ds = ds.select(range(min(d.num_samples, len(ds))))
-    return [RawRow(f"hf:{name}[{d.split}]:row {i + 1}", r) for i, r in enumerate(ds)]
+        ds = ds.take(d.num_samples) if streaming else ds.select(range(min(d.num_samples, len(ds))))
+    return ds
 
 
 def as_dict(row: RawRow) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 `synthetic:instruct`: short instruction -> answer pairs (arithmetic, reversing, copying,
 case changes) in both `messages` and `prompt`/`completion` shape.
 `synthetic:arithmetic`: addition problems with a verifiable `answer` (for GRPO).
+`synthetic:arithmetic_pairs`: the same problems as preference pairs (right vs off-by-one sum).
+`synthetic:text`: short generated stories `{"text"}` for continued pretraining (`data/text.py`).
 Deterministic per seed.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+
+from orchestrator.data.text import documents
 
 _WORDS = [
     "apple",
@@ -104,12 +108,39 @@ def arithmetic_heldout(n: int, seed: int) -> Iterator[dict[str, object]]:
     return _addition(n, seed, heldout=True, noise=0.0)
 
 
+def _addition_pairs(n: int, seed: int, heldout: bool) -> Iterator[dict[str, object]]:
+    for row in _addition(n, seed, heldout=heldout, noise=0.0):
+        yield {**row, "chosen": row["answer"], "rejected": str(int(row["answer"]) + 1)}
+
+
+def arithmetic_pairs(n: int, seed: int) -> Iterator[dict[str, object]]:
+    """Preference pairs on the `arithmetic` problems: `chosen` is the right sum, `rejected` the
+    off-by-one answer that `arithmetic_noisy` demonstrates (with `completion` and `answer`, so
+    the same rows serve KTO and held-out exact match)."""
+    return _addition_pairs(n, seed, heldout=False)
+
+
+def arithmetic_pairs_heldout(n: int, seed: int) -> Iterator[dict[str, object]]:
+    """`arithmetic_pairs` on the held-out problems no `arithmetic*` training stream contains."""
+    return _addition_pairs(n, seed, heldout=True)
+
+
 GENERATORS: dict[str, Callable[[int, int], Iterator[dict[str, object]]]] = {
     "instruct": instruct,
     "arithmetic": arithmetic,
     "arithmetic_noisy": arithmetic_noisy,
     "arithmetic_heldout": arithmetic_heldout,
+    "arithmetic_pairs": arithmetic_pairs,
+    "arithmetic_pairs_heldout": arithmetic_pairs_heldout,
+    "text": documents,
 }
+
+
+HELDOUT_STREAMS: dict[str, str] = {
+    "arithmetic": "arithmetic_heldout",
+    "arithmetic_noisy": "arithmetic_heldout",
+}
+"""The held-out stream of a generator whose name is not `<generator>_heldout`."""
 
 
 def generate(name: str, n: int, seed: int) -> list[dict[str, object]]:

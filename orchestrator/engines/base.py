@@ -151,6 +151,7 @@ class EngineBase:
         sd = self._full_state_dict()
         if self.rank != 0:
             return {}
+        sd = self.method.float_state(sd)
         if self.compute_bf16:
             sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
         auto, _ = auto_class(self.spec.head)

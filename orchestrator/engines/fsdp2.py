@@ -54,6 +54,7 @@ class FSDP2Engine(EngineBase):
             self._shard(model, b)
         else:
             model.to(device)
+        self.param_counts.update(self.method.memory_stats(model))  # as this rank holds it, sharded
         self.model = model
         if spec.trainable:
             self.optimizer = build_optimizer(model, spec.train)
@@ -68,6 +69,11 @@ class FSDP2Engine(EngineBase):
             if self.compute_bf16
             else MixedPrecisionPolicy()
         )
+        # Packed 4-bit codes stored as floats must not be cast to bf16: under bf16 compute each
+        # quantized module is its own unit without casting (in fp32 its block gathers it as is).
+        uncast = MixedPrecisionPolicy()
+        for module in self.method.quantized_modules(model) if self.compute_bf16 else []:
+            fully_shard(module, mesh=mesh, mp_policy=uncast, reshard_after_forward=b.reshard_after_forward)
         blocks = set(getattr(unwrap(model), "_no_split_modules", None) or [])
         for module in model.modules():
             if type(module).__name__ in blocks:

@@ -17,7 +17,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 def _shape(p: torch.nn.Parameter) -> torch.Size:
     # After DeepSpeed's zero.Init a parameter is an empty placeholder; `ds_shape` is its real shape.
-    return getattr(p, "ds_shape", p.shape)
+    # A bitsandbytes 4-bit weight holds packed codes; its quant_state has the real shape.
+    quant_state = getattr(p, "quant_state", None)
+    return quant_state.shape if quant_state is not None else getattr(p, "ds_shape", p.shape)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:

@@ -13,10 +13,12 @@ from orchestrator.methods.base import Method, Reference
 from orchestrator.methods.experts import Experts
 from orchestrator.methods.full import Full
 from orchestrator.methods.lora import Lora
+from orchestrator.methods.qlora import Qlora
 
 METHODS: dict[str, type] = {
     "full": Full,
     "lora": Lora,
+    "qlora": Qlora,
     "experts": Experts,
 }
 

@@ -58,6 +58,16 @@ class Method:
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         raise NotImplementedError
 
+    def quantized_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Modules holding quantized weights (a 4-bit base), which a backend must gather as
+        stored: a cast to the compute dtype would destroy their packed codes."""
+        return []
+
+    def memory_stats(self, model: torch.nn.Module) -> dict[str, int]:
+        """Byte counts worth logging once the backend has placed `model` (this rank's share),
+        e.g. a quantized base against the same base in float; logged by the driver."""
+        return {}
+
     # ------------------------------------------------------------- reference
     def reference_context(self, model: torch.nn.Module) -> ContextManager:
         """Inside it, `model` computes the reference policy (methods with WEIGHTS_OFF)."""
@@ -71,6 +81,11 @@ class Method:
         the base model's Hugging Face parameter names (merged where the method trains a
         reparametrisation), so any inference engine loads them into a plain base model."""
         return {k: v for k, v in state.items()}
+
+    def float_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The full training-time state dict as a float model of the same structure holds it
+        (a quantized base de-quantized); what export loads into its skeleton."""
+        return dict(state)
 
     def export(self, model: torch.nn.Module, out_dir: Path, tokenizer, base_ref: Optional[str]) -> dict[str, str]:
         """Write `model` (unsharded, on CPU) for `transformers`/`peft`/vLLM; return {kind: path}."""

@@ -18,8 +18,15 @@ def _hf() -> type:
     return HfEngine
 
 
+def _vllm() -> type:
+    from orchestrator.rollout.vllm import VllmEngine
+
+    return VllmEngine
+
+
 ROLLOUT_ENGINES: dict[str, Callable[[], type]] = {
     "hf": _hf,
+    "vllm": _vllm,
 }
 
 

@@ -109,6 +109,13 @@ class RolloutGroup:
             out.extend(Completion(**c) for c in per_actor[a][j * n : (j + 1) * n])
         return out
 
+    def sleep(self) -> None:
+        """Colocated engines free accelerator memory for the train step (vLLM's sleep mode on
+        GPU; a no-op elsewhere). A weight sync while asleep updates their host copy; the next
+        generation wakes them."""
+        if self.cfg.placement == "colocated":
+            self._get([a.sleep.remote() for a in self.actors], "sleep")
+
     def shutdown(self) -> None:
         for a in self.actors:
             try:

@@ -4,10 +4,18 @@ Registry: plain dict, greppable."""
 
 from __future__ import annotations
 
+from orchestrator.stages.cpt import CptStage
+from orchestrator.stages.dpo import DpoStage
+from orchestrator.stages.eval import EvalStage
 from orchestrator.stages.grpo import GrpoStage
+from orchestrator.stages.kto import KtoStage
 from orchestrator.stages.sft import SftStage
 
 STAGES: dict[str, type] = {
     "sft": SftStage,
+    "cpt": CptStage,
     "grpo": GrpoStage,
+    "dpo": DpoStage,
+    "kto": KtoStage,
+    "eval": EvalStage,
 }

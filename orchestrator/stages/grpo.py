@@ -219,6 +219,7 @@ class GrpoStage(Stage):
 
     def _train(self, roles, rows: list[dict[str, Any]], times: dict[str, float], step: int) -> dict[str, float]:
         g, workers = self.g, roles.policy
+        self.rollout.sleep()  # colocated: the trainer takes the GPU until the next rollout
         pad = self.tokenizer.pad_token_id
         per_rank = shard(
             rows,
@@ -274,17 +275,7 @@ class GrpoStage(Stage):
         ]
         for row in rows:
             log.info("sample step %d | %r -> %r (reward %.2f, answer %s)", *row)
-        wb = self.tracker.wandb if self.tracker is not None else None
-        if wb is not None:
-            try:
-                import wandb
-
-                wb.log(
-                    {"samples": wandb.Table(columns=["step", "prompt", "completion", "reward", "answer"], data=rows)},
-                    step=step,
-                )
-            except Exception as exc:
-                log.warning("W&B: sample table failed (%s)", exc)
+        self.tracker.log_table("samples", ["step", "prompt", "completion", "reward", "answer"], rows, step)
 
     # ---------------------------------------------------------- worker side
     @staticmethod

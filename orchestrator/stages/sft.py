@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from orchestrator.data.batching import BatchSource, count_targets, shard
-from orchestrator.data.sft import IGNORE, tokenize_rows
-from orchestrator.data.sources import load_rows
+from orchestrator.data.kinds import KINDS
+from orchestrator.data.prepare import load_examples
+from orchestrator.data.sft import IGNORE
+from orchestrator.data.streaming import StreamSource
 from orchestrator.models.logprobs import nll_sum
 from orchestrator.stages.base import Stage, step_metrics, train_on_workers
 
@@ -28,9 +30,24 @@ log = logging.getLogger(__name__)
 class SftStage(Stage):
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
+        self.source = self.batch_source(cfg, tokenizer)
+        self.pad_id = tokenizer.pad_token_id
+        self.world = cfg.cluster.num_workers
+
+    @classmethod
+    def data_kind(cls, cfg) -> tuple[str, dict[str, Any]]:
+        """The row kind this stage reads (`data/kinds.py`) and its options."""
+        return "sft", {"train_on_prompt": cfg.stage.train_on_prompt}
+
+    def batch_source(self, cfg, tokenizer) -> BatchSource | StreamSource:
+        """Batches of prepared examples (`data/prepare.py`), or of a stream (`data.streaming`)."""
         d, t = cfg.data, cfg.train
-        examples = tokenize_rows(load_rows(d), tokenizer, d, cfg.stage.train_on_prompt)
-        self.source = BatchSource(
+        kind, opts = self.data_kind(cfg)
+        if d.streaming:
+            log.info("data: streaming %s (%s rows of <= %d tokens)", d.source, d.batching, d.max_seq_len)
+            return StreamSource(d, KINDS[kind].build(tokenizer, d, opts), t.global_batch_size, str(d.batching))
+        examples = load_examples(d, kind, opts, tokenizer)
+        source = BatchSource(
             examples,
             d.batching,
             d.max_seq_len,
@@ -39,16 +56,15 @@ class SftStage(Stage):
             shuffle=d.shuffle,
             group_by_length=d.group_by_length,
         )
-        self.pad_id = tokenizer.pad_token_id
-        self.world = cfg.cluster.num_workers
         log.info(
             "data: %d examples -> %d %s rows of <= %d tokens, %d batches/epoch",
             len(examples),
-            len(self.source.rows),
+            len(source.rows),
             d.batching,
             d.max_seq_len,
-            self.source.batches_per_epoch,
+            source.batches_per_epoch,
         )
+        return source
 
     @property
     def total_steps(self) -> int:

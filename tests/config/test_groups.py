@@ -32,6 +32,7 @@ OPTIONS = [(g, o) for g in GROUP_SCHEMAS for o in group_options(g)]
 # What an option needs besides itself to compose and validate on a CPU machine.
 NEEDS = {
     ("data", "jsonl"): ["data.source=/data/train.jsonl"],
+    ("data", "mixture"): ["data.sources=[{source: synthetic:instruct, weight: 1}]"],
     ("method", "experts"): ["model=tiny_moe"],
 }
 # Options that compose but cannot run here: the message validation gives instead.
@@ -150,11 +151,16 @@ def test_the_choice_fields_are_enums():
         "rollout.placement",
         "rollout.engine",
         "stage.loss_agg",
+        "method.quant_type",
+        "method.compute_dtype",
+        "method.quant_storage",
         "backend.mixed_precision",
         "backend.offload_optimizer",
         "backend.offload_param",
         "checkpoint.resume",
         "checkpoint.on_corrupt",
+        "stage.loss",
+        "rollout.dtype",
         "logger.mode",
         "cluster.placement_strategy",
         "cluster.image_pull_policy",

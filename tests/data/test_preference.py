@@ -85,6 +85,23 @@ def test_truncation_cuts_the_prompt_from_the_left(tok):
         PairTokenizer(tok, 20, False)(p, c, r)
 
 
+def test_max_prompt_len_cuts_prompts_first_and_the_run_logs_how_many_rows_were_cut(tok, tmp_path, caplog):
+    rows = [
+        {"prompt": "x" * 80, "chosen": "abcdef", "rejected": "ab"},  # a long prompt: cut
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},  # a short one: kept whole
+    ]
+    full = _pairs(tok, tmp_path, rows)
+    n = len(full[1]["prompt_ids"])
+    assert len(full[0]["prompt_ids"]) > n
+    with caplog.at_level("INFO", logger="orchestrator"):
+        cut = _pairs(tok, tmp_path, rows, max_prompt_len=n)
+    assert cut[0]["prompt_ids"] == full[0]["prompt_ids"][-n:]  # from the left: the assistant header stays
+    assert cut[0]["chosen_ids"] == full[0]["chosen_ids"] and cut[1] == full[1]
+    assert f"1 of 2 pairs truncated (data.max_prompt_len={n}, data.max_seq_len=512)" in caplog.text
+    with pytest.raises(DataError, match=rf"p.jsonl:row 1: the prompt's \d+ tokens exceed data.max_prompt_len={n}"):
+        _pairs(tok, tmp_path, rows, max_prompt_len=n, truncate=False)
+
+
 def test_over_long_row_without_truncation_is_a_bad_row(tok, tmp_path):
     with pytest.raises(DataError, match=r"p.jsonl:row 1: \d+ tokens exceed data.max_seq_len=16"):
         _pairs(

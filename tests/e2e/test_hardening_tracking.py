@@ -17,19 +17,14 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.__main__ import main
+from orchestrator.config.logger import LoggerConfig, WandbLoggerConfig
 from orchestrator.tracking import Tracker
 from tests.conftest import REPO, read_metrics
 
 
 def _cfg(wandb: bool = False, init_timeout_s: float = 30.0) -> SimpleNamespace:
-    logger = SimpleNamespace(
-        wandb=wandb,
-        mode="auto",
-        project="hardening",
-        entity=None,
-        tags=[],
-        log_every=1,
-        wandb_init_timeout_s=init_timeout_s,
+    logger = LoggerConfig(
+        project="hardening", timeout_s=init_timeout_s, plots=False, wandb=WandbLoggerConfig() if wandb else None
     )
     return SimpleNamespace(logger=logger, run=SimpleNamespace(name="t"))
 

@@ -3,7 +3,9 @@
 No Docker engine runs here (nor in CI), so the image is not built. What a build needs is
 checked instead: the build context the docker client would send (the `docker` SDK's own
 .dockerignore handling), every COPY source in it, the package built from that context the
-way the image installs it, and the pinned versions against pyproject.toml."""
+way the image installs it, the pinned versions against pyproject.toml, every install held
+to constraints.txt (so Ray and the rest do not float between builds), and what DeepSpeed's
+CPU-Adam op needs to build on the node (a C++ compiler, Python headers, ninja)."""
 
 from __future__ import annotations
 
@@ -93,3 +95,51 @@ def test_build_context_installs_the_package(tmp_path):
         "launchers/kubernetes.py",
     ):
         assert module in files
+
+
+def _run_lines() -> list[str]:
+    """The Dockerfile's RUN instructions, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    return [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
+
+
+def test_every_install_holds_to_the_constraints():
+    installs = [cmd.strip() for run in _run_lines() for cmd in re.split(r"&&|;", run) if "pip install" in cmd]
+    torch_only, rest = installs[0], installs[1:]
+    assert torch_only.startswith('pip install "torch==${TORCH_VERSION}"')  # the build of torch named by ARG
+    for cmd in rest:
+        if "--no-deps ./" in cmd:  # the code itself, after its dependencies
+            continue
+        assert "-c /tmp/constraints.txt" in cmd, cmd
+    # The first constrained install names torch again, so torch's own dependencies are set
+    # to the tested versions as well.
+    assert '"torch==${TORCH_VERSION}"' in rest[0]
+    assert any('grep -v "^torch==" constraints.txt > /tmp/constraints.txt' in run for run in _run_lines())
+
+
+def test_constraints_pin_what_must_not_float():
+    import importlib.metadata
+
+    pins = dict(
+        line.split("==")
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if "==" in line and line[0] != "#"
+    )
+    for name in ("ray", "deepspeed", "transformers", "torch", "ninja"):
+        assert name in pins, name
+    # The image's Ray is the one KubeRay manifests name (rayVersion defaults to the installed Ray).
+    assert importlib.metadata.version("ray") == pins["ray"]
+
+
+def test_the_image_can_build_deepspeeds_cpu_adam():
+    """DeepSpeed JIT-compiles its CPU-Adam op (ZeRO optimizer offload) on the node that uses it,
+    with the CPU op builder on every accelerator: a C++ compiler with OpenMP, the Python headers
+    and ninja. (tests/engines/test_cross_backend.py compiles and runs it for real with those; here:
+    the image has them.)"""
+    apt = next(run for run in _run_lines() if "apt-get install" in run).split()
+    assert "g++" in apt and "python3-dev" in apt
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+    assert type(builder).__module__.endswith(".cpu.cpu_adam")  # host code only: no CUDA toolkit needed
+    assert "-fopenmp" in builder.cxx_args()

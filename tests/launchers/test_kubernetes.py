@@ -1,13 +1,16 @@
 """cluster=kubernetes: rendered RayJob manifests validated against KubeRay's real CRD schema
-(`../shared/k8s/ray.io_rayjobs.yaml`, ray.io/v1 openAPIV3Schema), for several configs.
+(ray.io_rayjobs.yaml, the ray.io/v1 openAPIV3Schema; see KUBERAY_CRDS in conftest.py), for
+several configs, and the pods' preStop hooks run against a real driver.
 
-There is no Kubernetes API server here: the schema check is what the API server with
-KubeRay installed would apply (its CEL rules aside). `kubectl apply` runs for real against
-an unreachable server (the error path); the success path uses a stand-in `kubectl` that
-records its arguments, in place of the API server this machine cannot run."""
+There is no Kubernetes API server here (nor KubeRay): the schema check is what the API
+server with KubeRay installed would apply (its CEL rules aside), and the lifecycle settings
+(TTL, deadline, grace period, hooks) are checked in the manifest, not by deleting pods.
+`kubectl apply` runs for real against an unreachable server (the error path); the success
+path uses a stand-in `kubectl` that records its arguments, in place of the API server."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -17,8 +20,9 @@ import yaml
 
 from launchers import kubernetes
 from launchers.common import entry_args
+from orchestrator.config.cluster import slurm_time_seconds
 from orchestrator.config.compose import compose
-from tests.launchers.conftest import SHARED_K8S, TINY, entry
+from tests.launchers.conftest import KUBERAY_CRDS, TINY, entry
 
 CONFIGS = {
     "cpu_tiny": [*TINY, "cluster=kubernetes"],
@@ -39,6 +43,21 @@ CONFIGS = {
         "cluster.cpus_per_worker=8",
         "train.global_batch_size=64",
     ],
+    "shared_cluster_options": [
+        *TINY,
+        "cluster=kubernetes",
+        "cluster.nodes=2",
+        "cluster.gpus_per_node=4",
+        "cluster.time=1-12:00:00",
+        "cluster.image_pull_secrets=[regcred,mirror-cred]",
+        "cluster.priority_class=training-high",
+        "cluster.kueue_queue=team-a",
+        "cluster.kueue_priority=production",
+        "cluster.shm_size=64Gi",
+        "cluster.stop_grace_s=600",
+        "cluster.ray_version=2.60.0",
+        "cluster.ttl_s=0",
+    ],
     "no_secret_abs_dir": [
         *TINY,
         "cluster=kubernetes",
@@ -54,9 +73,12 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def rayjob_schema():
-    path = SHARED_K8S / "ray.io_rayjobs.yaml"
+    path = KUBERAY_CRDS / "ray.io_rayjobs.yaml"
     if not path.is_file():
-        pytest.skip(f"KubeRay CRD schemas not found at {SHARED_K8S} (the shared/ directory beside the repo)")
+        pytest.skip(
+            f"KubeRay's CRDs are not at {KUBERAY_CRDS}: set KUBERAY_CRDS to a directory with ray.io_rayjobs.yaml "
+            "(github.com/ray-project/kuberay, ray-operator/config/crd/bases)"
+        )
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1.4 MB: C is 5x faster
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return version["schema"]["openAPIV3Schema"]
@@ -118,6 +140,49 @@ def test_rendered_rayjob_matches_the_crd(name, rayjob_schema, tmp_path, monkeypa
     assert job_choices["cluster"] == "ray" and job_cfg.cluster.num_workers == c.num_workers
     assert job_cfg.run.output_dir.startswith(c.shared_mount + "/")
     assert job_cfg.method == cfg.method and job_cfg.train == cfg.train
+    check_lifecycle(job, c)
+
+
+def check_lifecycle(job: dict, c) -> None:
+    """What decides how long the job holds its GPUs and how it stops (issue: a finished job
+    kept the whole cluster for an hour; a stopped pod lost the steps since the checkpoint)."""
+    spec = job["spec"]
+    assert spec["ttlSecondsAfterFinished"] == c.ttl_s <= 60 and spec["shutdownAfterJobFinishes"] is True
+    assert spec.get("activeDeadlineSeconds") == (slurm_time_seconds(c.time) if c.time else None)
+    assert spec["rayClusterSpec"]["rayVersion"] == (c.ray_version or importlib.metadata.version("ray"))
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == str(c.stop_grace_s)
+    labels = job["metadata"]["labels"]
+    assert labels.get("kueue.x-k8s.io/queue-name") == c.kueue_queue
+    assert labels.get("kueue.x-k8s.io/priority-class") == c.kueue_priority
+    pods = {
+        "head": spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
+        "worker": spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"],
+        "submitter": spec["submitterPodTemplate"]["spec"],
+    }
+    for role, pod in pods.items():
+        assert [s["name"] for s in pod.get("imagePullSecrets", [])] == list(c.image_pull_secrets), role
+        assert pod.get("priorityClassName") == c.priority_class, role
+        assert pod["containers"][0]["image"] == c.image, role
+    assert pods["submitter"]["restartPolicy"] == "Never" and "command" not in pods["submitter"]["containers"][0]
+    for role in ("head", "worker"):
+        pod = pods[role]
+        assert pod["terminationGracePeriodSeconds"] == c.stop_grace_s
+        hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook[:4] == ["python", "-m", "launchers.pod_stop", role]
+        assert float(hook[4].split("=")[1]) < c.stop_grace_s  # the hook ends within the grace period
+        shm = next(v["emptyDir"] for v in pod["volumes"] if v["name"] == "dshm")
+        memory = pod["containers"][0]["resources"]["limits"]["memory"]
+        assert shm["medium"] == "Memory" and shm["sizeLimit"] == (c.shm_size or kubernetes.half_quantity(memory))
+
+
+def test_half_quantity():
+    assert [kubernetes.half_quantity(q) for q in ("32Gi", "8Gi", "1000M", "1G", "3Mi")] == [
+        "16384Mi",
+        "4096Mi",
+        "476Mi",
+        "476Mi",
+        "1Mi",
+    ]
 
 
 @pytest.fixture

@@ -1,108 +1,42 @@
-"""cluster=ray_job against a real Ray cluster: `ray start --head` with the Jobs API (dashboard)
-plus a worker node, on free ports and their own temp dirs (other Ray clusters share this
-host); only the processes this module starts are stopped."""
+"""cluster=ray_job against a real Ray cluster with token authentication on: `ray start --head`
+with the Jobs API (dashboard) plus a worker node (tests/launchers/conftest.py::ray_head).
+These tests present the cluster's token as a user would (RAY_AUTH_TOKEN_PATH); what happens
+without it is in test_ray_auth.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from launchers import ray_job
 from tests.launchers.conftest import TINY, entry, free_port_block, wait_for
 
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _ports(base: int) -> list:
-    return [
-        f"--ray-client-server-port={base + 1}",
-        f"--dashboard-agent-listen-port={base + 2}",
-        f"--dashboard-agent-grpc-port={base + 3}",
-        f"--runtime-env-agent-port={base + 4}",
-        f"--metrics-export-port={base + 5}",
-    ]
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A 2-node Ray cluster with the Jobs API; yields the dashboard address."""
-    tmp = tmp_path_factory.mktemp("rayjob")
-    base = free_port_block(24)
-    common = ["--block", "--disable-usage-stats", "--num-cpus=2"]
-    head = subprocess.Popen(
-        [
-            RAY,
-            "start",
-            "--head",
-            f"--port={base}",
-            *_ports(base),
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={base + 6}",
-            f"--temp-dir={tmp}/h",
-            *common,
-        ],
-        stdout=open(tmp / "head.log", "w"),
-        stderr=subprocess.STDOUT,
-    )
-    procs = [head]
-    address = f"http://127.0.0.1:{base + 6}"
-    try:
-        wait_for(lambda: _reachable(address), 120, "the Ray head's Jobs API")
-        procs.append(
-            subprocess.Popen(
-                [RAY, "start", f"--address=127.0.0.1:{base}", *_ports(base + 12), f"--temp-dir={tmp}/w", *common],
-                stdout=open(tmp / "worker.log", "w"),
-                stderr=subprocess.STDOUT,
-            )
-        )
-        wait_for(lambda: _alive_nodes(address) >= 2, 120, "the worker node to join")
-        yield address
-    finally:
-        # `ray start --block` stops the processes it started on SIGTERM.
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-def _reachable(address: str) -> bool:
-    try:
-        ray_job.client(address)
-        return True
-    except Exception:
-        return False
-
-
-def _alive_nodes(address: str) -> int:
-    from ray.util.state import list_nodes
-
-    return sum(n.state == "ALIVE" for n in list_nodes(address=address))
-
 
 def status(address: str, job_id: str) -> str:
     return str(ray_job.client(address).get_job_status(job_id).value)
 
 
+@pytest.fixture
+def address(ray_head, monkeypatch) -> str:
+    ray_head.use_token(monkeypatch)
+    return ray_head.address
+
+
 @pytest.mark.slow
-def test_submit_stop_and_resume(ray_head, tmp_path, capsys):
+def test_submit_stop_and_resume(address, tmp_path, capsys):
     """Submit, follow the printed commands, stop (the driver checkpoints), submit the same
-    config again with cluster.follow=true: it resumes and finishes on both nodes."""
+    config again with cluster.follow=true: it resumes and finishes on both nodes. The job's
+    driver attaches to the cluster (cluster.address=auto) with the head's token."""
     run_dir = tmp_path / "run"
     common = [
         *TINY,
         f"run.output_dir={run_dir}",
         "cluster=ray_job",
-        f"cluster.address={ray_head}",
+        f"cluster.address={address}",
         "cluster.placement_strategy=STRICT_SPREAD",
         "checkpoint.every_steps=1000",
         "+cluster.env.ORCH_TEST_MARK=from-submitter",
@@ -110,24 +44,24 @@ def test_submit_stop_and_resume(ray_head, tmp_path, capsys):
     assert entry(*common, "train.max_steps=200", "cluster.submission_id=rj-first") == 0
     out = capsys.readouterr().out
     assert "submitted Ray job rj-first" in out
-    assert f"python -m launchers.ray_job logs rj-first --follow --address {ray_head}" in out
+    assert f"python -m launchers.ray_job logs rj-first --follow --address {address}" in out
 
-    info = ray_job.client(ray_head).get_job_info("rj-first")
+    info = ray_job.client(address).get_job_info("rj-first")
     renv = info.runtime_env
     assert renv["env_vars"]["ORCH_TEST_MARK"] == "from-submitter"
     assert len(renv["py_modules"]) == 2 and renv["working_dir"].startswith("gcs://")
 
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 240, "2 steps")
-    assert ray_job.main(["stop", "rj-first", "--address", ray_head]) == 0
-    wait_for(lambda: status(ray_head, "rj-first") == "STOPPED", 120, "the job to stop")
+    assert ray_job.main(["stop", "rj-first", "--address", address]) == 0
+    wait_for(lambda: status(address, "rj-first") == "STOPPED", 120, "the job to stop")
     stopped_at = len(metrics.read_text().splitlines())
     assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}").is_dir()  # the SIGTERM checkpoint
 
     capsys.readouterr()
-    assert ray_job.main(["status", "rj-first", "--address", ray_head]) == 0
+    assert ray_job.main(["status", "rj-first", "--address", address]) == 0
     assert "rj-first: STOPPED" in capsys.readouterr().out
-    assert ray_job.main(["logs", "rj-first", "--address", ray_head]) == 0
+    assert ray_job.main(["logs", "rj-first", "--address", address]) == 0
     assert "checkpointing after the current step" in capsys.readouterr().out
 
     total = stopped_at + 2
@@ -138,20 +72,20 @@ def test_submit_stop_and_resume(ray_head, tmp_path, capsys):
     assert len({w["node_id"] for w in summary["workers"]}) == 2
 
 
-def test_following_a_failed_job_fails(ray_head, capsys):
+def test_following_a_failed_job_fails(address, capsys):
     """`cluster.follow=true` streams the logs and turns a failed job into a failed command
     (a plain entrypoint here: the launcher's part is the same for any job)."""
     from orchestrator.errors import OrchestratorError
 
-    jobs = ray_job.client(ray_head)
+    jobs = ray_job.client(address)
     job_id = jobs.submit_job(entrypoint="echo about to fail; exit 3")
     with pytest.raises(OrchestratorError, match=rf"Ray job {job_id} ended FAILED"):
         ray_job.follow(jobs, job_id)
     assert "about to fail" in capsys.readouterr().out
 
 
-def test_unknown_job_id(ray_head, capsys):
-    assert ray_job.main(["status", "no-such-job", "--address", ray_head]) == 1
+def test_unknown_job_id(address, capsys):
+    assert ray_job.main(["status", "no-such-job", "--address", address]) == 1
     assert "no-such-job" in capsys.readouterr().err
 
 

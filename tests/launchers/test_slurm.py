@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.launchers.conftest import entry, free_port_block, wait_for
+from tests.launchers.conftest import entry, wait_for
 
 pytestmark = [
     pytest.mark.slurm,
@@ -21,6 +21,7 @@ pytestmark = [
         reason="sbatch is not on PATH: start the local test cluster with `bash slurm/ci_setup.sh` (CI's .ci/run does)",
     ),
 ]
+URGENT = "urgent"  # slurm/ci_setup.sh: its jobs preempt those of the default partition
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
 
@@ -50,8 +51,10 @@ def own_ray_processes(job_id: str) -> list:
 
 
 @pytest.fixture
-def slurm_job():
-    """Cancel whatever a failing test left queued or running."""
+def slurm_job(monkeypatch):
+    """Cancel whatever a failing test left queued or running. Jobs run with Ray's token auth
+    on (the job script's default; tests/conftest.py disables it for its own cluster only)."""
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     ids: list = []
     yield ids
     for job_id in ids:
@@ -59,77 +62,131 @@ def slurm_job():
             subprocess.run(["scancel", job_id], check=False)
 
 
+TINY_JOB = ["+experiment=sft_tiny", "debug=cpu", "logger=console", "checkpoint.export_hf=false", "cluster=slurm"]
+# What a finished or stopped job's log must not show (issue: Ray torn down by signals).
+ALARMS = ("srun: error", "CANCELLED", "Killed", "Traceback", "exited unexpectedly")
+
+
+def submit(capsys, run_dir: Path, *overrides: str) -> tuple[str, Path]:
+    """`python -m orchestrator ... cluster=slurm` in-process; the job id and its log."""
+    assert entry(*TINY_JOB, f"run.output_dir={run_dir}", "cluster.time=30", *overrides) == 0
+    job_id, log = submitted(capsys.readouterr().out)
+    assert log == run_dir / "launch" / f"slurm-{job_id}.out"
+    return job_id, log
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    metrics = run_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+
+def wait_steps(run_dir: Path, after: int, what: str) -> int:
+    """Until a step beyond `after` is logged; that step."""
+    return wait_for(lambda: max(logged_steps(run_dir), default=0) > after and logged_steps(run_dir)[-1], 600, what)
+
+
+def restarted(job_id: str, count: int) -> bool:
+    info = job_info(job_id)
+    return int(info.get("Restarts", 0)) >= count and info.get("JobState") == "RUNNING"
+
+
 @pytest.mark.slow
-def test_submit_runs_on_two_nodes(tmp_path, capsys, slurm_job):
+def test_two_jobs_share_a_node_on_free_ports(tmp_path, capsys, slurm_job):
+    """A 2-node job and a 1-node job at the same time: on this host every Slurm node is the
+    same machine, so both Ray clusters share it, each on ports picked when it starts (Ray's
+    fixed defaults would collide). Both finish cleanly, Ray stopped without error lines."""
+    runs = {"two": tmp_path / "two", "one": tmp_path / "one"}
+    jobs = {
+        "two": submit(
+            capsys, runs["two"], "train.max_steps=4", "cluster.nodes=2", "cluster.placement_strategy=STRICT_SPREAD"
+        ),
+        "one": submit(capsys, runs["one"], "train.max_steps=4", "cluster.num_workers=1"),
+    }
+    slurm_job.extend(job_id for job_id, _ in jobs.values())
+    wait_for(lambda: all(job_info(j).get("JobState") == "RUNNING" for j, _ in jobs.values()), 120, "both jobs to run")
+    for job_id, log in jobs.values():
+        state = wait_for(lambda j=job_id: finished(j), 600, f"Slurm job {job_id}")
+        text = log.read_text()
+        assert state == "COMPLETED" and job_info(job_id)["ExitCode"] == "0:0", text[-3000:]
+        assert "run complete: 4 steps" in text and "driver exited with 0" in text
+        assert not [alarm for alarm in ALARMS if alarm in text], text[-3000:]
+        assert wait_for(lambda j=job_id: not own_ray_processes(j) or None, 30, "Ray of the job to stop", 1)
+        assert (log.parent / "ray_auth_token").stat().st_mode & 0o077 == 0  # token auth, the token private
+    heads = [re.search(r"Ray head (\S+)", log.read_text()).group(1) for _, log in jobs.values()]
+    assert heads[0] != heads[1] and not any(h.endswith(":6379") for h in heads)
+    summary = json.loads((runs["two"] / "summary.json").read_text())
+    assert len({w["node_id"] for w in summary["workers"]}) == 2  # head node and srun'd worker node
+    first, second = (job_info(j) for j, _ in jobs.values())
+    assert first["StartTime"] < second["EndTime"] and second["StartTime"] < first["EndTime"]  # they overlapped
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_every_stop_checkpoints_and_requeues_as_its_cause_requires(tmp_path, capsys, slurm_job):
+    """One 2-node job, stopped three ways, each with a checkpoint of the step it was in:
+    SIGUSR1 to the script (what `--signal=B:USR1@N` sends before the time limit): the script
+    requeues the job; preemption by a job of a higher-priority partition (SIGTERM to every
+    process of both steps): Slurm requeues it; a plain `scancel` (SIGTERM to every process):
+    cancelled, not requeued. Each restart resumes from the checkpoint of the stop before."""
     run_dir = tmp_path / "run"
-    rc = entry(
-        "+experiment=sft_tiny",
-        "debug=cpu",
-        "logger=console",
-        "checkpoint.export_hf=false",
-        f"run.output_dir={run_dir}",
-        "train.max_steps=4",
-        "cluster=slurm",
+    job_id, log = submit(
+        capsys,
+        run_dir,
+        "train.max_steps=5000",
+        "checkpoint.every_steps=100000",
         "cluster.nodes=2",
         "cluster.placement_strategy=STRICT_SPREAD",
-        "cluster.time=15",
-        f"cluster.ray_port={free_port_block(16)}",
     )
-    assert rc == 0
-    job_id, log = submitted(capsys.readouterr().out)
     slurm_job.append(job_id)
-    assert log == run_dir / "launch" / f"slurm-{job_id}.out"
 
-    state = wait_for(lambda: finished(job_id), 420, f"Slurm job {job_id}")
-    text = log.read_text()
-    assert state == "COMPLETED", text[-3000:]
-    assert job_info(job_id)["ExitCode"] == "0:0"
-    assert "2 node(s) in the Ray cluster" in text and "run complete: 4 steps" in text
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["resumed_from"] == 0
-    assert len({w["node_id"] for w in summary["workers"]}) == 2  # head node and srun'd worker node
-    assert (run_dir / "checkpoints" / "step_00000004").is_dir()
-    assert (run_dir / "launch" / "job.sbatch").is_file()
-    assert (run_dir / "launch" / "resolved" / "config.yaml").is_file()
-    assert wait_for(lambda: not own_ray_processes(job_id) or None, 30, "Ray of the job to stop", 1)
+    def stopped_at(restarts: int) -> int:
+        """The step checkpointed by the stop that led to restart `restarts`, once resumed."""
 
+        def resumes() -> list[str]:
+            return re.findall(rf"resumed from {run_dir}/checkpoints/step_(\d+)", log.read_text())
 
-@pytest.mark.slow
-def test_signal_checkpoints_requeues_and_resumes(tmp_path, capsys, slurm_job):
-    """What happens before a time limit (`--signal=B:USR1@N`), sent now instead of waiting."""
-    run_dir = tmp_path / "run"
-    total = 60  # enough steps that the signal lands mid-run however fast the steps are
-    rc = entry(
-        "+experiment=sft_tiny",
-        "debug=cpu",
-        "logger=console",
-        "checkpoint.export_hf=false",
-        f"run.output_dir={run_dir}",
-        f"train.max_steps={total}",
-        "checkpoint.every_steps=1000",
-        "cluster=slurm",
-        "cluster.time=15",
-        f"cluster.ray_port={free_port_block(16)}",
-    )
-    assert rc == 0
-    job_id, log = submitted(capsys.readouterr().out)
-    slurm_job.append(job_id)
-    metrics = run_dir / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 300, "2 steps")
+        wait_for(lambda: restarted(job_id, restarts) and len(resumes()) >= restarts, 600, f"restart {restarts}")
+        return int(resumes()[-1])
+
+    step = wait_steps(run_dir, 1, "2 steps")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    planned = stopped_at(1)
+    assert planned >= step and f"preempted: checkpoint at step {planned}, requeued" in log.read_text()
 
-    state = wait_for(lambda: finished(job_id), 420, f"requeued Slurm job {job_id}")
+    step = wait_steps(run_dir, planned + 1, "2 steps after the resume")
+    hosts = subprocess.run(["scontrol", "show", "hostnames", job_info(job_id)["NodeList"]], capture_output=True)
+    node = hosts.stdout.decode().split()[-1]  # the srun'd Ray worker's node: preempts the whole job
+    urgent = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--partition={URGENT}",
+            f"--nodelist={node}",
+            "--cpus-per-task=2",
+            "--output=/dev/null",
+            "--wrap=sleep 1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    slurm_job.append(urgent)
+    preempted = stopped_at(2)
+    assert preempted >= step and f"preempted: checkpoint at step {preempted}, requeued" in log.read_text()
+
+    step = wait_steps(run_dir, preempted + 1, "2 steps after the second resume")
+    subprocess.run(["scancel", job_id], check=True)  # no --batch: SIGTERM to every process
+    assert wait_for(lambda: finished(job_id), 300, "the cancelled job to end") == "CANCELLED"
     text = log.read_text()
-    assert state == "COMPLETED", text[-3000:]
-    assert int(job_info(job_id)["Restarts"]) == 1
-    assert "got SIGUSR1" in text and f"requeueing job {job_id}" in text
-    summary = json.loads((run_dir / "summary.json").read_text())
-    resumed = summary["resumed_from"]
-    assert 2 <= resumed < total and summary["steps"] == total
-    assert f"resumed from {run_dir}/checkpoints/step_{resumed:08d}" in text
-    assert (run_dir / "checkpoints" / f"step_{resumed:08d}").is_dir()  # written on the signal
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))
+    cancelled = logged_steps(run_dir)[-1]
+    assert cancelled >= step and int(job_info(job_id)["Restarts"]) == 2
+    assert f"stopped by SIGTERM: checkpoint at step {cancelled}; submit the job again" in text
+    for at in (planned, preempted, cancelled):  # each stop saved the step it was in
+        assert (run_dir / "checkpoints" / f"step_{at:08d}" / "manifest.json").is_file()
+    assert "received SIGUSR1" in text and text.count("received SIGTERM") >= 2
+    assert "] error:" not in text  # the driver's planned stops say `stopped by ...`, never `error:`
+    assert not [alarm for alarm in ("srun: error", "Traceback", "exited unexpectedly") if alarm in text], text[-4000:]
+    assert wait_for(lambda: not own_ray_processes(job_id) or None, 60, "Ray of the job to stop", 1)
 
 
 def test_gpus_on_a_partition_without_them(tiny, capsys):

@@ -31,7 +31,7 @@ BAD = [
         "CPUs do not fit in cluster.nodes=1 x cluster.cpus_per_node=1",
     ),
     (["cluster=slurm", "cluster.sbatch_args=[constraint]"], "entry 'constraint' must be an sbatch option"),
-    (["cluster=slurm", "cluster.ray_port=80"], "cluster.ray_port=80 must be in [1024, 65000]"),
+    (["cluster=slurm", "cluster.ray_port=80"], "cluster.ray_port=80 must be in [1024, 65535]"),
     (["cluster=slurm", "+cluster.env.BAD-NAME=x"], "cluster.env key 'BAD-NAME' is not a valid environment"),
     (["cluster=ray_job", "cluster.address=not a url"], "is not a Ray Jobs API address"),
     (
@@ -45,6 +45,11 @@ BAD = [
         "= 3 GPU(s) but the job asks for cluster.nodes=2 x cluster.gpus_per_node=1 = 2",
     ),
     (["cluster=kubernetes", "cluster.shared_mount=mnt"], "cluster.shared_mount='mnt' must be an absolute path"),
+    (["cluster=kubernetes", "cluster.time=2h"], "cluster.time='2h' is not a Slurm time limit"),
+    (["cluster=kubernetes", "cluster.shm_size=lots"], "cluster.shm_size='lots' is not a Kubernetes quantity"),
+    (["cluster=kubernetes", "cluster.image_pull_secrets=[Reg_Cred]"], "cluster.image_pull_secrets: 'Reg_Cred' is not"),
+    (["cluster=kubernetes", "cluster.kueue_queue=Team A"], "cluster.kueue_queue: 'Team A' is not a Kubernetes object"),
+    (["cluster=kubernetes", "cluster.stop_grace_s=0"], "cluster.stop_grace_s=0 must be > 0"),
 ]
 
 

@@ -73,6 +73,9 @@ class FakeRollout:
         self.synced.append(version)
         return {"time/sync": 0.0}
 
+    def sleep(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         pass
 

@@ -1,0 +1,198 @@
+"""Data preparation at scale: time to the first batch and the driver's peak memory.
+
+    python -m benchmarks.data_prep --rows 100000 [--rows 1000000] [--trl] [--num-proc N]
+
+For each size, a generated chat JSONL (`benchmarks/gen_chat.py`) goes through the SFT
+data path of `+experiment=sft_tiny` (byte tokenizer, completion-only masks, packing to
+`--seq` tokens) up to the first global batch, each contender in a fresh process:
+
+* `in_memory`: `data.cache=false`, the path before prepared data (rows and tokens in
+  Python lists in the driver);
+* `prepared_first`: an empty cache: prepared by `datasets.map` in `data.num_proc`
+  processes into Arrow files, then memory-mapped;
+* `prepared_cached`: the same command again (a cache hit);
+* `trl` (`--trl`): TRL `SFTTrainer`'s own preparation of the same rows (chat template with
+  assistant masks, as ours, `dataset_num_proc` the same), timed around its constructor.
+
+Reported per contender: wall and CPU seconds (the process and its children), the
+process's own peak RSS (the driver's, `ru_maxrss`) and its children's. Results go to
+`benchmarks/results/data_prep.{json,md}` with the machine's load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CONTENDERS = ("in_memory", "prepared_first", "prepared_cached")
+# ChatML with generation markers, so that TRL computes assistant-only masks as we do.
+TRL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _overrides(data: Path, cache_dir: Path, seq: int, num_proc: int, cache: bool) -> list[str]:
+    return [
+        "+experiment=sft_tiny",
+        "logger=console",
+        "data=jsonl",
+        f"data.source={data}",
+        f"data.max_seq_len={seq}",
+        f"data.cache={str(cache).lower()}",
+        f"data.cache_dir={cache_dir}",
+        f"data.num_proc={num_proc}",
+    ]
+
+
+def _ours(overrides: list[str]) -> dict[str, Any]:
+    """The SFT stage's data path up to its first global batch."""
+    from benchmarks.common import compose_cfg
+    from orchestrator.models import build_tokenizer
+    from orchestrator.stages.sft import SftStage
+
+    cfg = compose_cfg(overrides)
+    tok = build_tokenizer(cfg.model)
+    t = time.perf_counter()
+    source = SftStage(cfg, tok).source
+    batch = source.next()
+    tokens = sum(len(r["input_ids"]) for r in batch)
+    return {"seconds": time.perf_counter() - t, "rows": len(source.rows), "first_batch_tokens": tokens}
+
+
+def _trl(data: Path, seq: int, num_proc: int) -> dict[str, Any]:
+    """TRL `SFTTrainer` preparing the same rows (its constructor tokenizes the data set)."""
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from orchestrator.config.schema import ModelConfig
+    from orchestrator.models import build_model, build_tokenizer
+
+    tok = build_tokenizer(ModelConfig(name="t", chat_template=TRL_TEMPLATE))
+    model = build_model(ModelConfig(name="t"), None)
+    t = time.perf_counter()
+    ds = load_dataset("json", data_files=str(data), split="train")
+    args = SFTConfig(
+        output_dir=str(data.parent / "trl_out"),
+        max_length=seq,
+        assistant_only_loss=True,
+        packing=True,
+        dataset_num_proc=num_proc if num_proc > 1 else None,
+        report_to=[],
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    next(iter(trainer.get_train_dataloader()))
+    return {"seconds": time.perf_counter() - t, "rows": len(trainer.train_dataset)}
+
+
+def child(contender: str, data: Path, cache_dir: Path, seq: int, num_proc: int) -> None:
+    """Run one contender in this (fresh) process and print its measurements as JSON."""
+    t, c = time.perf_counter(), time.process_time()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if contender == "trl":
+        out = _trl(data, seq, num_proc)
+    else:
+        out = _ours(_overrides(data, cache_dir, seq, num_proc, cache=contender != "in_memory"))
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    out.update(
+        wall_s=time.perf_counter() - t,
+        cpu_s=time.process_time() - c + kids.ru_utime + kids.ru_stime,
+        peak_rss_mb=me.ru_maxrss / 1024,
+        start_rss_mb=base / 1024,
+        children_peak_rss_mb=kids.ru_maxrss / 1024,
+    )
+    print("RESULT " + json.dumps(out))
+
+
+def _run_child(args: list[str]) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_CACHE=str(Path(args[2]) / "hf"))
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks.data_prep", "--child", *args], env=env, capture_output=True, text=True
+    )
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        return {"error": (p.stderr or p.stdout)[-2000:]}
+    return json.loads(lines[-1][7:])
+
+
+def measure(rows: int, work: Path, seq: int, num_proc: int, with_trl: bool) -> dict[str, Any]:
+    """All contenders on `rows` generated rows."""
+    from benchmarks.gen_chat import write_chat_jsonl
+
+    data = work / f"chat_{rows}.jsonl"
+    if not data.exists():
+        write_chat_jsonl(data, rows)
+    cache_dir = work / f"cache_{rows}"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    out: dict[str, Any] = {"rows": rows, "file_mb": round(data.stat().st_size / 1e6, 1), "contenders": {}}
+    for name in CONTENDERS + (("trl",) if with_trl else ()):
+        print(f"[{rows} rows] {name} ...", flush=True)
+        out["contenders"][name] = _run_child([name, str(data), str(cache_dir), str(seq), str(num_proc)])
+        out["contenders"][name]["loadavg_1_5_15"] = list(os.getloadavg())
+        print(f"  {json.dumps(out['contenders'][name])[:300]}", flush=True)
+    return out
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        "# Data preparation (SFT chat rows, first global batch)",
+        "",
+        f"{doc['machine']}; `data.num_proc={doc['num_proc']}`, max_seq_len {doc['seq']}.",
+        "",
+        "| rows | contender | wall s | CPU s | driver peak RSS MB | children peak RSS MB | load avg (1 min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in doc["sizes"]:
+        for name, c in size["contenders"].items():
+            if "error" in c:
+                lines.append(f"| {size['rows']} | {name} | error | | | | |")
+                continue
+            lines.append(
+                f"| {size['rows']} | {name} | {c['wall_s']:.1f} | {c['cpu_s']:.1f} | {c['peak_rss_mb']:.0f} | "
+                f"{c['children_peak_rss_mb']:.0f} | {c['loadavg_1_5_15'][0]:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=5, metavar=("CONTENDER", "DATA", "CACHE", "SEQ", "NUM_PROC"))
+    ap.add_argument("--rows", type=int, action="append")
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--num-proc", type=int, default=0, help="data.num_proc (0: the cores of this machine)")
+    ap.add_argument("--trl", action="store_true")
+    ap.add_argument("--work", type=Path, default=Path("outputs/bench_data"))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    a = ap.parse_args()
+    if a.child:
+        name, data, cache_dir, seq, num_proc = a.child
+        child(name, Path(data), Path(cache_dir), int(seq), int(num_proc))
+        return
+    a.work.mkdir(parents=True, exist_ok=True)
+    procs = a.num_proc or os.cpu_count() or 1
+    doc = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
+        "num_proc": procs,
+        "seq": a.seq,
+        "sizes": [measure(n, a.work.resolve(), a.seq, procs, a.trl) for n in (a.rows or [100_000])],
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "data_prep.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (a.out / "data_prep.md").write_text(_markdown(doc))
+    print(_markdown(doc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Row kinds: how one raw row of a stage's data becomes prepared examples.
+
+A kind names the parser (a raw row dict -> examples, `ValueError(reason)` for a bad row,
+exactly the function the in-memory path applies), the columns it writes, the options
+that change its output (part of the cache key) and the modules whose code does (their
+source is hashed into the cache key, so a changed encoder never reuses stale data).
+
+| kind | rows | examples |
+|---|---|---|
+| `sft` | chat / prompt-completion (`data/sft.py`) | `input_ids`, `labels` |
+| `text` | raw text `{"text"}` (`data/text.py`, continued pretraining) | `input_ids` (a document + EOS) |
+| `pairs` | preference pairs (`data/preference.py`) | `prompt_ids`, `chosen_ids`, `rejected_ids` |
+| `kto` | unpaired rows or pairs (`data/unpaired.py`) | `prompt_ids`, `completion_ids`, `label` |
+| `prompts` | RL prompts (`data/prompts.py`) | `messages` (JSON text), `answer` |
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.config.schema import DataConfig
+
+Parser = Callable[[dict[str, Any]], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class RowKind:
+    name: str
+    columns: dict[str, str]
+    """Column -> Arrow type: `ids` (list of int32), `str`, `bool`."""
+    modules: tuple[str, ...]
+    """Modules (under orchestrator/data) whose code decides the examples."""
+    what: str
+    """What the rows are called in messages ("preference rows")."""
+    build: Callable[[Any, DataConfig, dict[str, Any]], Parser]
+    """(tokenizer, data config, options) -> the row parser."""
+
+
+def _sft(tok: Any, d: DataConfig, opts: dict[str, Any]) -> Parser:
+    from orchestrator.data.sft import SftTokenizer, to_messages
+
+    enc = SftTokenizer(tok, d.max_seq_len, d.truncate, opts["train_on_prompt"])
+    return lambda row: [enc(to_messages(row, str(d.format)))]
+
+
+def _text(tok: Any, d: DataConfig, opts: dict[str, Any]) -> Parser:
+    from orchestrator.data.text import DocTokenizer
+
+    enc = DocTokenizer(tok, opts["text_field"])
+    return lambda row: [enc(row)]
+
+
+def _pairs(tok: Any, d: DataConfig, opts: dict[str, Any]) -> Parser:
+    from orchestrator.data.preference import PairTokenizer, to_pair
+
+    enc = PairTokenizer(tok, d.max_seq_len, d.truncate, d.max_prompt_len)
+    return lambda row: [enc(*to_pair(row))]
+
+
+def _kto(tok: Any, d: DataConfig, opts: dict[str, Any]) -> Parser:
+    from orchestrator.data.unpaired import ExampleTokenizer, to_examples
+
+    enc = ExampleTokenizer(tok, d.max_seq_len, d.truncate)
+    return lambda row: [enc(*ex) for ex in to_examples(row)]
+
+
+def _prompts(tok: Any, d: DataConfig, opts: dict[str, Any]) -> Parser:
+    from orchestrator.data.prompts import _to_prompt
+
+    def parse(row: dict[str, Any]) -> list[dict[str, Any]]:
+        p = _to_prompt(row, opts["need_answer"])
+        return [{"messages": json.dumps(p["messages"]), "answer": p["answer"]}]
+
+    return parse
+
+
+_CHAT = ("chat.py", "sources.py", "bad_rows.py")
+KINDS: dict[str, RowKind] = {
+    "sft": RowKind("sft", {"input_ids": "ids", "labels": "ids"}, (*_CHAT, "sft.py"), "rows", _sft),
+    "text": RowKind("text", {"input_ids": "ids"}, ("text.py", "sources.py"), "documents", _text),
+    "pairs": RowKind(
+        "pairs",
+        {"prompt_ids": "ids", "chosen_ids": "ids", "rejected_ids": "ids"},
+        (*_CHAT, "preference.py"),
+        "preference rows",
+        _pairs,
+    ),
+    "kto": RowKind(
+        "kto",
+        {"prompt_ids": "ids", "completion_ids": "ids", "label": "bool"},
+        (*_CHAT, "preference.py", "unpaired.py"),
+        "KTO rows",
+        _kto,
+    ),
+    "prompts": RowKind(
+        "prompts", {"messages": "str", "answer": "str"}, (*_CHAT, "prompts.py"), "prompt rows", _prompts
+    ),
+}
+
+
+def decode_prompt(example: dict[str, Any]) -> dict[str, Any]:
+    """A prepared `prompts` example back in the form `prompts.prompt_rows` gives."""
+    return {"messages": json.loads(example["messages"]), "answer": example["answer"]}
