@@ -96,7 +96,7 @@ def trl(ch, cfg) -> dict[str, Any]:
         max_completion_length=r.max_new_tokens,
         temperature=r.temperature,
         top_p=r.top_p,
-        top_k=0,
+        top_k=max(r.top_k, 0),
         beta=g.kl_coef,
         num_iterations=g.num_iterations,
         epsilon=g.clip_low,

@@ -35,7 +35,9 @@ def contender(ch, cfg, prompts: int) -> dict[str, Any]:
     state = build_model(cfg.model, resolve_dtype(cfg.model, False)).state_dict()
     worker = RolloutWorker(cfg.rollout, cfg.model, 0, tok)
     r = cfg.rollout
-    sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+    sampling = SamplingParams(
+        n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens
+    )
     rnd = 0
     while ch.next():
         rnd += 1

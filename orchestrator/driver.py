@@ -4,7 +4,9 @@ It owns the data position, the checkpoint directory and the logs; worker actors 
 model shards, one worker group per role the stage declares. The loop: stage.step ->
 log -> checkpointer.maybe_save. Stages, methods, roles and engines plug in as objects;
 the loop has no per-stage branches. A dead worker is recovered in the job (`_recover`):
-every group is rebuilt and reloaded from the last complete checkpoint.
+every group is rebuilt and reloaded from the last complete checkpoint. That includes a
+dead rollout worker (its calls raise `WorkerError` too): the stage closes its rollout
+group with the rest and its `setup` starts a new one and syncs the restored weights.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ class Driver:
         self._stop_signal: int | None = None
         self.roles: Roles | None = None
         """The live worker groups (replaced on in-job recovery); callbacks may read them."""
+        self.stage = None
+        """The stage being run (its rollout group, for RL stages, is rebuilt on recovery too)."""
 
     @property
     def workers(self) -> WorkerGroup | None:
@@ -201,6 +205,7 @@ class Driver:
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         config_dict, tokenizer, stage, ckpt, latest = self._prepare()
+        self.stage = stage
         total = stage.total_steps
         callbacks = load_callbacks(cfg.run.callbacks, cfg)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}

@@ -70,3 +70,29 @@ class RecordLogprobs:
             workers = self.driver.workers
             out = workers.call_per_rank("forward_logprobs", [[self.batch()]] * workers.world_size)
             torch.save(out[0][0], self.path)
+
+
+class KillRolloutWorkerAtStep:
+    """SIGKILL the rollout worker process (`extra.kill_rollout_index`, default 0) of an RL stage
+    at the end of step `extra.kill_rollout_at_step`, the first time only; the step's metrics
+    are written to `<run dir>/KillRolloutWorkerAtStep.FILE` first, to compare with the rerun."""
+
+    FILE = "metrics_before_rollout_kill.json"
+
+    def __init__(self, cfg):
+        self.step = int(cfg.extra["kill_rollout_at_step"])
+        self.index = int(cfg.extra.get("kill_rollout_index", 0))
+        self.path = f"{cfg.run.output_dir}/{self.FILE}"
+        self.done = False
+
+    def on_start(self, driver):
+        self.driver = driver
+
+    def on_step_end(self, step, metrics):
+        import json
+
+        if step == self.step and not self.done:
+            self.done = True
+            with open(self.path, "w") as f:
+                json.dump(metrics, f)
+            os.kill(self.driver.stage.rollout.nodes[self.index]["pid"], signal.SIGKILL)

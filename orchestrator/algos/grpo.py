@@ -4,7 +4,9 @@ GRPO (DeepSeekMath, arXiv:2402.03300): sample G completions per prompt; the adva
 of completion i is its reward minus the group mean, divided by the group std; the loss
 is PPO's clipped surrogate (Schulman et al., arXiv:1707.06347) on every completion token,
 averaged per sequence and then over sequences, plus an optional KL penalty to a frozen
-reference (the k3 estimator, exp(ref - logp) - (ref - logp) - 1).
+reference (the k3 estimator, exp(ref - logp) - (ref - logp) - 1). Optionally each token's
+policy-gradient term is reweighted by truncated importance sampling against the rollout
+engine's log-probs (`stage.tis_cap`; orchestrator/algos/off_policy.py).
 
 Variants selected by config:
 * Dr. GRPO (arXiv:2503.20783): no std normalisation (`std_normalize=false`) and token
@@ -67,8 +69,11 @@ def clipped_policy_loss(
     clip_high: float,
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """All tensors [B, T] (advantages broadcast per token); weights are 0 off-completion.
+    `is_weights` (no gradient) multiply each token's clipped policy-gradient term, not the KL
+    term: the truncated importance weights of `orchestrator.algos.off_policy`.
 
     Returns the weighted sum (the caller scales for gradient averaging) and summed metrics:
     clipped-token count, KL sum and token count (weighted by the mask, for means later).
@@ -78,6 +83,8 @@ def clipped_policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     metrics = {"clipped_tokens": ((clipped > unclipped).float() * mask).sum().detach(), "tokens": mask.sum().detach()}
     if ref_logp is not None:
         delta = ref_logp - logp

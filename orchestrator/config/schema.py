@@ -365,6 +365,13 @@ class GrpoStageConfig(StageConfig):
     """Drop groups whose rewards are all equal (DAPO dynamic sampling, without refill)."""
     num_iterations: int = 1
     """Optimizer steps per rollout batch (old log-probs recomputed on the trainer when > 1)."""
+    tis_cap: float | None = None
+    """Truncated importance sampling (orchestrator/algos/off_policy.py): each completion token's
+    policy-gradient term is multiplied by min(exp(trainer log-prob - rollout engine log-prob),
+    tis_cap), correcting for the engine sampling from a slightly different policy than the
+    trainer's (other kernels, batch shapes, precision). None: off; 2.0 is a common choice. When
+    set, the engine's log-probs are requested every step (rollout=hf then keeps every generation
+    step's scores; rollout=vllm returns them always, so there the mismatch is logged either way)."""
     log_samples_every: int = 10
     """Log a table of sample completions every N steps (0: never)."""
 
@@ -383,6 +390,8 @@ class GrpoStageConfig(StageConfig):
         positive(self.reward_timeout_s, "stage.reward_timeout_s")
         positive(self.reward_workers, "stage.reward_workers")
         positive(self.kl_coef, "stage.kl_coef", allow_zero=True)
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ConfigError(f"stage.tis_cap={self.tis_cap} must be > 0 (e.g. 2.0), or null for off")
         positive(self.log_samples_every, "stage.log_samples_every", allow_zero=True)
 
 
@@ -455,6 +464,9 @@ class RolloutConfig:
     """Completions per prompt (the GRPO group size G)."""
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0 or -1: off (all tokens), as vLLM reads it
+    (`transformers` calls off 0; -1 is passed to it as 0)."""
     max_new_tokens: int = 512
     stop: list[str] = field(default_factory=list)
     """Extra stop strings (generation always stops at the tokenizer's EOS)."""
@@ -494,6 +506,8 @@ class RolloutConfig:
             raise ConfigError(f"rollout.temperature={self.temperature} must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < -1:
+            raise ConfigError(f"rollout.top_k={self.top_k} must be >= 1, or 0 (or -1) for off")
         self.check_vllm()
         if self.engine == RolloutEngine.vllm and importlib.util.find_spec("vllm") is None:
             raise ConfigError(

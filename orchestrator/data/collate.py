@@ -6,8 +6,8 @@
   position run (0, 1, ...), so a packed row's `position_ids` stay a valid packing.
   Left padding (generation, scoring prompts of different lengths) also returns an
   `attention_mask`, because there real tokens come after the pads.
-* `rl_collate`: policy-gradient rows (prompt + completion, a per-token weight and an
-  advantage); targets are the completion tokens.
+* `rl_collate`: policy-gradient rows (prompt + completion, a per-token weight, an
+  advantage, optionally the rollout engine's log-probs); targets are the completion tokens.
 * `paired_collate`: preference pairs; chosen rows first, then rejected rows, so the
   loss splits the batch in halves; `pair_index` says which pair a row belongs to.
 
@@ -56,20 +56,29 @@ def rl_collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.T
     """Rows `{"input_ids": prompt + completion, "prompt_len", "weight", "adv"}` ->
     `input_ids` [B, L] right-padded, `position_ids` [B, L] = 0..L-1, `weights` [B, L-1]
     (float32; target t predicts token t+1: the row's weight on the completion targets
-    `prompt_len-1 .. n-2`, 0 elsewhere; [B, 1] of zeros when L == 1), `adv` [B, 1]."""
+    `prompt_len-1 .. n-2`, 0 elsewhere; [B, 1] of zeros when L == 1), `adv` [B, 1].
+    Rows may carry `rollout_logp` (the rollout engine's log-prob of each completion token):
+    when any does, `rollout_logp` [B, L-1] (float32) holds them on the same targets as
+    `weights`, 0 elsewhere."""
     length = max(len(r["input_ids"]) for r in rows)
     b = len(rows)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     weights = torch.zeros(b, length - 1) if length > 1 else torch.zeros(b, 1)
     adv = torch.zeros(b, 1)
+    rollout = torch.zeros_like(weights) if any("rollout_logp" in r for r in rows) else None
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n] = torch.tensor(r["input_ids"])
         start = r["prompt_len"] - 1  # target index of the first completion token
         weights[i, start : n - 1] = r["weight"]
         adv[i, 0] = r["adv"]
+        if rollout is not None and "rollout_logp" in r:
+            rollout[i, start : n - 1] = torch.tensor(r["rollout_logp"], dtype=torch.float32)
     pos = torch.arange(length).repeat(b, 1)
-    return {"input_ids": ids, "position_ids": pos, "weights": weights, "adv": adv}
+    out = {"input_ids": ids, "position_ids": pos, "weights": weights, "adv": adv}
+    if rollout is not None:
+        out["rollout_logp"] = rollout
+    return out
 
 
 def rl_dummy(pad_id: int) -> dict[str, Any]:

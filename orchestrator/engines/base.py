@@ -33,6 +33,9 @@ from orchestrator.models.logprobs import token_logprobs
 # loss_fn(model, micro_batch) -> (loss to backward, {metric name: 0-d tensor or float summed over micro-batches})
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], Any]
 
+MAX_SUFFIX = "_max"
+"""A loss metric whose name ends so is reduced over micro-batches by max (values >= 0), not summed."""
+
 
 def to_device(mb: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
@@ -98,8 +101,9 @@ class EngineBase:
 
     def train_step(self, micro_batches: list[dict[str, Any]], loss_fn: LossFn) -> dict[str, float]:
         """Forward/backward every micro-batch, clip, step (skipped on all ranks if the global
-        grad norm is non-finite), schedule. Returns summed loss_fn metrics plus grad_norm, lr,
-        skipped (0/1) and local_finite (0/1, this rank's metrics were finite)."""
+        grad norm is non-finite), schedule. Returns summed loss_fn metrics (the largest for keys
+        ending in `MAX_SUFFIX`) plus grad_norm, lr, skipped (0/1) and local_finite (0/1, this
+        rank's metrics were finite)."""
         self._require_optimizer()
         model = self._module()
         model.train()
@@ -109,7 +113,10 @@ class EngineBase:
                 loss, metrics = loss_fn(model, to_device(mb, self.device))
             self._backward(loss, last=i == len(micro_batches) - 1)
             for k, v in metrics.items():
-                sums[k] = sums[k] + v
+                if k.endswith(MAX_SUFFIX):
+                    sums[k] = torch.maximum(sums[k], torch.as_tensor(v, dtype=sums[k].dtype, device=self.device))
+                else:
+                    sums[k] = sums[k] + v
         lr = self.scheduler.get_last_lr()[0]
         norm, skipped = self._optimizer_step()
         # The schedule steps on every step, skipped or not, on every backend.

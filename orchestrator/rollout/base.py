@@ -24,11 +24,14 @@ class SamplingParams:
     temperature: float = 1.0
     """0: greedy (the n completions of a prompt are then identical)."""
     top_p: float = 1.0
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0 or -1: off."""
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     """Stop strings besides the tokenizer's EOS (the completion includes the stop text)."""
     logprobs: bool = False
-    """Also return each sampled token's log-prob under the sampling distribution."""
+    """Also return each sampled token's log-prob under the sampling distribution (after
+    temperature and top-p / top-k)."""
 
 
 @dataclass
@@ -43,6 +46,11 @@ class Completion:
 
 class RolloutEngine:
     """One inference engine instance (inside a rollout worker actor)."""
+
+    cheap_logprobs: bool = False
+    """Whether returning the sampled tokens' log-probs costs next to nothing (the engine has
+    them anyway). RL stages then ask for them every step, to log the trainer / engine
+    mismatch; otherwise only when an off-policy correction needs them (`stage.tis_cap`)."""
 
     def __init__(self, model_spec, rollout_cfg, tokenizer, device: torch.device):
         self.model_spec, self.cfg, self.tokenizer, self.device = model_spec, rollout_cfg, tokenizer, device

@@ -43,7 +43,9 @@ def generate(
 ) -> tuple:
     """n completions per prompt (grouped: prompt 0's n, then prompt 1's, ...), each ending at
     and including EOS when it was produced, without padding; and their per-token log-probs
-    under the sampling distribution (None unless `sampling.logprobs`)."""
+    under the sampling distribution, after temperature and top-p / top-k (None unless
+    `sampling.logprobs`; they come from every generation step's full-vocabulary scores, which
+    `generate` then keeps until it returns)."""
     out: list[list[int]] = []
     lps: list[Any] = []
     pad, eos, n = tokenizer.pad_token_id, tokenizer.eos_token_id, sampling.n
@@ -63,8 +65,8 @@ def generate(
             num_return_sequences=1 if greedy else n,
             do_sample=not greedy,
         )
-        if not greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if not greedy:  # transformers' "off" for top_k is 0 (vLLM also reads -1 so)
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=max(sampling.top_k, 0))
         if sampling.stop:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
         if sampling.logprobs:

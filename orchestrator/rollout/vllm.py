@@ -11,7 +11,7 @@
   fuses q/k/v and gate/up projections: a sync that sends part of a fused layer would leave
   the rest of it undefined, so the engine keeps a host copy of the current weights and
   always reloads all of them (the partial update merged in).
-* **Sampling.** n per prompt, temperature, top-p, max tokens, stop strings (the completion
+* **Sampling.** n per prompt, temperature, top-p, top-k, max tokens, stop strings (the completion
   includes the stop text, as with `hf`) and EOS. Each prompt gets its own seed, derived
   from the call's seed and the prompt's position in the call, so its samples do not depend
   on which other prompts vLLM batches it with. Same weights, prompts and seed give the same
@@ -19,8 +19,8 @@
   CPU (fp32, tested); on GPU a different batch composition can change the numerics (vLLM's
   kernels are not batch-invariant by default), so there a resumed run repeats its samples
   only as far as that allows. Log-probs are vLLM's `processed_logprobs`: the sampled token's
-  log-prob under the distribution it was drawn from (after temperature and top-p), as the
-  `hf` engine reports.
+  log-prob under the distribution it was drawn from (after temperature and top-p / top-k),
+  as the `hf` engine reports; asking for them costs next to nothing (`cheap_logprobs`).
 * **Text.** Decoded from the token ids by our tokenizer (as `hf` does): vLLM's incremental
   detokenizer drops invalid UTF-8 that a byte-level tokenizer can emit, and it only runs
   when stop strings need it.
@@ -55,6 +55,8 @@ INSTALL_HINT = (
 
 class VllmEngine(RolloutEngine):
     """vLLM serving one policy copy; see the module docstring."""
+
+    cheap_logprobs = True  # the sampler has the sampled token's log-prob at hand
 
     def __init__(self, model_spec, rollout_cfg, tokenizer, device: torch.device):
         super().__init__(model_spec, rollout_cfg, tokenizer, device)
@@ -110,6 +112,7 @@ class VllmEngine(RolloutEngine):
             n=n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
+            top_k=max(sampling.top_k, 0),
             max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None,
             include_stop_str_in_output=True,

@@ -5,7 +5,8 @@ deviates) is in orchestrator/algos/grpo.py. This module is the driver-side pipel
 
 1. take `prompts_per_step` prompts (resumable position, like SFT data);
 2. the rollout engine (`rollout` config group) samples `rollout.n` completions each from
-   policy version v;
+   policy version v, with their per-token log-probs when the engine has them cheaply
+   (vLLM) or `stage.tis_cap` needs them;
 3. rewards run in a process pool with a timeout; failed samples are masked;
 4. advantages per group; optionally drop zero-variance groups;
 5. old log-probs are recomputed on the trainer when `num_iterations` > 1 (with one
@@ -14,6 +15,11 @@ deviates) is in orchestrator/algos/grpo.py. This module is the driver-side pipel
    slices off on the policy's workers, or a frozen `reference` role for `method=full`);
 6. `num_iterations` optimizer steps over the batch; then weights sync to rollout as v+1,
    under the base model's Hugging Face names (`Method.hf_weights`).
+
+The rollout engine's log-probs travel in the micro-batches (`rollout_logp`); the loss
+compares them with the trainer's old log-probs (logged as `rollout/logprob_diff_mean` and
+`rollout/logprob_diff_max`) and, with `stage.tis_cap`, reweights each token's policy-gradient
+term by truncated importance sampling (orchestrator/algos/off_policy.py).
 
 Sampling is seeded from (train.seed, step), so a resumed run draws the same samples.
 """
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 
 from orchestrator.algos.grpo import clipped_policy_loss, group_advantages, token_weights, zero_std_groups
+from orchestrator.algos.off_policy import logprob_mismatch, reduce_mismatch, truncated_is_weights
 from orchestrator.data.batching import BatchSource, shard
 from orchestrator.data.chat import encode_prompt
 from orchestrator.data.collate import rl_collate, rl_dummy
@@ -37,6 +44,7 @@ from orchestrator.methods import METHODS, Reference
 from orchestrator.models.logprobs import token_logprobs
 from orchestrator.rewards.runner import RewardRunner
 from orchestrator.roles import REFERENCE, RoleSpec, policy_spec
+from orchestrator.rollout import get_engine_class
 from orchestrator.rollout.base import SamplingParams
 from orchestrator.rollout.group import COLOCATED_GPU_SHARE
 from orchestrator.stages.base import Stage, step_metrics, train_on_workers
@@ -73,6 +81,8 @@ class GrpoStage(Stage):
         self.rewards = RewardRunner(g.rewards, g.reward_timeout_s, g.reward_workers)
         self.rollout = None
         self.tracker = None
+        # The engine's log-probs: for the correction, or (when they cost nothing) to log the mismatch.
+        self.want_logprobs = g.tis_cap is not None or get_engine_class(self.r.engine).cheap_logprobs
         self.eval_results: dict[str, float] = {}
         log.info(
             "GRPO: %d prompts (%d held out for eval), %d per step x %d samples",
@@ -161,10 +171,19 @@ class GrpoStage(Stage):
 
         t = time.time()
         sampling = SamplingParams(
-            n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, stop=list(r.stop)
+            n=r.n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            stop=list(r.stop),
+            logprobs=self.want_logprobs,
         )
         completions = self.rollout.generate(prompt_ids, sampling, seed=self.cfg.train.seed * 1_000_003 + step)
         comps = [c.token_ids for c in completions]
+        lps = [c.logprobs for c in completions] if self.want_logprobs else None
+        if g.tis_cap is not None and any(lp is None for lp in lps):
+            raise RuntimeError(f"stage.tis_cap needs the rollout engine's log-probs; rollout={r.engine} returned none")
         times["time/rollout"] = time.time() - t
         rollout_version = self.rollout.version
 
@@ -173,7 +192,7 @@ class GrpoStage(Stage):
         answers = [p["answer"] for p in batch for _ in range(r.n)]
         rewards, valid, rstats = self.rewards.score(texts, answers)
         times["time/reward"] = time.time() - t
-        rows, metrics = self._rows(prompt_ids, comps, rewards, valid)
+        rows, metrics = self._rows(prompt_ids, comps, rewards, valid, lps)
         metrics.update(rollout_version=rollout_version, **rstats)
         if rows:
             metrics.update(self._train(roles, rows, times, step))
@@ -190,9 +209,15 @@ class GrpoStage(Stage):
         return metrics
 
     def _rows(
-        self, prompt_ids: list[list[int]], comps: list[list[int]], rewards: list[float], valid: list[bool]
+        self,
+        prompt_ids: list[list[int]],
+        comps: list[list[int]],
+        rewards: list[float],
+        valid: list[bool],
+        logprobs: list[list[float] | None] | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Group advantages -> the rows to train (prompt + completion, token weight, advantage)."""
+        """Group advantages -> the rows to train (prompt + completion, token weight, advantage,
+        and the rollout engine's log-probs of the completion when it returned them)."""
         g, n = self.g, self.r.n
         rw = torch.tensor(rewards)
         ok = torch.tensor(valid)
@@ -206,7 +231,10 @@ class GrpoStage(Stage):
         weights = token_weights([len(comps[i]) for i in idx], g.loss_agg, self.r.max_new_tokens)
         for i, w in zip(idx, weights):
             p = prompt_ids[i // n]
-            rows.append({"input_ids": p + comps[i], "prompt_len": len(p), "weight": w, "adv": float(adv[i])})
+            row = {"input_ids": p + comps[i], "prompt_len": len(p), "weight": w, "adv": float(adv[i])}
+            if logprobs is not None and logprobs[i] is not None:
+                row["rollout_logp"] = logprobs[i]
+            rows.append(row)
         metrics: dict[str, Any] = {
             "reward_mean": float(rw[ok].mean()) if ok.any() else 0.0,
             "reward_std": float(rw[ok].std()) if ok.sum() > 1 else 0.0,
@@ -236,6 +264,8 @@ class GrpoStage(Stage):
             "kl_coef": g.kl_coef,
             "logits_chunk_mb": self.cfg.train.logits_chunk_mb,
         }
+        if g.tis_cap is not None:
+            ctx["tis_cap"] = g.tis_cap
         per_rank = [[dict(mb, **ctx) for mb in mbs] for mbs in per_rank]
         t = time.time()
         if g.num_iterations > 1:
@@ -262,6 +292,7 @@ class GrpoStage(Stage):
         )
         if g.kl_coef > 0:
             out["kl"] = sum(m["kl_sum"] for m in results) / tokens
+        out.update(reduce_mismatch(results))  # rollout/logprob_diff_*: when the engine sent log-probs
         stats = self.rollout.sync(self.version, workers.call("inference_state")[0])
         times["time/sync"] = stats["time/sync"]
         out["policy_version"] = self.version
@@ -283,6 +314,8 @@ class GrpoStage(Stage):
         logp, entropy = token_logprobs(model, mb, mb["logits_chunk_mb"], with_entropy=True)
         old = mb["old_logp"] if "old_logp" in mb else logp.detach()
         adv = mb["adv"].expand_as(logp)
+        rollout, cap = mb.get("rollout_logp"), mb.get("tis_cap")
+        is_weights = truncated_is_weights(old, rollout, cap) if rollout is not None and cap is not None else None
         loss, metrics = clipped_policy_loss(
             logp,
             old,
@@ -292,9 +325,12 @@ class GrpoStage(Stage):
             mb["clip_high"],
             ref_logp=mb.get("ref_logp"),
             kl_coef=mb["kl_coef"],
+            is_weights=is_weights,
         )
         with torch.no_grad():
             mask = (mb["weights"] > 0).float()
             metrics["entropy_sum"] = (entropy * mask).sum()
             metrics["loss_sum"] = loss.detach()
+            if rollout is not None:
+                metrics.update(logprob_mismatch(old, rollout, mask, cap))
         return loss * mb["world_size"], metrics

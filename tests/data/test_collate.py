@@ -79,6 +79,19 @@ def test_rl_collate_weights_cover_completion_targets():
     )
 
 
+def test_rl_collate_places_rollout_logprobs_on_the_completion_targets():
+    rows = [
+        {"input_ids": [1, 2, 3, 4, 5], "prompt_len": 2, "weight": 0.5, "adv": 1.5, "rollout_logp": [-0.5, -1.0, -2.0]},
+        {"input_ids": [6, 7, 8], "prompt_len": 1, "weight": 0.25, "adv": -2.0, "rollout_logp": [-0.25, -4.0]},
+        rl_dummy(0),  # a padding row has none: zeros, like its weights
+    ]
+    out = rl_collate(rows, pad_id=0)
+    assert out["rollout_logp"].dtype == torch.float32
+    assert out["rollout_logp"].tolist() == [[0.0, -0.5, -1.0, -2.0], [-0.25, -4.0, 0.0, 0.0], [0.0] * 4]
+    assert ((out["rollout_logp"] != 0) == (out["weights"] > 0)).all()
+    assert "rollout_logp" not in rl_collate(rows[2:], pad_id=0)
+
+
 def test_rl_collate_single_token_rows_and_dummy():
     _equal(
         rl_collate([rl_dummy(3)], pad_id=3),

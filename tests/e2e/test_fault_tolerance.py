@@ -1,5 +1,6 @@
-"""Injected faults: a worker process killed mid-run is detected, the group is rebuilt from
-the last complete checkpoint and the run finishes with the losses of an uninterrupted run."""
+"""Injected faults: a worker process (a train worker, or an RL stage's rollout worker) killed
+mid-run is detected, the groups are rebuilt from the last complete checkpoint and the run
+finishes with the losses of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import read_metrics
+from tests.helpers import KillRolloutWorkerAtStep
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +40,39 @@ def test_killed_worker_recovers_in_job_with_identical_losses(run_main):
     assert "worker failure at step 6" in log and "rank 1" in log and "step_00000004" in log
     # Steps 5..6 ran twice (5 before the kill, 6 failed); every logged loss equals the reference.
     assert _last_per_step(run) == _last_per_step(ref)
+
+
+def test_killed_rollout_worker_recovers_in_job_and_repeats_the_step(run_main):
+    """GRPO's rollout actor killed after step 3: step 4's generation fails, the run takes the
+    worker-failure path (every group and the rollout group rebuilt, weights restored from the
+    step-2 checkpoint and synced to the new engine) and step 3 reruns with the same samples,
+    rewards and loss. The recovery does not depend on the engine (rollout=hf here, cheap)."""
+    rc, run = run_main(
+        "+experiment=grpo_math",
+        "debug=cpu",
+        "run.init_from=null",
+        "train.max_steps=4",
+        "checkpoint.every_steps=2",
+        "checkpoint.export_hf=false",
+        "stage.prompts_per_step=4",
+        "rollout.n=4",
+        "eval.samples=0",
+        "stage.rewards=[{name:format,kwargs:{pattern:'[0-9]'}}]",
+        "train.lr=1e-2",
+        "run.callbacks=[tests.helpers:KillRolloutWorkerAtStep]",
+        "+extra.kill_rollout_at_step=3",
+        name="rollout_killed",
+    )
+    assert rc == 0
+    assert json.loads((run / "summary.json").read_text())["restarts"] == 1
+    log = (run / "train.log").read_text()
+    assert "worker failure at step 4: rollout generation failed" in log and "step_00000002" in log
+    steps = {m["step"]: m for m in read_metrics(run)}
+    assert sorted(steps) == [1, 2, 3, 4]
+    before = json.loads((run / KillRolloutWorkerAtStep.FILE).read_text())
+    for key in ("loss", "grad_norm", "reward_mean", "completion_len", "rollout_version", "policy_version"):
+        assert steps[3][key] == before[key], key
+    assert steps[4]["rollout_version"] == 3
 
 
 def test_without_restarts_left_the_run_stops_naming_the_rank(run_main, capsys):

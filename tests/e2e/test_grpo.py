@@ -1,7 +1,7 @@
 """GRPO end to end on the session's Ray cluster with a tiny model: rollouts are sampled,
 rewards computed (a raising reward is masked, not fatal), the policy changes, every step's
-rollout uses the policy version of the previous update, and a resumed run draws the same
-samples and rewards."""
+rollout uses the policy version of the previous update, truncated importance sampling gets
+the engine's log-probs, and a resumed run draws the same samples and rewards."""
 
 from __future__ import annotations
 
@@ -36,7 +36,13 @@ BASE = [
 @pytest.mark.parametrize(
     "variant",
     [
-        ["method=lora", "stage.kl_coef=0.05", "stage.num_iterations=2", "rollout.placement=colocated"],
+        [
+            "method=lora",
+            "stage.kl_coef=0.05",
+            "stage.num_iterations=2",
+            "rollout.placement=colocated",
+            "stage.tis_cap=2.0",
+        ],
         [
             "method=full",
             "stage.loss_agg=token_mean",
@@ -45,7 +51,7 @@ BASE = [
             "stage.std_normalize=false",
         ],
     ],
-    ids=["lora-kl-2iters-colocated", "full-kl-frozen-reference-dapo-drgrpo-separate"],
+    ids=["lora-kl-2iters-colocated-tis", "full-kl-frozen-reference-dapo-drgrpo-separate"],
 )
 def test_grpo_trains_syncs_versions_and_masks_failing_rewards(run_main, variant):
     rc, run_dir = run_main(*BASE, *variant)
@@ -71,6 +77,13 @@ def test_grpo_trains_syncs_versions_and_masks_failing_rewards(run_main, variant)
         # Each step's samples came from the policy of the previous update, never a mix.
         assert m["rollout_version"] == (m["step"] - 1) * iters
         assert m["policy_version"] == m["step"] * iters
+        if "stage.tis_cap=2.0" in variant:
+            # The hf engine's log-probs (of the merged LoRA weights, fp32) against the trainer's
+            # recomputed old log-probs: close, far from the cap.
+            assert 0 <= m["rollout/logprob_diff_mean"] < 1e-3 and m["rollout/logprob_diff_max"] < 1e-2
+            assert m["rollout/tis_clip_frac"] == 0
+        else:  # hf returns log-probs only when asked: nothing to compare
+            assert not any(k.startswith("rollout/") for k in m)
     assert sum(m["reward_errors"] for m in steps) > 0  # the flaky reward raised and was masked
     assert any(m["grad_norm"] > 0 for m in steps)
     assert all(m["kl"] >= 0 for m in steps) and any(m["kl"] > 0 for m in steps)  # the reference is not the policy

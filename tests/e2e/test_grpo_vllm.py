@@ -1,6 +1,7 @@
 """GRPO end to end with `rollout=vllm` (vLLM's CPU build in a rollout actor) on the session's
 Ray cluster: the run completes, the policy moves, every step samples from the policy
-version of the previous update (weight sync into the running engine), and held-out
+version of the previous update (weight sync into the running engine), vLLM's log-probs
+reach the loss (truncated importance sampling on, the mismatch logged), and held-out
 evaluation runs on the same engine."""
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def test_grpo_with_vllm_rollout_trains_and_tracks_the_policy_version(run_main):
         # A random-init model writes random bytes: "contains a digit" gives mixed rewards.
         "stage.rewards=[{name:format,kwargs:{pattern:'[0-9]'}}]",
         "train.lr=1e-2",
+        "stage.tis_cap=2.0",
     )
     assert rc == 0
     steps = read_metrics(run_dir)
@@ -45,6 +47,10 @@ def test_grpo_with_vllm_rollout_trains_and_tracks_the_policy_version(run_main):
     for m in steps:
         assert m["rollout_version"] == m["step"] - 1 and m["policy_version"] == m["step"]
         assert m["time/sync"] > 0 and m["completion_len"] > 0
+        # vLLM's log-probs reach the train step: in fp32 they agree with the trainer's, and
+        # no token's importance ratio comes near the cap.
+        assert 0 <= m["rollout/logprob_diff_mean"] < 1e-3 and m["rollout/logprob_diff_max"] < 1e-2
+        assert m["rollout/tis_clip_frac"] == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {"eval_before", "eval_after"} <= set(summary)
     from orchestrator.config.schema import ModelConfig

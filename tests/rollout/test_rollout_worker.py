@@ -1,6 +1,6 @@
 """The rollout-engine protocol on the `hf` engine, through the rollout worker: weights arrive
 under Hugging Face names and change generation, the version is tracked, sampling is
-reproducible per seed, and log-probs come back when asked."""
+reproducible per seed, log-probs come back when asked, and top-k is honoured."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from orchestrator.config.compose import compose
+from orchestrator.data.chat import encode_prompt
 from orchestrator.models import build_tokenizer
 from orchestrator.rollout import ROLLOUT_ENGINES
 from orchestrator.rollout.base import SamplingParams
@@ -54,3 +55,21 @@ def test_weights_under_training_names_are_refused():
     with pytest.raises(RuntimeError, match="Hugging Face names"):
         worker.update_weights(1, bad)
     assert worker.version == 0
+
+
+def test_top_k_one_samples_the_greedy_tokens():
+    cfg, _ = compose(["+experiment=grpo_math", "debug=cpu", "run.init_from=null"])
+    tok = build_tokenizer(cfg.model)
+    worker = RolloutWorker(cfg.rollout, cfg.model, 0, tok)
+    prompts = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in ("What is 1 + 2?", "hi")]
+    greedy = worker.generate(prompts, SamplingParams(n=3, temperature=0.0, max_new_tokens=8), seed=0)
+    top1 = SamplingParams(n=3, temperature=1.0, top_k=1, max_new_tokens=8, logprobs=True)
+    sampled = worker.generate(prompts, top1, seed=4)
+    ids = [c["token_ids"] for c in sampled["completions"]]
+    assert ids == [c["token_ids"] for c in greedy["completions"]]
+    # Log-probs are under the distribution sampled from: top-1 leaves the greedy token all the mass.
+    assert all(lp == pytest.approx(0.0, abs=1e-6) for c in sampled["completions"] for lp in c["logprobs"])
+    # Off (0, and -1 as vLLM also reads it): plain sampling, which departs from greedy here.
+    for off in (0, -1):
+        free = worker.generate(prompts, SamplingParams(n=3, temperature=1.0, top_k=off, max_new_tokens=8), seed=4)
+        assert [c["token_ids"] for c in free["completions"]] != ids

@@ -1,8 +1,9 @@
 """The `vllm` rollout engine, for real (vLLM's CPU build) in a rollout worker actor: its greedy
 tokens equal `transformers`' on the same weights before and after a weight sync in Hugging
 Face names (full, and a LoRA-like subset that splits vLLM's fused q/k/v layer), its
-log-probs equal the trainer model's, seeded sampling repeats, stop strings and EOS end a
-completion as with the `hf` engine, and weights under training-time names are refused.
+log-probs equal the trainer model's, seeded sampling repeats, top-k 1 samples the greedy
+tokens, stop strings and EOS end a completion as with the `hf` engine, and weights under
+training-time names are refused.
 
 One vLLM engine serves the whole module (its start takes ~20-30 s on 2 cores); the `hf`
 engine it is compared with runs in this process on the same weights.
@@ -145,6 +146,14 @@ def test_seeded_sampling_repeats_and_does_not_depend_on_the_batch(vllm_worker, p
     assert sum(len(p) for p in many) * 2 > 4096
     big = _gen(vllm_worker, many, SamplingParams(n=2, temperature=1.0, max_new_tokens=4), seed=3)
     assert len(big["completions"]) == 2 * len(many)
+
+
+def test_top_k_one_samples_the_greedy_tokens(vllm_worker, prompts):
+    top1 = SamplingParams(n=2, temperature=1.0, top_k=1, max_new_tokens=24, logprobs=True)
+    sampled = _gen(vllm_worker, prompts, top1, seed=9)
+    assert _ids(sampled) == _ids(_gen(vllm_worker, prompts, GREEDY))
+    # Log-probs are under the distribution sampled from: top-1 leaves the greedy token all the mass.
+    assert all(lp == pytest.approx(0.0, abs=1e-6) for c in sampled["completions"] for lp in c["logprobs"])
 
 
 def test_stop_strings_and_eos_end_completions_as_with_hf(vllm_worker, hf_worker, tok, prompts):

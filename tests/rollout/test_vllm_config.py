@@ -1,6 +1,6 @@
 """`rollout=vllm` settings: a valid choice validates where vLLM is installed, and a bad value of
 one of its fields (the GPU-only ones included) fails before any worker starts, with one
-message that names the key and the fix."""
+message that names the key and the fix; so do a bad `rollout.top_k` and `stage.tis_cap`."""
 
 from __future__ import annotations
 
@@ -60,3 +60,20 @@ def test_a_bad_dtype_lists_the_valid_ones():
     with pytest.raises(ConfigError) as e:
         compose([*GRPO, "rollout=vllm", "rollout.dtype=fp8"])
     assert "rollout.dtype" in str(e.value) and "bfloat16" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rollout.top_k=-2"], "rollout.top_k=-2 must be >= 1, or 0 (or -1) for off"),
+        (["stage.tis_cap=0"], "stage.tis_cap=0.0 must be > 0 (e.g. 2.0), or null for off"),
+    ],
+)
+def test_bad_top_k_or_tis_cap_names_the_key(overrides, message):
+    cfg, _ = compose([*GRPO, *overrides])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert message in str(e.value)
+    ok, _ = compose([*GRPO, "rollout.top_k=-1", "stage.tis_cap=2"])
+    validate(ok)
+    assert ok.rollout.top_k == -1 and ok.stage.tis_cap == 2.0
