@@ -145,6 +145,8 @@ def _eval_chart(plt, runs: list[RunData], path: Path) -> bool:
         ax.bar(x - 0.2, before, width=0.4, color=color, alpha=0.35, hatch="//", edgecolor=color)
         ax.bar(x + 0.2, after, width=0.4, color=color)
         for dx, v in ((-0.2, before), (0.2, after)):
+            # the bar's top in the run's color, over the axis: a 0% bar still shows
+            ax.plot([x + dx - 0.2, x + dx + 0.2], [v, v], color=color, linewidth=3, zorder=3, clip_on=False)
             ax.annotate(f"{v:.1%}", (x + dx, v), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(pairs)), [run.label for _, run, _ in pairs], fontsize=8)
     ax.set(title="held-out accuracy: before (hatched) and after training", ylim=(0, 1.1))

@@ -134,6 +134,7 @@ def test_every_stop_checkpoints_and_requeues_as_its_cause_requires(tmp_path, cap
         run_dir,
         "train.max_steps=5000",
         "checkpoint.every_steps=100000",
+        "checkpoint.keep_last=3",  # the three stops' checkpoints are all checked at the end
         "cluster.nodes=2",
         "cluster.placement_strategy=STRICT_SPREAD",
     )
