@@ -273,6 +273,7 @@ class Driver:
             t = time.time()
             exports = self.roles.policy.call("export_hf", str(self.run_dir / "export"), tokenizer)[0]
             log.info("exported %s (%.1fs)", ", ".join(f"{k}: {v}" for k, v in exports.items()), time.time() - t)
+            self._write_model_cards(exports)
         summary = {
             "steps": total,
             "resumed_from": start,
@@ -290,6 +291,17 @@ class Driver:
         summary.update(tracker.finish(summary))  # charts; numbers, export, eval report to the trackers
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _write_model_cards(self, exports: dict[str, str]) -> None:
+        """The model card (README.md) in every exported model directory (orchestrator/evals/card.py)."""
+        import yaml
+
+        from orchestrator.evals.card import write_export_cards
+
+        recorded = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+        written = write_export_cards(self.cfg, self.run_dir, recorded, exports)
+        if written:
+            log.info("model card: %s", ", ".join(written))
 
     @staticmethod
     def _print_summary(s: dict[str, Any]) -> None:

@@ -120,6 +120,18 @@ def mcnemar_midp(a: Sequence[bool] | np.ndarray, b: Sequence[bool] | np.ndarray)
     return min(1.0, (2 * sum(math.comb(n, i) for i in range(k)) + math.comb(n, k)) / 2**n)
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test of paired preferences (ties left out): with k the smaller of
+    `wins` and `losses` and X ~ Binomial(wins + losses, 1/2), min(1, 2 P(X <= k)); 1.0 with
+    no untied item. (McNemar's exact test is the same test on 0/1 outcomes.)"""
+    n, k = wins + losses, min(wins, losses)
+    if wins < 0 or losses < 0:
+        raise ValueError(f"counts must be >= 0 (wins {wins}, losses {losses})")
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
 def _flip_masks(n: int, resamples: int, seed: int) -> tuple[np.ndarray, bool]:
     """Swap masks [R, n]: every one of the 2^n when that is at most `resamples`, else random."""
     if n <= 20 and 2**n <= resamples:

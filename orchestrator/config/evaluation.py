@@ -25,6 +25,15 @@ class EvalTaskKind(Choice):
     generation = "generation"
     nll = "nll"
     choice = "choice"
+    preference = "preference"
+
+
+class ContaminationAction(Choice):
+    """What an eval does when evaluation items occur in the candidate's training data."""
+
+    warn = "warn"
+    stop = "stop"
+    skip = "skip"
 
 
 @dataclass
@@ -34,7 +43,8 @@ class EvalTaskSpec:
     kind: EvalTaskKind = MISSING
     """generation (sampled and greedy completions scored by `reward`: accuracy, pass@k) | nll
     (per-token NLL and perplexity of reference completions) | choice (multiple choice by
-    log-likelihood: rows with `choices` and the `answer` index or text)."""
+    log-likelihood: rows with `choices` and the `answer` index or text) | preference (win
+    rate of the candidate's greedy completions over the base's under `reward`)."""
     name: str | None = None
     """Label in the report and in gate rules (`<name>/<metric>`); None: `<kind>_<source>`."""
     source: str | None = None
@@ -53,7 +63,9 @@ class EvalTaskSpec:
     """generation: sampling temperature of the `samples` completions (accuracy is greedy)."""
     reward: str | None = None
     """generation: scores a completion against the item's answer (a built-in or
-    `module:function`); None: eval.reward."""
+    `module:function`); None: eval.reward. preference: scores a completion, a built-in
+    (called with the completion and the item's answer) or `module:function` called with
+    (prompt, completion) -> float; required."""
     max_new_tokens: int | None = None
     """generation: budget per completion; None: eval.max_new_tokens, else rollout.max_new_tokens."""
 
@@ -109,6 +121,12 @@ def check_eval(e, cfg: Config) -> None:
         raise ConfigError(f"eval.confidence={e.confidence} must be in (0, 1), e.g. 0.95")
     positive(e.bootstrap_resamples, "eval.bootstrap_resamples")
     positive(e.permutation_resamples, "eval.permutation_resamples")
+    positive(e.contamination_ngram, "eval.contamination_ngram")
+    if not 0 < e.contamination_threshold <= 1:
+        raise ConfigError(
+            f"eval.contamination_threshold={e.contamination_threshold} must be in (0, 1] (the share of an item's "
+            "n-grams found in the training data that flags it)"
+        )
 
 
 def _check_task(t: EvalTaskSpec, key: str, check_reward) -> None:
@@ -130,3 +148,8 @@ def _check_task(t: EvalTaskSpec, key: str, check_reward) -> None:
             raise ConfigError(f"{key}: samples={t.samples} at temperature 0 are identical; set temperature > 0")
     if t.reward is not None:
         check_reward(t.reward, f"{key}.reward")
+    if t.kind == EvalTaskKind.preference and t.reward is None:
+        raise ConfigError(
+            f"{key}: a preference task needs a reward to compare completions with: set {key}.reward to a "
+            "built-in or 'package.module:function' taking (prompt, completion) and returning a float"
+        )

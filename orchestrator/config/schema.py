@@ -34,7 +34,13 @@ from orchestrator.config.cluster import (  # noqa: F401  (re-exported: one impor
     RayJobClusterConfig,
     SlurmClusterConfig,
 )
-from orchestrator.config.evaluation import EvalTaskSpec, GateRule, check_eval, check_eval_stage
+from orchestrator.config.evaluation import (
+    ContaminationAction,
+    EvalTaskSpec,
+    GateRule,
+    check_eval,
+    check_eval_stage,
+)
 from orchestrator.config.logger import (  # noqa: F401  (re-exported: one import site for schemas)
     LoggerConfig,
     LoggerMode,
@@ -583,6 +589,14 @@ class EvalConfig:
     """Model card: what the model is for."""
     limitations: str | None = None
     """Model card: known limitations."""
+    on_contamination: ContaminationAction = ContaminationAction.warn
+    """stage=eval: evaluation items found in the candidate's training data (n-gram overlap,
+    measured before evaluating): warn (flag them in the report) | stop (exit with an error
+    naming them) | skip (no check)."""
+    contamination_ngram: int = 13
+    """n of the overlap check; items shorter than n tokens are matched whole."""
+    contamination_threshold: float = 0.5
+    """An item is flagged when at least this share of its n-grams occurs in the training rows."""
 
     def check(self, cfg: Config) -> None:
         positive(self.samples, "eval.samples", allow_zero=True)

@@ -4,7 +4,8 @@ model the run started from, as an eval run of its own in `<run dir>/eval`.
 The eval run is the same config with `stage=eval`, the run directory as the candidate, no
 base named (so: the model recorded as the run's start) and the run's `eval` group (tasks,
 gate, items); it checkpoints after every task and resumes like any run. Its decision and
-report paths are added to the training run's summary (and `summary.json`).
+report paths are added to the training run's summary (and `summary.json`), and its section
+(scores with intervals, the gate's decision) to the model card in the run's exports.
 """
 
 from __future__ import annotations
@@ -48,7 +49,27 @@ def evaluate_after(cfg, choices: dict[str, str], summary: dict[str, Any]) -> dic
     log.info(
         "run.eval_after: evaluating %s against the model the run started from (in %s)", run_dir, ecfg.run.output_dir
     )
-    result = Driver(ecfg, {**choices, "stage": "eval"}).run()
+    from orchestrator.stages.eval import GateRejected
+
+    report = Path(ecfg.run.output_dir) / "report.json"
+    try:
+        result = Driver(ecfg, {**choices, "stage": "eval"}).run()
+    except GateRejected:
+        _add_eval_to_cards(cfg, run_dir, summary["exports"], report)
+        raise
+    _add_eval_to_cards(cfg, run_dir, summary["exports"], report)
     merged = {**summary, **{k: v for k, v in result.items() if k.startswith("eval_")}}
     (run_dir / "summary.json").write_text(json.dumps(merged, indent=1))
     return merged
+
+
+def _add_eval_to_cards(cfg, run_dir: Path, exports: dict[str, str], report_path: Path) -> None:
+    """The export's model card, rewritten with the eval's section."""
+    import yaml
+
+    from orchestrator.evals.card import write_export_cards
+
+    if not report_path.is_file():
+        return
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    write_export_cards(cfg, run_dir, recorded, exports, json.loads(report_path.read_text()))

@@ -38,7 +38,9 @@ class Comparison:
     delta_ci: tuple[float, float]
     p_value: float
     test: str
-    """mcnemar_midp | paired_permutation."""
+    """mcnemar_midp | paired_permutation | sign_test."""
+    outcomes: Optional[dict[str, Any]] = None
+    """Paired metrics (a preference task's win rate): wins, ties, losses and per-item W/T/L."""
 
     @property
     def key(self) -> str:

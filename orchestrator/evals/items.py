@@ -2,6 +2,7 @@
 of the candidate's training data.
 
 * generation: `{"messages", "answer"}` (as `data.prompts` reads RL prompts);
+* preference: the same, the answer optional (None without one);
 * nll: a conversation, the last message being the assistant's reference answer, or a
   document `{"text"}` (text rows, as continued pretraining reads them: general text to
   watch forgetting);
@@ -113,8 +114,8 @@ def _data_config(source: str, split: str, n: int) -> DataConfig:
 
 def _from_source(kind: str, d: DataConfig, n: int) -> list:
     rows = load_rows(d)
-    if kind == "generation":
-        parsed: list = prompt_rows(rows, d)
+    if kind in ("generation", "preference"):
+        parsed: list = prompt_rows(rows, d, need_answer=kind == "generation")
     elif kind == "nll":
         parsed = parse_rows(rows, _nll_item, d, "conversations or documents")
     else:

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from orchestrator.evals.contamination import markdown_lines as contamination_lines
 from orchestrator.evals.gate import Comparison, Decision
 from orchestrator.tracking.plots import eval_report_chart
 
@@ -23,6 +24,7 @@ log = logging.getLogger("orchestrator")
 TESTS = {
     "mcnemar_midp": "McNemar test, mid-p (two-sided binomial test on the items where exactly one model is right)",
     "paired_permutation": "paired permutation test (candidate and base labels swapped per item)",
+    "sign_test": "exact two-sided sign test on the items one model's completion scored higher (ties left out)",
 }
 
 
@@ -37,6 +39,7 @@ def build_report(stage, comparisons: list[Comparison], decision: Decision, date:
         "tasks": [t.describe() for t in stage.tasks],
         "metrics": [_metric(c) for c in comparisons],
         "gate": {"alpha": e.alpha, "rules": [asdict(r) for r in decision.rules]},
+        "contamination": getattr(stage, "contamination", None),
         "statistics": {
             "confidence": e.confidence,
             "intervals": "percentile bootstrap over items",
@@ -136,6 +139,11 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *tasks_lines(report),
         "",
+        *(
+            ["## Contamination", "", *contamination_lines(report.get("contamination")), ""]
+            if report.get("contamination")
+            else []
+        ),
         "## Statistics",
         "",
         f"Intervals: {report['statistics']['intervals']} ({report['statistics']['bootstrap_resamples']} resamples). "

@@ -14,6 +14,14 @@ orchestrator/algos/eval_stats.py); its first metric is its primary one (the defa
 * `choice` (multiple choice by log-likelihood): the choice with the highest summed
   log-prob as the assistant's answer (`accuracy`), and with the highest mean log-prob
   per token (`accuracy_norm`, which does not favour short choices).
+* `preference`: one greedy completion per item from each model, scored by the task's
+  `reward` (`reward`: the mean score), and the candidate's `win_rate` over the base on the
+  same items (a win 1, a tie 0.5, a loss 0), reported against 0.5 (no preference) with a
+  bootstrap interval and the sign test on the untied items; per-item outcomes in the report.
+
+A task compares the two models' scores in `compare` (by default every metric with
+orchestrator/evals/gate.py's `compare`); a task whose metric is itself paired (the
+preference task's win rate) adds its comparison there.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+from orchestrator.algos import eval_stats as st
 from orchestrator.algos.eval_stats import pass_at_k
 from orchestrator.errors import ConfigError
 from orchestrator.evals.items import items_hash
@@ -62,6 +71,12 @@ class EvalTask:
 
     def score(self, model: ModelScorer) -> dict[str, MetricScores]:
         raise NotImplementedError
+
+    def compare(self, cand: dict[str, MetricScores], base: dict[str, MetricScores], settings) -> list:
+        """The `Comparison` of every metric (orchestrator/evals/gate.py) from both models' scores."""
+        from orchestrator.evals.gate import compare
+
+        return [compare(self.name, m, hib, cand[m], base[m], settings) for m, hib in self.metrics().items()]
 
     def describe(self) -> dict[str, Any]:
         """What the report says about the task (and what makes its results reusable on resume)."""
@@ -164,10 +179,87 @@ class ChoiceTask(EvalTask):
         return {"accuracy": MetricScores(acc), "accuracy_norm": MetricScores(acc_norm)}
 
 
+def prompt_text(messages: list[dict[str, str]]) -> str:
+    """The prompt a preference reward sees: the conversation's last user message."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+
+
+def preference_scores(reward: str, items: list[Any], completions: list[str]) -> list[float]:
+    """`reward` of each item's completion: a built-in is called with (completion, answer), an
+    import path `module:function` with (prompt, completion)."""
+    from orchestrator.rewards import REWARDS, resolve
+
+    fn = resolve(reward)
+    if reward in REWARDS:
+        return [float(fn(c, it.get("answer"))) for it, c in zip(items, completions)]
+    return [float(fn(prompt_text(it["messages"]), c)) for it, c in zip(items, completions)]
+
+
+class PreferenceTask(EvalTask):
+    kind = "preference"
+    needs_generation = True
+
+    def metrics(self) -> dict[str, bool]:
+        return {"win_rate": True, "reward": True}
+
+    def settings(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "reward": s.reward,
+            "max_new_tokens": s.max_new_tokens or self.gen.max_new_tokens,
+            "stop": list(self.gen.stop),
+            "greedy": True,
+            "samples": 1,
+            "temperature": None,
+            "top_p": 1.0,
+            "seed": self.gen.seed,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "generation": self.settings()}
+
+    def score(self, model: ModelScorer) -> dict[str, MetricScores]:
+        cfg = self.settings()
+        greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg["max_new_tokens"], stop=cfg["stop"])
+        comps = model.generate([it["messages"] for it in self.items], greedy, cfg["seed"])
+        return {"reward": MetricScores(preference_scores(cfg["reward"], self.items, [c.text for c in comps]))}
+
+    def compare(self, cand: dict[str, MetricScores], base: dict[str, MetricScores], settings) -> list:
+        from orchestrator.evals.gate import Comparison, compare
+
+        outcome = [1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(cand["reward"].x, base["reward"].x)]
+        wins, losses = outcome.count(1.0), outcome.count(0.0)
+        kw = dict(level=settings.confidence, resamples=settings.bootstrap_resamples, seed=settings.seed)
+        lo, hi = st.bootstrap_ci(outcome, None, **kw)
+        rate = st.ratio(outcome)
+        win = Comparison(
+            task=self.name,
+            metric="win_rate",
+            higher_is_better=True,
+            items=len(outcome),
+            candidate=rate,
+            candidate_ci=(lo, hi),
+            base=0.5,
+            base_ci=(0.5, 0.5),
+            delta=rate - 0.5,
+            delta_ci=(lo - 0.5, hi - 0.5),
+            p_value=st.sign_test(wins, losses),
+            test="sign_test",
+            outcomes={
+                "wins": wins,
+                "ties": len(outcome) - wins - losses,
+                "losses": losses,
+                "per_item": "".join("W" if o == 1.0 else "T" if o == 0.5 else "L" for o in outcome),
+            },
+        )
+        return [win, compare(self.name, "reward", True, cand["reward"], base["reward"], settings)]
+
+
 TASKS: dict[str, type[EvalTask]] = {
     "generation": GenerationTask,
     "nll": NllTask,
     "choice": ChoiceTask,
+    "preference": PreferenceTask,
 }
 
 

@@ -4,12 +4,14 @@
 [eval.tasks=[...]]`. Nothing trains: the stage declares two frozen roles, `candidate` and
 `base` (the base colocated on the candidate's bundles), only when a task needs token
 log-probs (nll, choice), and generates through the rollout engine (`rollout` group), one
-model at a time. One step per task scores both models on it; the per-item scores are the
-stage's state, so a checkpointed eval resumes after its last finished task (results are
-reused only for the same models and the same items). At the end (`summary`) every metric
-gets intervals and a paired test (orchestrator/evals/gate.py), the gate decides PROMOTE or
-REJECT, and the report, the model card and, on PROMOTE, a `promoted` link to the
-candidate's weights are written into this run's directory, which may not be the
+model at a time. Before anything is scored, the items of every task are looked for in the
+candidate's training data (orchestrator/evals/contamination.py, eval.on_contamination).
+One step per task scores both models on it; the per-item scores are the stage's state,
+so a checkpointed eval resumes after its last finished task (results are reused only for
+the same models and the same items). At the end (`summary`) every metric gets intervals
+and a paired test (orchestrator/evals/gate.py), the gate decides PROMOTE or REJECT, and
+the report, the model card and, on PROMOTE, a `promoted` link to the candidate's weights
+are written into this run's directory, which may not be the
 candidate's run directory or lie inside its weights.
 """
 
@@ -28,7 +30,8 @@ from orchestrator.config.schema import FullMethodConfig
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.evals import report as reports
 from orchestrator.evals.card import model_card
-from orchestrator.evals.gate import Decision, StatSettings, compare, decide, default_rules, resolve_metric
+from orchestrator.evals.contamination import measure as measure_contamination
+from orchestrator.evals.gate import Decision, StatSettings, decide, default_rules, resolve_metric
 from orchestrator.evals.models import EvalModel, resolve_pair
 from orchestrator.evals.tasks import EvalTask, MetricScores, build_tasks
 from orchestrator.evaluation import ModelScorer
@@ -58,6 +61,7 @@ class EvalStage(Stage):
         self.candidate, self.base = resolve_pair(cfg, self.run_dir)
         _check_own_dir(self.run_dir, self.candidate)
         self.tasks: list[EvalTask] = build_tasks(cfg, self.candidate.training_data())
+        self.contamination = measure_contamination(cfg, self.tasks, self.candidate.training_data())
         available = {f"{t.name}/{m}": hib for t in self.tasks for m, hib in t.metrics().items()}
         rules = list(cfg.eval.gate) or default_rules(f"{self.tasks[0].name}/{next(iter(self.tasks[0].metrics()))}")
         self.rules = [(resolve_metric(r.metric, available, f"eval.gate[{i}]"), r) for i, r in enumerate(rules)]
@@ -171,7 +175,7 @@ class EvalStage(Stage):
             task.name,
             "; ".join(
                 f"{m} {metrics[f'{task.name}/{m}/candidate']:.4g} vs {metrics[f'{task.name}/{m}/base']:.4g}"
-                for m in task.metrics()
+                for m in res[CANDIDATE]
             ),
         )
         return metrics
@@ -184,8 +188,7 @@ class EvalStage(Stage):
         comps = []
         for task in self.tasks:
             res = self._scores(task)  # also scores a task a resumed run has not reached
-            for m, hib in task.metrics().items():
-                comps.append(compare(task.name, m, hib, res[CANDIDATE][m], res[BASE][m], s))
+            comps.extend(task.compare(res[CANDIDATE], res[BASE], s))
         decision = decide({c.key: c for c in comps}, self.rules, e.alpha)
         date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         return reports.build_report(self, comps, decision, date), decision

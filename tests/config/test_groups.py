@@ -164,6 +164,7 @@ def test_the_choice_fields_are_enums():
         "logger.mode",
         "cluster.placement_strategy",
         "cluster.image_pull_policy",
+        "eval.on_contamination",
     }
 
 

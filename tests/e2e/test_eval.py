@@ -1,6 +1,7 @@
 """Evaluation and promotion end to end on the real entry: a briefly trained candidate against
 its random start is promoted (run.eval_after), a candidate against itself is rejected (stage=eval),
-and the report and model card land in the eval's own run dir, never in the candidate's."""
+and the report and model card land in the eval's own run dir, never in the candidate's
+(the training run's own card in its export gets the eval's section)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def test_trained_candidate_is_promoted_and_itself_is_rejected(run_main, tmp_path
     assert {m["key"] for m in report["metrics"]} == {"nll_heldout/nll", "generation_heldout/accuracy"}
     assert "random init" in report["base"]["weights"]
     assert (run / "eval" / "README.md").read_text().startswith("# Model card")
+    card = (run / "export" / "hf" / "README.md").read_text()  # the export's card, with the eval's section
+    assert "synthetic:arithmetic_noisy" in card and "sha256 `" in card and "Promotion gate: **PROMOTE**" in card
     assert (run / "eval" / "promoted").resolve() == (run / "export" / "hf").resolve()
     assert json.loads((run / "summary.json").read_text())["eval_decision"] == "PROMOTE"
 
