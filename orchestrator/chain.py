@@ -100,6 +100,7 @@ def _run_chained(cfg, choices: dict[str, str], name: str, launch: Callable) -> P
         return done
     sub, sub_choices = _as_written_or_shrunk(name, out, choices)
     sub = replace(sub, cluster=cfg.cluster)  # the chained run uses the same cluster as this one
+    sub = replace(sub, run=replace(sub.run, eval_after=False))  # the chain's last run is the one evaluated
     if hasattr(sub.method, "export_merged"):  # the next stage starts from a whole model
         sub = replace(sub, method=replace(sub.method, export_merged=True))
     if not sub.checkpoint.export_hf:

@@ -298,8 +298,12 @@ class Driver:
 
         from orchestrator.evals.card import write_export_cards
 
-        recorded = yaml.safe_load((self.run_dir / "config.yaml").read_text())
-        written = write_export_cards(self.cfg, self.run_dir, recorded, exports)
+        try:
+            recorded = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+            written = write_export_cards(self.cfg, self.run_dir, recorded, exports)
+        except Exception as exc:  # noqa: BLE001  (the exports are complete without their card)
+            log.warning("model card not written: %s: %s", type(exc).__name__, exc)
+            return
         if written:
             log.info("model card: %s", ", ".join(written))
 

@@ -46,7 +46,9 @@ def run_main(ray_cluster, tmp_path):
     def _run(*overrides: str, name: str = "run"):
         run_dir = tmp_path / name
         default_logger = [] if any(o.startswith("logger=") for o in overrides) else ["logger=console"]
-        rc = main([*default_logger, f"run.output_dir={run_dir}", *overrides])
+        # the GPU recipes evaluate after training (run.eval_after): only the evaluation tests ask for it
+        no_eval = [] if any(o.startswith("run.eval_after=") for o in overrides) else ["run.eval_after=false"]
+        rc = main([*default_logger, *no_eval, f"run.output_dir={run_dir}", *overrides])
         return rc, run_dir
 
     return _run

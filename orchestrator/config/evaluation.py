@@ -54,7 +54,7 @@ class EvalTaskSpec:
     split: str = "train"
     """Split of an `hf:` source."""
     items: int | None = None
-    """Items evaluated (the first ones, in source order); None: eval.samples."""
+    """Items evaluated (the first ones, in source order); None: eval.items, else eval.samples."""
     samples: int = 1
     """generation: completions sampled per item at `temperature` for pass@k (1: greedy only)."""
     k: list[int] = field(default_factory=lambda: [1])
@@ -91,9 +91,9 @@ class GateRule:
 def check_eval_stage(cfg: Config) -> None:
     """`stage=eval`: every task gets items."""
     e = cfg.eval
-    if not e.samples and any(t.items is None for t in e.tasks or [None]):
+    if not e.items and not e.samples and any(t.items is None for t in e.tasks or [None]):
         raise ConfigError(
-            "stage=eval: eval.samples=0 leaves tasks without items; set eval.samples (items per "
+            "stage=eval: eval.samples=0 and no eval.items leave tasks without items; set eval.items (items per "
             "task, e.g. 100) or items on every task"
         )
 

@@ -570,7 +570,9 @@ class EvalConfig:
     candidate's run started from (its recorded `model`)."""
     tasks: list[EvalTaskSpec] = field(default_factory=list)
     """stage=eval: what is measured; []: the held-out split of the candidate's training data
-    as nll, and as generation too when its rows carry answers. Items per task: eval.samples."""
+    as nll, and as generation too when its rows carry answers. Items per task: eval.items."""
+    items: int | None = None
+    """stage=eval, run.eval_after: items of each task that sets none; None: eval.samples."""
     gate: list[GateRule] = field(default_factory=list)
     """stage=eval: rules that must all hold to PROMOTE; []: the first task's primary metric
     improves significantly."""
@@ -601,6 +603,8 @@ class EvalConfig:
     def check(self, cfg: Config) -> None:
         positive(self.samples, "eval.samples", allow_zero=True)
         positive(self.every_steps, "eval.every_steps", allow_zero=True)
+        if self.items is not None:
+            positive(self.items, "eval.items")
         if self.max_new_tokens is not None:
             positive(self.max_new_tokens, "eval.max_new_tokens")
         check_reward(self.reward, "eval.reward")

@@ -285,7 +285,7 @@ def build_tasks(cfg, train) -> list[EvalTask]:
     tasks = []
     for i, spec in enumerate(specs):
         key = f"eval.tasks[{i}]" if e.tasks else "eval.tasks (default)"
-        items = load_items(str(spec.kind), spec.source, spec.split, spec.items or e.samples, train, key)
+        items = load_items(str(spec.kind), spec.source, spec.split, spec.items or e.items or e.samples, train, key)
         name = spec.name or f"{spec.kind}_{source_label(spec.source)}"
         source = spec.source or f"held-out split of {train.source}"
         tasks.append(TASKS[str(spec.kind)](name, spec, items, source, gen))
