@@ -86,6 +86,9 @@ def metrics_table(report: dict[str, Any]) -> list[str]:
             f"| {m['delta']:+.4g} [{m['delta_ci'][0]:+.4g}, {m['delta_ci'][1]:+.4g}] | {m['p_value']:.3g} "
             f"| {m['test']} |"
         )
+        if m.get("outcomes"):
+            o = m["outcomes"]
+            lines.append(f"| {m['key']}: {o['wins']} wins, {o['ties']} ties, {o['losses']} losses | | | | | |")
         if "perplexity" in m:
             p = m["perplexity"]
             lines.append(

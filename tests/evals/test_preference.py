@@ -13,6 +13,7 @@ from orchestrator.config.evaluation import EvalTaskKind, EvalTaskSpec
 from orchestrator.config.validate import validate
 from orchestrator.errors import ConfigError
 from orchestrator.evals.gate import StatSettings
+from orchestrator.evals.report import _metric, metrics_table
 from orchestrator.evals.tasks import TASKS, GenerationSettings
 from orchestrator.rollout.base import Completion
 
@@ -54,6 +55,8 @@ def test_win_rate_counts_wins_ties_and_losses_with_the_sign_test():
     assert win.outcomes == {"wins": 7, "ties": 2, "losses": 1, "per_item": "WWWWWWWTTL"}
     assert win.p_value == pytest.approx(2 * (1 + 8) / 2**8)  # 7 of 8 untied: 2 P(X <= 1), X ~ Bin(8, 1/2)
     assert list(task.metrics()) == ["win_rate", "reward"]
+    table = metrics_table({"statistics": {"confidence": 0.95}, "metrics": [_metric(win), _metric(reward)]})
+    assert "| pref/win_rate: 7 wins, 2 ties, 1 losses |" in "\n".join(table)
 
 
 def test_sign_test_against_the_binomial():
