@@ -151,7 +151,13 @@ def ray_head(tmp_path_factory) -> Iterator[RayHead]:
         unauthenticated = requests.get(f"{head.address}/api/jobs/", timeout=10)
         assert unauthenticated.status_code == 401, "the head must run with token auth on"
         procs.append(
-            _start([f"--address={head.gcs}", *ray_ports(base + 12), f"--temp-dir={tmp}/w"], env, tmp / "worker.log")
+            # A node joining a cluster with token auth runs in token mode (a plain `ray start
+            # --address` defaults to disabled and is refused by the head's GCS).
+            _start(
+                [f"--address={head.gcs}", *ray_ports(base + 12), f"--temp-dir={tmp}/w"],
+                {**env, "RAY_AUTH_MODE": "token"},
+                tmp / "worker.log",
+            )
         )
         wait_for(lambda: _nodes_alive(head) >= 2, 420, "the worker node to join")
         yield head
