@@ -136,6 +136,15 @@ class QuantType(Choice):
     fp4 = "fp4"
 
 
+class LoraInit(Choice):
+    """LoRA adapter initialisations (peft's `init_lora_weights`)."""
+
+    default = "default"
+    gaussian = "gaussian"
+    pissa = "pissa"
+    olora = "olora"
+
+
 class QuantStorage(Choice):
     auto = "auto"
     float32 = "float32"
@@ -169,7 +178,7 @@ class ModelConfig:
     chat_template: str | None = None
     """Jinja chat template overriding the tokenizer's own."""
     arch: str = "llama"
-    """Architecture for locally built models: llama | qwen3_moe | mixtral."""
+    """Architecture for locally built models: llama | qwen2 (attention q/k/v biases) | qwen3_moe."""
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 4
@@ -226,11 +235,23 @@ class LoraMethodConfig(MethodConfig):
     bias: str = "none"
     export_merged: bool = False
     """Also export the base model with the adapter merged in (`hf_merged/`)."""
+    use_dora: bool = False
+    """DoRA (arXiv:2402.09353): a trained magnitude per output row on top of the low-rank direction update."""
+    use_rslora: bool = False
+    """rsLoRA (arXiv:2312.03732): scale the adapter by alpha / sqrt(r) instead of alpha / r."""
+    init_lora_weights: LoraInit = LoraInit.default
+    """Adapter init: default (A Kaiming-uniform, B zero) | gaussian (A Gaussian, B zero) | pissa
+    (arXiv:2404.02948: A, B from the top singular vectors, the base keeps the residual) | olora
+    (arXiv:2406.01775: A, B from a QR decomposition, the base keeps the residual). With pissa /
+    olora the reference policy is a frozen copy of the starting model; `lora` only."""
 
     def check(self, cfg: Config) -> None:
         positive(self.r, "method.r")
         if not self.target_modules:
             raise ConfigError("method.target_modules is empty; use [all-linear] or name modules, e.g. [q_proj,v_proj]")
+        from orchestrator.methods.lora import check_config
+
+        check_config(cfg)
 
 
 @dataclass
@@ -250,8 +271,20 @@ class QloraMethodConfig(LoraMethodConfig):
     sharding backends expect) | float32 | bfloat16 | float16 | uint8."""
 
     def check(self, cfg: Config) -> None:
-        super().check(cfg)
         from orchestrator.methods.qlora import check_config
+
+        check_config(cfg)
+        super().check(cfg)
+
+
+@dataclass
+class BitfitMethodConfig(MethodConfig):
+    """BitFit (arXiv:2106.10199): only the bias terms train; the model must have some."""
+
+    name: str = "bitfit"
+
+    def check(self, cfg: Config) -> None:
+        from orchestrator.methods.bitfit import check_config
 
         check_config(cfg)
 
@@ -920,6 +953,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
         "full": FullMethodConfig,
         "lora": LoraMethodConfig,
         "qlora": QloraMethodConfig,
+        "bitfit": BitfitMethodConfig,
         "experts": ExpertsMethodConfig,
     },
     "stage": {

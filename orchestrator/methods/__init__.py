@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.methods.base import Method, Reference
+from orchestrator.methods.bitfit import Bitfit
 from orchestrator.methods.experts import Experts
 from orchestrator.methods.full import Full
 from orchestrator.methods.lora import Lora
@@ -19,6 +20,7 @@ METHODS: dict[str, type] = {
     "full": Full,
     "lora": Lora,
     "qlora": Qlora,
+    "bitfit": Bitfit,
     "experts": Experts,
 }
 

@@ -9,6 +9,9 @@ back quantized, so both go through the same loader. peft's `prepare_model_for_kb
 then freezes the base and upcasts the remaining half-precision weights (norms, embeddings)
 to fp32, and `Lora.apply` adds the adapters.
 
+DoRA (`method.use_dora`) and rsLoRA (`method.use_rslora`) apply as on `lora`; PiSSA and
+OLoRA inits are refused (they rewrite the base weights, which are 4-bit here).
+
 Deviations from the paper: no paged optimizers (the optimizer state is only the adapters'
 and is sharded by the backend); the compute dtype follows the device (bf16 on GPU, fp32
 on CPU) unless `method.compute_dtype` says otherwise.
@@ -38,7 +41,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.errors import ConfigError, ModelLoadError
-from orchestrator.methods.lora import Lora, _hf_name
+from orchestrator.methods.lora import RESIDUAL_INITS, Lora, _hf_name
 
 INSTALL_HINT = 'pip install -e ".[qlora]"'
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
@@ -55,6 +58,13 @@ def require_bitsandbytes() -> None:
 
 def check_config(cfg) -> None:
     """What `method=qlora` needs of the rest of the run (called by QloraMethodConfig.check)."""
+    init = str(cfg.method.init_lora_weights)
+    if init in RESIDUAL_INITS:
+        raise ConfigError(
+            f"method.init_lora_weights={init} with method=qlora: {init} decomposes each float base weight and "
+            "writes the residual back into the base, which here holds 4-bit codes (not supported). "
+            f"Use method=lora for {init}, or method.init_lora_weights=default|gaussian with qlora."
+        )
     require_bitsandbytes()
     if cfg.backend.name == "deepspeed_zero3":
         raise ConfigError(

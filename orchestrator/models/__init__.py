@@ -36,6 +36,25 @@ def _llama(m: ModelConfig) -> PretrainedConfig:
     )
 
 
+def _qwen2(m: ModelConfig) -> PretrainedConfig:
+    """Qwen2: Llama-like, with biases on the attention q/k/v projections."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=BYTE_VOCAB,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=4,
+    )
+
+
 def _qwen3_moe(m: ModelConfig) -> PretrainedConfig:
     from transformers import Qwen3MoeConfig
 
@@ -61,6 +80,7 @@ def _qwen3_moe(m: ModelConfig) -> PretrainedConfig:
 # Locally built architectures (model.arch), for offline runs and tests.
 ARCHITECTURES: dict[str, Callable[[ModelConfig], PretrainedConfig]] = {
     "llama": _llama,
+    "qwen2": _qwen2,
     "qwen3_moe": _qwen3_moe,
 }
 

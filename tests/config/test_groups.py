@@ -34,6 +34,7 @@ NEEDS = {
     ("data", "jsonl"): ["data.source=/data/train.jsonl"],
     ("data", "mixture"): ["data.sources=[{source: synthetic:instruct, weight: 1}]"],
     ("method", "experts"): ["model=tiny_moe"],
+    ("method", "bitfit"): ["model=tiny_qwen2"],
 }
 # Options that compose but cannot run here: the message validation gives instead.
 UNAVAILABLE = {
@@ -151,6 +152,7 @@ def test_the_choice_fields_are_enums():
         "rollout.placement",
         "rollout.engine",
         "stage.loss_agg",
+        "method.init_lora_weights",
         "method.quant_type",
         "method.compute_dtype",
         "method.quant_storage",

@@ -3,6 +3,7 @@ complete checkpoint and the following steps have bit-identical losses on CPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,23 +21,37 @@ pytestmark = pytest.mark.slow
 # exactly; its full-parameter restore is covered (on other world sizes) by tests/engines.
 # FSDP2 + LoRA saves in the background (checkpoint.async_save): the save begun at step 4 is
 # still uncommitted when the driver dies at step 5, so the rerun resumes from step 2.
+# QLoRA: checkpoints hold the adapters only; the resumed run re-quantizes the same 4-bit base.
 @pytest.mark.parametrize(
     "backend, method, async_save",
-    [("fsdp2", "full", False), ("fsdp2", "lora", True), ("deepspeed_zero3", "lora", False)],
+    [
+        ("fsdp2", "full", False),
+        ("fsdp2", "lora", True),
+        ("deepspeed_zero3", "lora", False),
+        pytest.param(
+            "fsdp2",
+            "qlora",
+            False,
+            marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"),
+        ),
+    ],
 )
 def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, backend, method, async_save):
+    steps = 6 if method == "qlora" else 8  # QLoRA: 2 steps after the resume, no export (the slowest method on CPU)
     common = [
         "+experiment=sft_tiny",
         f"backend={backend}",
         f"method={method}",
-        "train.max_steps=8",
+        f"train.max_steps={steps}",
         "checkpoint.every_steps=2",
         "logger=console",
         "data.num_samples=300",
         f"checkpoint.async_save={async_save}",
     ]
-    if method == "lora":
+    if method in ("lora", "qlora"):
         common += ["method.dropout=0.1"]  # dropout: the workers' RNG must resume too
+    if method == "qlora":
+        common += ["checkpoint.export_hf=false"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     assert main(common + [f"run.output_dir={ref_dir}"]) == 0
     reference = {m["step"]: m["loss"] for m in read_metrics(ref_dir)}
@@ -69,10 +84,10 @@ def test_killed_run_resumes_with_identical_losses(ray_cluster, tmp_path, backend
     start = 2 if async_save else 4
     assert summary["resumed_from"] == start
     metrics = read_metrics(run_dir)
-    assert [m["step"] for m in metrics] == list(range(1, 9))  # each step once, the crash's extra steps dropped
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))  # each step once, the crash's extra dropped
     resumed = metrics[start:]
-    assert [m["step"] for m in resumed] == list(range(start + 1, 9))
-    assert [m["loss"] for m in resumed] == [reference[s] for s in range(start + 1, 9)]
+    assert [m["step"] for m in resumed] == list(range(start + 1, steps + 1))
+    assert [m["loss"] for m in resumed] == [reference[s] for s in range(start + 1, steps + 1)]
     if async_save:  # the reference run committed its background saves too
         assert sorted(p.name for p in (ref_dir / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
 

@@ -1,7 +1,8 @@
 """QLoRA on a real bitsandbytes 4-bit base (bitsandbytes runs NF4/FP4 on CPU): the base is
 4-bit, only the adapters train and the loss falls (with gradient checkpointing too); the
 weights sent to a rollout engine make a plain float model compute the QLoRA policy; the
-export loads with peft on the de-quantized base; bad combinations fail at validation."""
+export loads with peft on the de-quantized base, also with DoRA and rsLoRA; bad combinations
+(PiSSA / OLoRA on a 4-bit base among them) fail at validation."""
 
 from __future__ import annotations
 
@@ -126,12 +127,48 @@ def test_export_loads_with_peft_on_the_dequantized_base(tmp_path):
         torch.testing.assert_close(merged(input_ids=IDS).logits, policy, rtol=1e-4, atol=1e-4)
 
 
+def test_dora_and_rslora_on_the_4bit_base_train_sync_and_export_the_policy(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.methods.test_lora import export_like_the_engine
+
+    method, model = _qlora(use_dora=True, use_rslora=True)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and "default" in layer.lora_magnitude_vector
+    assert layer.scaling["default"] == pytest.approx(16 / 2) == method.scale  # alpha / sqrt(r)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    model.eval()
+    with torch.no_grad():
+        policy = model(input_ids=IDS).logits
+    plain = build_model(TINY, torch.float32).eval()
+    plain.load_state_dict(method.hf_weights(model.state_dict()), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=IDS).logits, policy, rtol=1e-4, atol=1e-4)
+    out = export_like_the_engine(method, model, tmp_path)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out["base"]), out["adapter"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, policy, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_combinations_fail_at_validation_naming_the_fix(monkeypatch):
     base = ["+experiment=sft_tiny_lora", "method=qlora"]
     with pytest.raises(ConfigError, match=r"backend=deepspeed_zero3.*Use backend=fsdp2"):
         validate(compose([*base, "backend=deepspeed_zero3"])[0])
     with pytest.raises(ConfigError, match=r"MoE.*method=lora"):
         validate(compose([*base, "model=tiny_moe"])[0])
+    for init in ("pissa", "olora"):
+        with pytest.raises(ConfigError, match=rf"init_lora_weights={init} with method=qlora.*Use method=lora"):
+            validate(compose([*base, f"method.init_lora_weights={init}"])[0])
     with pytest.raises(ConfigError, match=r"method.quant_type='nf5'.*nf4, fp4"):
         compose([*base, "method.quant_type=nf5"])
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` sees when missing

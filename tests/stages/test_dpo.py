@@ -87,8 +87,11 @@ def _roles(stage, models, world: int, frozen: bool) -> tuple[Roles, LocalGroup, 
         (["method=lora"], False),
         (["method=full", "stage.loss=simpo"], False),
         (["method=full", "stage.precompute_ref=true"], False),
+        (["method=lora", "method.init_lora_weights=pissa"], True),  # adapters off is the residual
+        (["method=lora", "method.use_dora=true", "method.use_rslora=true"], False),
+        (["method=bitfit", "model=tiny_qwen2"], True),
     ],
-    ids=["full", "lora", "full-simpo", "full-precompute"],
+    ids=["full", "lora", "full-simpo", "full-precompute", "lora-pissa", "lora-dora-rslora", "bitfit"],
 )
 def test_dpo_declares_a_frozen_reference_only_when_the_method_has_none_inside(overrides, reference_role):
     _, stage = _stage(*overrides)

@@ -101,13 +101,17 @@ def test_sft_step_splits_the_global_batch_over_ranks_and_reports_the_mean_loss()
     assert stage.state_dict()["data"] != {} and metrics["grad_norm"] == 1.0
 
 
-@pytest.mark.parametrize("method, frozen_reference", [("full", True), ("lora", False)])
+@pytest.mark.parametrize(
+    "method, frozen_reference",
+    [("full", True), ("lora", False), ("lora method.init_lora_weights=olora", True)],
+    ids=["full", "lora", "lora-olora"],
+)
 def test_grpo_roles_reference_and_weight_sync(method, frozen_reference):
     cfg, stage, tok = _stage(
         "+experiment=grpo_math",
         "debug=cpu",
         "run.init_from=null",
-        f"method={method}",
+        *f"method={method}".split(),
         "stage.kl_coef=0.1",
         "stage.prompts_per_step=4",
         "rollout.n=4",
