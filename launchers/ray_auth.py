@@ -56,7 +56,8 @@ def load_token() -> Optional[str]:
             return None
         return loader.get_raw_token(ignore_auth_mode=True)
     except AuthenticationError as exc:  # e.g. RAY_AUTH_TOKEN_PATH names a missing or empty file
-        raise ConfigError(f"cannot read the Ray auth token from {source()}: {exc.message}") from None
+        detail = exc.message.strip().rstrip(".")
+        raise ConfigError(f"cannot read the Ray auth token from {source()}: {detail}. {GET_TOKEN}.") from None
 
 
 def token_to_send() -> Optional[str]:
