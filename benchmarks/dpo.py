@@ -90,7 +90,8 @@ def trl(ch, cfg, precompute: bool) -> dict[str, Any]:
     stage, tok = _stage(cfg)
     # TRL gets our token ids (the columns its own tokenization writes), so that both sides
     # train on the same tokens; its `_prepare_dataset` (tokenization) is skipped for that.
-    rows = [{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for p in stage.pairs]
+    pairs = stage.pairs.gather(range(len(stage.pairs)))
+    rows = [{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for p in pairs]
 
     class Pretokenized(DPOTrainer):
         def _prepare_dataset(self, dataset, *args, **kwargs):

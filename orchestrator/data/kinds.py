@@ -9,9 +9,12 @@ source is hashed into the cache key, so a changed encoder never reuses stale dat
 |---|---|---|
 | `sft` | chat / prompt-completion (`data/sft.py`) | `input_ids`, `labels` |
 | `text` | raw text `{"text"}` (`data/text.py`, continued pretraining) | `input_ids` (a document + EOS) |
-| `pairs` | preference pairs (`data/preference.py`) | `prompt_ids`, `chosen_ids`, `rejected_ids` |
-| `kto` | unpaired rows or pairs (`data/unpaired.py`) | `prompt_ids`, `completion_ids`, `label` |
+| `pairs` | preference pairs (`data/preference.py`) | `prompt_ids`, `chosen_ids`, `rejected_ids`, `truncated` |
+| `kto` | unpaired rows or pairs (`data/unpaired.py`) | `prompt_ids`, `completion_ids`, `label`, `truncated` |
 | `prompts` | RL prompts (`data/prompts.py`) | `messages` (JSON text), `answer` |
+
+`truncated` says whether `data.max_prompt_len` / `data.max_seq_len` cut the example; the
+stage logs their count (`preference.log_truncated`), on the prepared and in-memory paths alike.
 """
 
 from __future__ import annotations
@@ -57,14 +60,26 @@ def _pairs(tok: Any, d: DataConfig, opts: dict[str, Any]) -> Parser:
     from orchestrator.data.preference import PairTokenizer, to_pair
 
     enc = PairTokenizer(tok, d.max_seq_len, d.truncate, d.max_prompt_len)
-    return lambda row: [enc(*to_pair(row))]
+
+    def parse(row: dict[str, Any]) -> list[dict[str, Any]]:
+        before = enc.truncated
+        pair = enc(*to_pair(row))
+        return [dict(pair, truncated=enc.truncated > before)]
+
+    return parse
 
 
 def _kto(tok: Any, d: DataConfig, opts: dict[str, Any]) -> Parser:
     from orchestrator.data.unpaired import ExampleTokenizer, to_examples
 
-    enc = ExampleTokenizer(tok, d.max_seq_len, d.truncate)
-    return lambda row: [enc(*ex) for ex in to_examples(row)]
+    enc = ExampleTokenizer(tok, d.max_seq_len, d.truncate, d.max_prompt_len)
+
+    def one(ex: tuple[Any, Any, bool]) -> dict[str, Any]:
+        before = enc.truncated
+        out = enc(*ex)
+        return dict(out, truncated=enc.truncated > before)
+
+    return lambda row: [one(ex) for ex in to_examples(row)]
 
 
 def _prompts(tok: Any, d: DataConfig, opts: dict[str, Any]) -> Parser:
@@ -83,14 +98,14 @@ KINDS: dict[str, RowKind] = {
     "text": RowKind("text", {"input_ids": "ids"}, ("text.py", "sources.py"), "documents", _text),
     "pairs": RowKind(
         "pairs",
-        {"prompt_ids": "ids", "chosen_ids": "ids", "rejected_ids": "ids"},
+        {"prompt_ids": "ids", "chosen_ids": "ids", "rejected_ids": "ids", "truncated": "bool"},
         (*_CHAT, "preference.py"),
         "preference rows",
         _pairs,
     ),
     "kto": RowKind(
         "kto",
-        {"prompt_ids": "ids", "completion_ids": "ids", "label": "bool"},
+        {"prompt_ids": "ids", "completion_ids": "ids", "label": "bool", "truncated": "bool"},
         (*_CHAT, "preference.py", "unpaired.py"),
         "KTO rows",
         _kto,

@@ -83,6 +83,11 @@ class TokenTable:
             self._lengths[column] = lens if self.kept is None else lens[self.kept]
         return self._lengths[column]
 
+    def values(self, column: str) -> np.ndarray:
+        """A scalar column (e.g. a `bool` one) of every example, as an array."""
+        vals = self.ds.data.column(column).to_numpy(zero_copy_only=False)
+        return vals if self.kept is None else vals[self.kept]
+
     def gather(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """The examples at `indices`, in that order."""
         if not len(indices):
@@ -124,6 +129,13 @@ class MixedTable:
             out[sel] = p.lengths(column)[self.index[sel]]
         return out
 
+    def values(self, column: str) -> np.ndarray:
+        out = np.zeros(len(self), dtype=object)
+        for k, p in enumerate(self.parts):
+            sel = self.part == k
+            out[sel] = p.values(column)[self.index[sel]]
+        return out
+
     def gather(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         out: list[Any] = [None] * len(indices)
         for k, p in enumerate(self.parts):
@@ -148,11 +160,19 @@ class ListTable:
     def lengths(self, column: str = "input_ids") -> np.ndarray:
         return np.array([len(ex[column]) for ex in self.items], dtype=np.int64)
 
+    def values(self, column: str) -> np.ndarray:
+        return np.array([ex[column] for ex in self.items])
+
     def gather(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         return [self.items[int(i)] for i in indices]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.items[i]
+
+
+def as_table(examples: Any) -> Any:
+    """`examples` with the table interface: an in-memory list as a `ListTable`."""
+    return ListTable(examples) if isinstance(examples, list) else examples
 
 
 class RowView:

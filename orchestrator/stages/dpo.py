@@ -4,8 +4,9 @@ The losses (DPO, cDPO, IPO, hinge, robust, SimPO, ORPO; with the papers and wher
 deviate) are pure functions in orchestrator/algos/preference.py. This module is the
 pipeline:
 
-1. take `train.global_batch_size` pairs (resumable position); `train.micro_batch_size`
-   counts pairs per forward;
+1. take `train.global_batch_size` pairs (resumable position) from the prepared pairs
+   (`data/kinds.py` kind `pairs`: memory-mapped and read by index; in memory with
+   `data.cache=false`); `train.micro_batch_size` counts pairs per forward;
 2. chosen and rejected of a micro-batch go through the model in one concatenated forward
    (`paired_collate`: chosen rows, then rejected rows); log-probs come from
    `models.logprobs.token_logprobs` and are summed over completion tokens;
@@ -29,12 +30,12 @@ import time
 from dataclasses import fields
 from typing import Any
 
+import numpy as np
 import torch
 
 from orchestrator.algos.preference import PREFERENCE_LOSSES, PairBatch, PreferenceLoss, sequence_logps
 from orchestrator.config.checks import positive
-from orchestrator.data.preference import tokenize_pairs
-from orchestrator.data.sources import load_rows
+from orchestrator.data.preference import log_truncated
 from orchestrator.errors import ConfigError
 from orchestrator.models.logprobs import token_logprobs
 from orchestrator.stages.base import step_metrics, train_on_workers
@@ -71,17 +72,21 @@ def check_dpo(s: Any, cfg: Any) -> None:
 
 
 class DpoStage(PreferenceStage):
+    @classmethod
+    def data_kind(cls, cfg) -> tuple[str, dict[str, Any]]:
+        """Preference pairs (`data/kinds.py`)."""
+        return "pairs", {}
+
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
         s = cfg.stage
         self.spec: PreferenceLoss = PREFERENCE_LOSSES[str(s.loss)]
         self.reference_free = self.spec.is_reference_free
         self.precompute = s.precompute_ref
-        rows = load_rows(cfg.data)
-        require_rows_with(cfg.data, rows, ("chosen",), "dpo")
-        pairs = tokenize_pairs(rows, tokenizer, cfg.data)
-        self.pairs = [dict(p, index=i) for i, p in enumerate(pairs)]
-        longest = [p["prompt_ids"] + max(p["chosen_ids"], p["rejected_ids"], key=len) for p in pairs]
+        require_rows_with(cfg.data, ("chosen",), "dpo")
+        self.pairs = pairs = self.load_table(tokenizer)
+        log_truncated(int(pairs.values("truncated").sum()), len(pairs), "pairs", cfg.data)
+        longest = pairs.lengths("prompt_ids") + np.maximum(pairs.lengths("chosen_ids"), pairs.lengths("rejected_ids"))
         self.source = self.make_source(longest)
         self.ctx = {
             "loss_type": self.spec.name,
@@ -108,7 +113,8 @@ class DpoStage(PreferenceStage):
 
     def step(self, roles, step: int) -> dict[str, Any]:
         t0 = time.time()
-        pairs = [self.pairs[row["index"]] for row in self.source.next()]
+        index = [row["index"] for row in self.source.next()]
+        pairs = [dict(p, index=i) for i, p in zip(index, self.pairs.gather(index))]
         per_rank = self.shard_pairs(pairs, self.ref_cache.get("train"))
         t = time.time()
         if not self.reference_free and "train" not in self.ref_cache:

@@ -3,7 +3,9 @@
 The algorithm (advantages, aggregation, loss; with the papers it follows and where it
 deviates) is in orchestrator/algos/grpo.py. This module is the driver-side pipeline:
 
-1. take `prompts_per_step` prompts (resumable position, like SFT data);
+1. take `prompts_per_step` prompts (resumable position, like SFT data); the prompts are
+   read through the prepared-data path (`data/kinds.py` kind `prompts`, cached unless
+   `data.cache=false`) and held in a list, as prompt sets are small;
 2. the rollout engine (`rollout` config group) samples `rollout.n` completions each from
    policy version v, with their per-token log-probs when the engine has them cheaply
    (vLLM) or `stage.tis_cap` needs them;
@@ -38,7 +40,9 @@ from orchestrator.data.batching import BatchSource, shard
 from orchestrator.data.chat import encode_prompt
 from orchestrator.data.collate import rl_collate, rl_dummy
 from orchestrator.data.heldout import heldout_prompts
-from orchestrator.data.prompts import load_prompts
+from orchestrator.data.kinds import decode_prompt
+from orchestrator.data.prepare import load_examples
+from orchestrator.data.table import as_table
 from orchestrator.evaluation import greedy_accuracy
 from orchestrator.methods import METHODS, Reference
 from orchestrator.models.logprobs import token_logprobs
@@ -58,11 +62,19 @@ REFERENCE_GPU_SHARE = 0.1
 class GrpoStage(Stage):
     uses_rollout = True
 
+    @classmethod
+    def data_kind(cls, cfg) -> tuple[str, dict[str, Any]]:
+        """RL prompts with the answer the rewards check (`data/kinds.py`)."""
+        return "prompts", {"need_answer": True}
+
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
         g = cfg.stage
         self.g, self.r = g, cfg.rollout
-        prompts = load_prompts(cfg.data)
+        # RL prompt sets are small (thousands of rows) and each step renders its prompts anew,
+        # so the prompts are read through the prepared path (cached) and then held in a list.
+        table = as_table(load_examples(cfg.data, *self.data_kind(cfg), tokenizer))
+        prompts = [decode_prompt(ex) for ex in table.gather(range(len(table)))]
         self.heldout = (
             heldout_prompts(cfg.data, prompts, cfg.eval.samples) if cfg.data.source.startswith("synthetic:") else []
         )

@@ -4,7 +4,8 @@ Rows are `{"prompt", "completion", "label"}`, or pairs split into a desirable an
 undesirable example (`data/unpaired.py`). The loss is a pure function in
 orchestrator/algos/preference.py. Each step:
 
-1. take `train.global_batch_size` examples (resumable position);
+1. take `train.global_batch_size` examples (resumable position) from the prepared examples
+   (`data/kinds.py` kind `kto`: memory-mapped and read by index; in memory with `data.cache=false`);
 2. KL reference point: pair each prompt with the completion of the previous example of the
    global batch (TRL rotates the same way within a device batch), so the mismatched
    completions are the batch's own; z0 = max(0, mean log-ratio policy/reference over them),
@@ -33,8 +34,7 @@ from orchestrator.config.checks import positive
 from orchestrator.data.batching import shard
 from orchestrator.data.chat import IGNORE
 from orchestrator.data.collate import pad_collate
-from orchestrator.data.sources import load_rows
-from orchestrator.data.unpaired import tokenize_unpaired
+from orchestrator.data.preference import log_truncated
 from orchestrator.errors import ConfigError
 from orchestrator.models.logprobs import token_logprobs
 from orchestrator.stages.base import step_metrics, train_on_workers
@@ -85,12 +85,17 @@ def mismatched(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class KtoStage(PreferenceStage):
+    @classmethod
+    def data_kind(cls, cfg) -> tuple[str, dict[str, Any]]:
+        """Unpaired examples (`data/kinds.py`)."""
+        return "kto", {}
+
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        rows = load_rows(cfg.data)
-        require_rows_with(cfg.data, rows, ("chosen", "label"), "kto")
-        self.examples = tokenize_unpaired(rows, tokenizer, cfg.data)
-        self.source = self.make_source([ex["prompt_ids"] + ex["completion_ids"] for ex in self.examples])
+        require_rows_with(cfg.data, ("chosen", "label"), "kto")
+        self.examples = examples = self.load_table(tokenizer)
+        log_truncated(int(examples.values("truncated").sum()), len(examples), "examples", cfg.data)
+        self.source = self.make_source(examples.lengths("prompt_ids") + examples.lengths("completion_ids"))
         s = cfg.stage
         self.ctx = {
             "beta": s.beta,
@@ -99,7 +104,7 @@ class KtoStage(PreferenceStage):
             "world_size": self.world,
             "logits_chunk_mb": cfg.train.logits_chunk_mb,
         }
-        good = sum(1 for ex in self.examples if ex["label"])
+        good = int(examples.values("label").astype(bool).sum())
         log.info("KTO: %d examples (%d desirable), %d per step", len(self.examples), good, cfg.train.global_batch_size)
 
     def shard_examples(self, examples: list[dict[str, Any]]):
@@ -123,7 +128,7 @@ class KtoStage(PreferenceStage):
 
     def step(self, roles, step: int) -> dict[str, Any]:
         t0 = time.time()
-        examples = [self.examples[row["index"]] for row in self.source.next()]
+        examples = self.examples.gather([row["index"] for row in self.source.next()])
         kl = self.kl(roles, examples)
         per_rank = self.shard_examples(examples)
         self.attach_reference(roles, per_rank)

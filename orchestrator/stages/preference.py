@@ -23,15 +23,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from orchestrator.algos.preference import PairBatch, sequence_logps
 from orchestrator.data.batching import BatchSource, shard
 from orchestrator.data.collate import pair_dummy, paired_collate
 from orchestrator.data.preference import tokenize_pairs
+from orchestrator.data.prepare import load_examples
 from orchestrator.data.prompts import prompt_rows
 from orchestrator.data.sources import load_rows
 from orchestrator.data.synthetic import GENERATORS
+from orchestrator.data.table import RowView, as_table
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.evaluation import greedy_accuracy
 from orchestrator.methods import METHODS, Reference
@@ -44,6 +47,8 @@ log = logging.getLogger("orchestrator")
 REFERENCE_GPU_SHARE = 0.1
 """Share of a policy bundle's GPU a colocated frozen reference copy takes (forwards only)."""
 REFERENCE_FILE = "reference_logps.pt"
+PRECOMPUTE_CHUNK = 4096
+"""Pairs read from the table per pass of the once-computed reference log-probs."""
 
 
 def heldout_rows(d, n: int) -> list[Any]:
@@ -55,13 +60,27 @@ def heldout_rows(d, n: int) -> list[Any]:
     return load_rows(replace(d, source=f"synthetic:{name}_heldout", num_samples=n, seed=d.seed + 10_000))
 
 
-def require_rows_with(d, rows, keys: tuple[str, ...], stage: str) -> None:
-    """A generator that writes no row of this shape is a config mistake, not bad rows."""
-    if d.source.startswith("synthetic:") and rows and not any(k in rows[0].value for k in keys):
+def require_rows_with(d, keys: tuple[str, ...], stage: str) -> None:
+    """A generator that writes no row of this shape is a config mistake, not bad rows
+    (checked on the generator's first row, before any preparation)."""
+    if not d.source.startswith("synthetic:"):
+        return
+    rows = load_rows(replace(d, num_samples=1))
+    if rows and not any(k in rows[0].value for k in keys):
         raise ConfigError(
             f"data.source={d.source!r} has no preference rows for stage={stage} (no {' / '.join(keys)}); "
             "use data=arithmetic_pairs (generated) or a .jsonl / .parquet / hf: set with prompt, chosen, rejected"
         )
+
+
+class IndexRows(RowView):
+    """Rows that are example indices (`{"index": i}`), with each example's length."""
+
+    def __init__(self, lengths: Any):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+
+    def __getitem__(self, r: int) -> dict[str, Any]:
+        return {"index": int(r)}
 
 
 class PreferenceStage(Stage):
@@ -83,11 +102,18 @@ class PreferenceStage(Stage):
         self.heldout = tokenize_pairs(held, tokenizer, cfg.data) if held else []
         self.heldout_prompts = prompt_rows(held, cfg.data) if held and "answer" in held[0].value else []
 
-    def make_source(self, token_ids: list[list[int]]) -> BatchSource:
-        """Resumable batches of example indices (`index`); `token_ids` (an example's longest
-        row) groups examples of similar length into a batch (`data.group_by_length`)."""
+    def load_table(self, tokenizer) -> Any:
+        """The stage's examples (`data_kind`), prepared (`data.cache`) or in memory, as a table
+        read by index (`data/table.py`): the driver holds no list of them."""
         d = self.cfg.data
-        rows = [{"input_ids": ids, "index": i} for i, ids in enumerate(token_ids)]
+        kind, opts = self.data_kind(self.cfg)
+        return as_table(load_examples(d, kind, opts, tokenizer))
+
+    def make_source(self, lengths: Any) -> BatchSource:
+        """Resumable batches of example indices (`index`); `lengths` (of an example's longest
+        row) group examples of similar length into a batch (`data.group_by_length`)."""
+        d = self.cfg.data
+        rows = IndexRows(lengths)
         return BatchSource(
             rows, "padded", 1 << 30, self.cfg.train.global_batch_size, d.seed, d.shuffle, d.group_by_length
         )
@@ -172,7 +198,7 @@ class PreferenceStage(Stage):
         return out
 
     # ------------------------------------------------------------- precompute
-    def precompute_reference(self, roles, start_step: int, pairs: list[dict[str, Any]]) -> None:
+    def precompute_reference(self, roles, start_step: int, pairs: Any) -> None:
         """Reference sums of every training and held-out pair, from the run directory when
         an earlier attempt stored them, else computed now (before any update) and stored."""
         path = Path(self.cfg.run.output_dir) / REFERENCE_FILE
@@ -188,8 +214,13 @@ class PreferenceStage(Stage):
                 f"stage.precompute_ref: {path} is missing and the policy has already trained ({start_step} steps), "
                 "so it is no longer the reference; start the run over in a new run.output_dir"
             )
+        table = as_table(pairs)
+        chunks = [
+            self.pair_sums(roles, table.gather(range(s, min(s + PRECOMPUTE_CHUNK, len(table)))), True, initial)
+            for s in range(0, len(table), PRECOMPUTE_CHUNK)
+        ]
         self.ref_cache = {
-            "train": self.pair_sums(roles, pairs, True, initial),
+            "train": torch.cat(chunks) if chunks else torch.zeros(0, 2),
             "heldout": self.pair_sums(roles, self.heldout, True, initial) if self.heldout else torch.zeros(0, 2),
         }
         tmp = path.with_suffix(".tmp")

@@ -12,6 +12,7 @@ import torch
 
 from orchestrator.config.compose import compose
 from orchestrator.config.validate import validate
+from orchestrator.data.table import TokenTable
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.models import build_model, build_tokenizer
 from orchestrator.models.logprobs import token_logprobs
@@ -233,3 +234,43 @@ def test_bad_preference_config_fails_naming_the_key(overrides, message):
 def test_sft_data_for_a_preference_stage_says_which_data_to_use(stage):
     with pytest.raises(ConfigError, match=f"no preference rows for stage={stage}.*data=arithmetic_pairs"):
         _stage(f"stage={stage}", "data.source=synthetic:instruct")
+
+
+@pytest.mark.parametrize(
+    "overrides, what",
+    [
+        (["stage=dpo"], "pairs"),
+        (["stage=kto"], "examples"),
+        (["+experiment=grpo_math", "debug=cpu", "run.init_from=null", "eval.samples=0"], None),
+    ],
+)
+def test_stages_read_prepared_data_as_the_in_memory_path(overrides, what, tmp_path, caplog):
+    """DPO, KTO and GRPO read the prepared (cached, memory-mapped) examples of their row kind:
+    the same examples, batches and truncation counts as with `data.cache=false`."""
+    limits = ["data.max_prompt_len=12", "data.truncate=true"] if what else []
+    stages, logged = {}, {}
+    for cached in ("true", "false"):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="orchestrator"):
+            args = [*overrides, *limits, f"data.cache={cached}", f"data.cache_dir={tmp_path}"]
+            if what is None:  # GRPO: its own experiment, not the preference BASE
+                cfg, _ = compose([*args, "data.num_samples=24"])
+                validate(cfg)
+                stages[cached] = STAGES[cfg.stage.name](cfg, build_tokenizer(cfg.model))
+            else:
+                _, stages[cached] = _stage(*args)
+        logged[cached] = [m for m in caplog.messages if "truncated" in m]
+    if what:
+        assert logged["true"] == logged["false"] and len(logged["true"]) == 1
+        assert f" {what} truncated (data.max_prompt_len=12, " in logged["true"][0]
+    prepared, memory = stages["true"], stages["false"]
+    if what is None:
+        assert len(list(tmp_path.glob("prompts-*/meta.json"))) == 1
+        assert prepared.prompts == memory.prompts and len(prepared.prompts) == 24
+        return
+    table = prepared.pairs if what == "pairs" else prepared.examples
+    assert isinstance(table, TokenTable) and len(list(tmp_path.glob("*/meta.json"))) == 1
+    in_memory = memory.pairs if what == "pairs" else memory.examples
+    assert table.gather(range(len(table))) == in_memory.gather(range(len(in_memory)))
+    for _ in range(3):
+        assert prepared.source.next() == memory.source.next()
