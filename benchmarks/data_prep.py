@@ -72,7 +72,7 @@ def _ours(overrides: list[str]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t, "rows": len(source.rows), "first_batch_tokens": tokens}
 
 
-def _trl(data: Path, seq: int, num_proc: int) -> dict[str, Any]:
+def _trl(data: Path, seq: int, num_proc: int, cache_dir: Path | None = None) -> dict[str, Any]:
     """TRL `SFTTrainer` preparing the same rows (its constructor tokenizes the data set)."""
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
@@ -83,7 +83,9 @@ def _trl(data: Path, seq: int, num_proc: int) -> dict[str, Any]:
     tok = build_tokenizer(ModelConfig(name="t", chat_template=TRL_TEMPLATE))
     model = build_model(ModelConfig(name="t"), None)
     t = time.perf_counter()
-    ds = load_dataset("json", data_files=str(data), split="train")
+    ds = load_dataset(
+        "json", data_files=str(data), split="train", cache_dir=str(cache_dir / "hf") if cache_dir else None
+    )
     args = SFTConfig(
         output_dir=str(data.parent / "trl_out"),
         max_length=seq,
@@ -91,6 +93,9 @@ def _trl(data: Path, seq: int, num_proc: int) -> dict[str, Any]:
         packing=True,
         dataset_num_proc=num_proc if num_proc > 1 else None,
         report_to=[],
+        use_cpu=True,  # the preparation is the same on any device; no accelerator is needed for it
+        bf16=False,
+        disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     next(iter(trainer.get_train_dataloader()))
@@ -102,7 +107,7 @@ def child(contender: str, data: Path, cache_dir: Path, seq: int, num_proc: int) 
     t, c = time.perf_counter(), time.process_time()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if contender == "trl":
-        out = _trl(data, seq, num_proc)
+        out = _trl(data, seq, num_proc, cache_dir)
     else:
         out = _ours(_overrides(data, cache_dir, seq, num_proc, cache=contender != "in_memory"))
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -143,6 +148,83 @@ def measure(rows: int, work: Path, seq: int, num_proc: int, with_trl: bool) -> d
         out["contenders"][name]["loadavg_1_5_15"] = list(os.getloadavg())
         print(f"  {json.dumps(out['contenders'][name])[:300]}", flush=True)
     return out
+
+
+SUITE_ROWS = 100_000
+"""Rows of the suite's entry (`python -m benchmarks --only data_prep`); 1M: this module's CLI."""
+SMOKE_ROWS = 200
+
+
+def _in_process(contender: str, data: Path, cache_dir: Path, seq: int, num_proc: int) -> dict[str, Any]:
+    """One contender in this process (`--smoke`: checks the code path, not memory)."""
+    t, c = time.perf_counter(), time.process_time()
+    if contender == "trl":
+        out = _trl(data, seq, num_proc, cache_dir)
+    else:
+        out = _ours(_overrides(data, cache_dir, seq, num_proc, cache=contender != "in_memory"))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(out, wall_s=time.perf_counter() - t, cpu_s=time.process_time() - c, peak_rss_mb=rss)
+
+
+def data_prep(work_dir: Path, warmup: int, repeats: int, threads: int, smoke: bool) -> dict[str, Any]:
+    """The suite's entry: SFT data to the first batch, ours (in memory, prepared, cache hit)
+    against TRL `SFTTrainer` on the same generated rows, each in a fresh process (one round:
+    a round at 100k rows takes minutes); `--smoke`: 200 rows, in this process."""
+    from benchmarks.gen_chat import write_chat_jsonl
+    from benchmarks.harness import ratio, summarize
+
+    rows, seq = (SMOKE_ROWS, 256) if smoke else (SUITE_ROWS, 1024)
+    procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    procs = 1 if smoke else procs  # 200 rows: worker processes would only add their start-up
+    data, cache_dir = work_dir / f"chat_{rows}.jsonl", work_dir / "cache"
+    write_chat_jsonl(data, rows)
+    contenders: dict[str, Any] = {}
+    for name in (*CONTENDERS, "trl"):
+        args = (name, data, cache_dir, seq, procs)
+        r = _in_process(*args) if smoke else _run_child([str(a) for a in args])
+        if "error" in r:
+            raise RuntimeError(f"{name}: {r['error']}")
+        contenders[name] = {
+            **summarize([r["seconds"]], [r["cpu_s"]]),
+            "driver_peak_rss_mb": round(r["peak_rss_mb"]),
+            "children_peak_rss_mb": round(r.get("children_peak_rss_mb", 0.0)),
+            "process_wall_s": round(r["wall_s"], 2),
+            "rows": r["rows"],
+        }
+    c = contenders
+    first, hit, trl = c["prepared_first"]["median_s"], c["prepared_cached"]["median_s"], c["trl"]["median_s"]
+    rss = {k: c[k]["driver_peak_rss_mb"] for k in c}
+    return {
+        "title": f"SFT data to the first batch, {rows} generated chat rows",
+        "unit": "s",
+        "work": {
+            "rows": rows,
+            "file_mb": round(data.stat().st_size / 1e6, 1),
+            "max_seq_len": seq,
+            "num_proc": procs,
+            "timed": "from reading the source to the first global batch (imports and model build excluded)",
+            "rounds": 1,
+        },
+        "contenders": contenders,
+        "ratios": [
+            ratio(
+                "prepared_first/trl", first, trl, 1.0, (c["prepared_first"]["cpu_median_s"], c["trl"]["cpu_median_s"])
+            ),
+            {
+                "name": "cache hit to first batch (s)",
+                "value": round(hit, 2),
+                "goal": 5.0,
+                "met": hit <= 5.0,
+                "absolute": True,
+            },
+            ratio("driver peak RSS prepared_first/trl", rss["prepared_first"], rss["trl"], None),
+            ratio("driver peak RSS prepared_first/in_memory", rss["prepared_first"], rss["in_memory"], None),
+        ],
+        "notes": [
+            "one round per contender, each in a fresh process (in-process at smoke size); driver peak RSS is the "
+            "process's own ru_maxrss, the preparation's worker processes are counted apart (children_peak_rss_mb)"
+        ],
+    }
 
 
 def _markdown(doc: dict[str, Any]) -> str:

@@ -63,6 +63,8 @@ _DETAILS = (
     "bytes_written",
     "exit_median_s",
     "split_median_s",
+    "driver_peak_rss_mb",
+    "children_peak_rss_mb",
     "note",
 )
 

