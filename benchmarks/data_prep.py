@@ -17,6 +17,10 @@ data path of `+experiment=sft_tiny` (byte tokenizer, completion-only masks, pack
 Reported per contender: wall and CPU seconds (the process and its children), the
 process's own peak RSS (the driver's, `ru_maxrss`) and its children's. Results go to
 `benchmarks/results/data_prep.{json,md}` with the machine's load average.
+
+In the suite (`python -m benchmarks --only data_prep`, into `results/cpu.{json,md}`) the
+four contenders (TRL included) run on `BENCH_DATA_PREP_ROWS` rows (default 100,000), one
+round each, the timed span being the data path to the first batch; `--smoke`: 200 rows.
 """
 
 from __future__ import annotations
@@ -150,8 +154,9 @@ def measure(rows: int, work: Path, seq: int, num_proc: int, with_trl: bool) -> d
     return out
 
 
-SUITE_ROWS = 100_000
-"""Rows of the suite's entry (`python -m benchmarks --only data_prep`); 1M: this module's CLI."""
+SUITE_ROWS = int(os.environ.get("BENCH_DATA_PREP_ROWS", 100_000))
+"""Rows of the suite's entry (`python -m benchmarks --only data_prep`; `BENCH_DATA_PREP_ROWS`
+sets another size); 1M: this module's CLI."""
 SMOKE_ROWS = 200
 
 
