@@ -18,10 +18,9 @@ from orchestrator.models.tokenizer import CHAT_TEMPLATE, byte_tokenizer
 BYTE_VOCAB = len(byte_tokenizer())
 
 
-def _llama(m: ModelConfig) -> PretrainedConfig:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+def _dense(m: ModelConfig) -> dict:
+    """The settings the locally built dense architectures share (byte vocabulary, sizes)."""
+    return dict(
         vocab_size=BYTE_VOCAB,
         hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size,
@@ -34,25 +33,19 @@ def _llama(m: ModelConfig) -> PretrainedConfig:
         bos_token_id=1,
         eos_token_id=4,
     )
+
+
+def _llama(m: ModelConfig) -> PretrainedConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_dense(m))
 
 
 def _qwen2(m: ModelConfig) -> PretrainedConfig:
     """Qwen2: Llama-like, with biases on the attention q/k/v projections."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=BYTE_VOCAB,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads,
-        max_position_embeddings=m.max_position_embeddings,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=4,
-    )
+    return Qwen2Config(**_dense(m))
 
 
 def _qwen3_moe(m: ModelConfig) -> PretrainedConfig:
