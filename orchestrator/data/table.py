@@ -183,11 +183,18 @@ class RowView:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __getitem__(self, r: int) -> Row:
+    def row(self, r: int) -> Row:
+        """Row `r`, assembled from the table."""
         raise NotImplementedError
 
+    def __getitem__(self, r: int | slice) -> Any:
+        """Row `r`, or a list of the rows of a slice (as a list of rows would give)."""
+        if isinstance(r, slice):
+            return [self.row(k) for k in range(*r.indices(len(self)))]
+        return self.row(r)
+
     def __iter__(self) -> Iterator[Row]:
-        return (self[r] for r in range(len(self)))
+        return (self.row(r) for r in range(len(self)))
 
 
 class PackedRows(RowView):
@@ -201,7 +208,7 @@ class PackedRows(RowView):
         bounds = np.frombuffer(self.starts, dtype=np.int64)
         self.lengths = cum[bounds[1:]] - cum[bounds[:-1]] if len(bounds) > 1 else np.zeros(0, dtype=np.int64)
 
-    def __getitem__(self, r: int) -> Row:
+    def row(self, r: int) -> Row:
         return packed_row(self.table.gather(self.order[self.starts[r] : self.starts[r + 1]]))
 
 
@@ -212,7 +219,7 @@ class PaddedRows(RowView):
         self.table = table
         self.lengths = table.lengths()
 
-    def __getitem__(self, r: int) -> Row:
+    def row(self, r: int) -> Row:
         ex = self.table[r]
         return dict(ex, position_ids=list(range(len(ex["input_ids"]))))
 

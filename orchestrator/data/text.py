@@ -72,7 +72,7 @@ class TextChunks(RowView):
         total = int(self.ends[-1]) if len(self.ends) else 0
         self.lengths = np.minimum(max_len, total - np.arange(0, total, max_len))
 
-    def __getitem__(self, r: int) -> Row:
+    def row(self, r: int) -> Row:
         lo, hi = r * self.max_len, r * self.max_len + int(self.lengths[r])
         first = int(np.searchsorted(self.ends, lo, side="right"))
         last = int(np.searchsorted(self.ends, hi - 1, side="right"))

@@ -79,7 +79,7 @@ class IndexRows(RowView):
     def __init__(self, lengths: Any):
         self.lengths = np.asarray(lengths, dtype=np.int64)
 
-    def __getitem__(self, r: int) -> dict[str, Any]:
+    def row(self, r: int) -> dict[str, Any]:
         return {"index": int(r)}
 
 

@@ -63,6 +63,7 @@ def test_prepared_examples_and_batches_equal_the_in_memory_path(tok, tmp_path, b
         a = BatchSource(mem, batching, 128, 8, seed=1, shuffle=True, group_by_length=True)
         b = BatchSource(table, batching, 128, 8, seed=1, shuffle=True, group_by_length=True)
         assert len(a.rows) == len(b.rows)
+        assert b.rows[3:11] == a.rows[3:11] and b.rows[-2:] == a.rows[-2:]  # rows slice like a list
         for _ in range(2 * a.batches_per_epoch + 1):
             assert a.next() == b.next()
 
