@@ -45,6 +45,8 @@ class ModelScorer:
 
     def __init__(self, name: str, tokenizer, make_rollout: Callable[[], Any], group=None, micro_batch: int = 8):
         self.name, self.tokenizer, self.group, self.micro_batch = name, tokenizer, group, micro_batch
+        self.max_length: Optional[int] = None
+        """The model's context length (tokens), when known."""
         self._make_rollout = make_rollout
         self._rollout: Optional[Any] = None
 
@@ -72,9 +74,9 @@ class ModelScorer:
         for prompt, completion in pairs:
             p, c = split_completion(self.tokenizer, prompt, completion)
             rows.append({"input_ids": p + c, "prompt_len": len(p), "weight": 1.0, "adv": 0.0})
-        return self._row_logprobs(rows)
+        return self.row_logprobs(rows)
 
-    def _row_logprobs(self, rows: list[dict[str, Any]]) -> list[tuple[float, int]]:
+    def row_logprobs(self, rows: list[dict[str, Any]]) -> list[tuple[float, int]]:
         """Summed log-prob and count of each RL-collated row's targets, sharded over the ranks."""
         from orchestrator.data.batching import shard
         from orchestrator.data.collate import rl_collate, rl_dummy
@@ -100,7 +102,7 @@ class ModelScorer:
             if eos is not None and (not ids or ids[-1] != eos):
                 ids.append(eos)
             rows.append({"input_ids": ids, "prompt_len": 1, "weight": 1.0, "adv": 0.0})
-        return self._row_logprobs(rows)
+        return self.row_logprobs(rows)
 
     def close(self) -> None:
         if self._rollout is not None:

@@ -8,6 +8,7 @@ eval runs and the gate rules that decide PROMOTE or REJECT, with the checks of t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omegaconf import MISSING
@@ -26,6 +27,7 @@ class EvalTaskKind(Choice):
     nll = "nll"
     choice = "choice"
     preference = "preference"
+    lm_eval = "lm_eval"
 
 
 class ContaminationAction(Choice):
@@ -44,7 +46,8 @@ class EvalTaskSpec:
     """generation (sampled and greedy completions scored by `reward`: accuracy, pass@k) | nll
     (per-token NLL and perplexity of reference completions) | choice (multiple choice by
     log-likelihood: rows with `choices` and the `answer` index or text) | preference (win
-    rate of the candidate's greedy completions over the base's under `reward`)."""
+    rate of the candidate's greedy completions over the base's under `reward`) | lm_eval (a
+    task of lm-evaluation-harness, named by `task`)."""
     name: str | None = None
     """Label in the report and in gate rules (`<name>/<metric>`); None: `<kind>_<source>`."""
     source: str | None = None
@@ -68,6 +71,12 @@ class EvalTaskSpec:
     (prompt, completion) -> float; required."""
     max_new_tokens: int | None = None
     """generation: budget per completion; None: eval.max_new_tokens, else rollout.max_new_tokens."""
+    task: str | None = None
+    """lm_eval: the harness task: a name of its registry (e.g. hellaswag; data from the hub or
+    its cache), a task YAML file, or a task shipped with this project (arith_choice,
+    arith_exact: offline). Required for lm_eval; its `items` are the first documents."""
+    num_fewshot: int | None = None
+    """lm_eval: few-shot examples per prompt; None: the task's own setting."""
 
 
 @dataclass
@@ -148,6 +157,17 @@ def _check_task(t: EvalTaskSpec, key: str, check_reward) -> None:
             raise ConfigError(f"{key}: samples={t.samples} at temperature 0 are identical; set temperature > 0")
     if t.reward is not None:
         check_reward(t.reward, f"{key}.reward")
+    if t.kind == EvalTaskKind.lm_eval and not t.task:
+        raise ConfigError(
+            f"{key}: an lm_eval task needs {key}.task: a harness task name (e.g. hellaswag), a task YAML file, "
+            "or a shipped task (arith_choice, arith_exact)"
+        )
+    if t.task and t.task.endswith((".yaml", ".yml")) and not Path(t.task).is_file():
+        raise ConfigError(f"{key}.task={t.task!r}: no such task YAML file; give the path of a harness task YAML")
+    if t.task and t.kind != EvalTaskKind.lm_eval:
+        raise ConfigError(f"{key}.task is read by kind lm_eval only (this task is {t.kind}); remove it")
+    if t.num_fewshot is not None and t.num_fewshot < 0:
+        raise ConfigError(f"{key}.num_fewshot={t.num_fewshot} must be >= 0")
     if t.kind == EvalTaskKind.preference and t.reward is None:
         raise ConfigError(
             f"{key}: a preference task needs a reward to compare completions with: set {key}.reward to a "

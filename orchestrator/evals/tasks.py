@@ -18,6 +18,9 @@ orchestrator/algos/eval_stats.py); its first metric is its primary one (the defa
   `reward` (`reward`: the mean score), and the candidate's `win_rate` over the base on the
   same items (a win 1, a tie 0.5, a loss 0), reported against 0.5 (no preference) with a
   bootstrap interval and the sign test on the untied items; per-item outcomes in the report.
+* `lm_eval`: a task of lm-evaluation-harness (its registry, a task YAML, or one shipped in
+  `lm_eval_tasks/`), answered by the same models (orchestrator/evals/harness.py); every
+  metric it scores per item.
 
 A task compares the two models' scores in `compare` (by default every metric with
 orchestrator/evals/gate.py's `compare`); a task whose metric is itself paired (the
@@ -26,7 +29,9 @@ preference task's win rate) adds its comparison there.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from orchestrator.algos import eval_stats as st
@@ -255,11 +260,61 @@ class PreferenceTask(EvalTask):
         return [win, compare(self.name, "reward", True, cand["reward"], base["reward"], settings)]
 
 
+class LmEvalTask(EvalTask):
+    kind = "lm_eval"
+
+    def __init__(self, name: str, spec, items: list[Any], source: str, gen: GenerationSettings, limit: Optional[int]):
+        from orchestrator.evals.harness import load_task, task_metrics
+
+        super().__init__(name, spec, items, source, gen)
+        self.limit = limit
+        self.harness = load_task(spec.task, f"eval.tasks[{name}]", spec.num_fewshot, gen.seed)
+        self.table = task_metrics(self.harness)
+        if not self.table:
+            raise ConfigError(
+                f"eval task {name} ({spec.task}): none of its metrics has a per-item value to compare "
+                "with the base; choose a task scored per item (accuracy, exact match, perplexity)"
+            )
+        kind = self.harness.OUTPUT_TYPE
+        self.needs_logprobs = kind != "generate_until"
+        self.needs_generation = kind in ("generate_until", "loglikelihood")
+
+    def metrics(self) -> dict[str, bool]:
+        return {name: hib for name, (_, _, _, hib) in self.table.items()}
+
+    def describe(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        h = self.harness
+        return {
+            **super().describe(),
+            "lm_eval": {
+                "task": h.config.task,
+                "output_type": h.OUTPUT_TYPE,
+                "num_fewshot": h.config.num_fewshot or 0,
+                "version": version("lm_eval"),
+            },
+        }
+
+    def score(self, model: ModelScorer) -> dict[str, MetricScores]:
+        from orchestrator.evals.harness import load_task, run_task
+
+        s = self.spec
+        task = load_task(s.task, f"eval.tasks[{self.name}]", s.num_fewshot, self.gen.seed)  # fresh per model
+        values = run_task(task, model, self.limit, self.gen.seed)
+        out = {}
+        for name, (metric, flt, value, _) in self.table.items():
+            xw = [value(v) for v in values[f"{metric}|{flt}"]]
+            out[name] = MetricScores([x for x, _ in xw], [w for _, w in xw])
+        return out
+
+
 TASKS: dict[str, type[EvalTask]] = {
     "generation": GenerationTask,
     "nll": NllTask,
     "choice": ChoiceTask,
     "preference": PreferenceTask,
+    "lm_eval": LmEvalTask,
 }
 
 
@@ -285,7 +340,15 @@ def build_tasks(cfg, train) -> list[EvalTask]:
     tasks = []
     for i, spec in enumerate(specs):
         key = f"eval.tasks[{i}]" if e.tasks else "eval.tasks (default)"
-        items = load_items(str(spec.kind), spec.source, spec.split, spec.items or e.items or e.samples, train, key)
+        n = spec.items or e.items or e.samples
+        if str(spec.kind) == "lm_eval":
+            from orchestrator.evals.harness import load_task, task_items
+
+            name = spec.name or re.sub(r"[^\w]+", "_", Path(spec.task).stem).strip("_").lower()
+            items = task_items(load_task(spec.task, key, spec.num_fewshot, e.seed), n)
+            tasks.append(LmEvalTask(name, spec, items, f"lm-eval task {spec.task}", gen, n))
+            continue
+        items = load_items(str(spec.kind), spec.source, spec.split, n, train, key)
         name = spec.name or f"{spec.kind}_{source_label(spec.source)}"
         source = spec.source or f"held-out split of {train.source}"
         tasks.append(TASKS[str(spec.kind)](name, spec, items, source, gen))

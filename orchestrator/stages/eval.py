@@ -111,7 +111,7 @@ class EvalStage(Stage):
 
     # ---------------------------------------------------------- lifecycle
     def setup(self, roles, start_step: int, tracker) -> None:
-        from orchestrator.models import build_tokenizer
+        from orchestrator.models import build_tokenizer, model_config
 
         self._close_scorers()
         self.tracker = tracker
@@ -121,6 +121,7 @@ class EvalStage(Stage):
             self.scorers[m.role] = ModelScorer(
                 m.role, tok, lambda m=m, tok=tok: self._rollout(m, tok), group, self.cfg.train.micro_batch_size
             )
+            self.scorers[m.role].max_length = getattr(model_config(m.spec), "max_position_embeddings", None)
         self._pg = roles[CANDIDATE].pg if CANDIDATE in roles else None
 
     def _rollout(self, model: EvalModel, tokenizer):

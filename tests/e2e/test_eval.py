@@ -1,7 +1,8 @@
 """Evaluation and promotion end to end on the real entry: a briefly trained candidate against
-its random start is promoted (run.eval_after), a candidate against itself is rejected (stage=eval),
-and the report and model card land in the eval's own run dir, never in the candidate's
-(the training run's own card in its export gets the eval's section)."""
+its random start is promoted (run.eval_after), a candidate against itself is rejected (stage=eval,
+with lm-evaluation-harness tasks answered by the same workers), and the report and model card
+land in the eval's own run dir, never in the candidate's (the training run's own card in its
+export gets the eval's section)."""
 
 from __future__ import annotations
 
@@ -54,12 +55,15 @@ def test_trained_candidate_is_promoted_and_itself_is_rejected(run_main, tmp_path
         "stage=eval",
         f"eval.candidate={run}",
         f"eval.base={run}",
-        "eval.tasks=[{kind:nll,items:40}]",
+        "eval.tasks=[{kind:nll,items:40},{kind:lm_eval,task:arith_choice,items:12},{kind:lm_eval,task:arith_exact,items:6}]",
         "eval.fail_on_reject=true",
         name="self_eval",
     )
     assert rc == 3  # REJECT with eval.fail_on_reject
     report = json.loads((ev / "report.json").read_text())
     assert report["decision"] == "REJECT" and report["metrics"][0]["delta"] == 0.0
+    harness = {m["key"]: m for m in report["metrics"] if m["key"].startswith("arith_")}
+    assert set(harness) == {"arith_choice/acc", "arith_choice/acc_norm", "arith_exact/exact_match"}
+    assert all(m["delta"] == 0.0 and m["items"] in (12, 6) for m in harness.values())  # one model, both roles
     assert (ev / "README.md").is_file() and (ev / "report.md").is_file() and not (ev / "promoted").exists()
     assert _tree_hash(run, skip="eval") == before  # the candidate's run is untouched
