@@ -1,4 +1,5 @@
-"""Callbacks used by end-to-end tests (loaded by import path through run.callbacks)."""
+"""Callbacks used by end-to-end tests (loaded by import path through run.callbacks), and small
+in-process helpers shared by unit tests."""
 
 import os
 import signal
@@ -96,3 +97,35 @@ class KillRolloutWorkerAtStep:
             with open(self.path, "w") as f:
                 json.dump(metrics, f)
             os.kill(self.driver.stage.rollout.nodes[self.index]["pid"], signal.SIGKILL)
+
+
+def train_steps(model, ids, lr: float, steps: int = 6) -> list:
+    """`steps` AdamW steps of the LM loss on `ids` over the trainable parameters; the losses."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+class LocalGroup:
+    """A frozen role's `forward_logprobs` on each rank's micro-batches, by a real model in-process."""
+
+    def __init__(self, model, world: int):
+        self.model, self.world_size = model, world
+
+    def call_per_rank(self, method, per_rank):
+        import torch
+
+        from orchestrator.models.logprobs import token_logprobs
+
+        assert method == "forward_logprobs" and len(per_rank) == self.world_size
+        with torch.no_grad():
+            return [[token_logprobs(self.model, mb, 256)[0] for mb in mbs] for mbs in per_rank]

@@ -17,22 +17,10 @@ from orchestrator.errors import ConfigError
 from orchestrator.evals.harness import load_task, run_task, shipped_tasks, task_items, task_metrics
 from orchestrator.evaluation import ModelScorer
 from orchestrator.models import build_model, build_tokenizer
-from orchestrator.models.logprobs import token_logprobs
 from orchestrator.rollout.hf import HfEngine
+from tests.helpers import LocalGroup
 
 pytest.importorskip("lm_eval")
-
-
-class LocalGroup:
-    """forward_logprobs of a real model on each rank's micro-batches, in-process."""
-
-    def __init__(self, model, world: int):
-        self.model, self.world_size = model, world
-
-    def call_per_rank(self, method, per_rank):
-        assert method == "forward_logprobs" and len(per_rank) == self.world_size
-        with torch.no_grad():
-            return [[token_logprobs(self.model, mb, 256)[0] for mb in mbs] for mbs in per_rank]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from orchestrator.methods import METHODS
 from orchestrator.methods.base import Reference
 from orchestrator.methods.bitfit import Bitfit
 from orchestrator.models import build_model
+from tests.helpers import train_steps
 from tests.methods.test_lora import export_like_the_engine
 
 TINY_QWEN2 = ModelConfig(
@@ -33,15 +34,7 @@ def test_only_biases_train_and_the_export_is_the_trained_model(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(2) for p in "qkv"}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, IDS, lr=5e-2)
     assert losses[-1] < losses[0] - 0.02, losses
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable

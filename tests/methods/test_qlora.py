@@ -19,6 +19,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.methods.base import Reference
 from orchestrator.methods.qlora import Qlora
 from orchestrator.models import build_model
+from tests.helpers import train_steps
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -64,15 +65,7 @@ def test_a_few_steps_lower_the_loss(checkpointing):
     assert model.get_base_model().is_gradient_checkpointing is checkpointing
     # Bytes, not values: packed 4-bit codes stored as float32 include NaN bit patterns.
     frozen = {n: p.detach().view(torch.uint8).clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, IDS, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(torch.equal(p.view(torch.uint8), frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
@@ -137,15 +130,7 @@ def test_dora_and_rslora_on_the_4bit_base_train_sync_and_export_the_policy(tmp_p
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and "default" in layer.lora_magnitude_vector
     assert layer.scaling["default"] == pytest.approx(16 / 2) == method.scale  # alpha / sqrt(r)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, IDS, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05, losses
     model.eval()
     with torch.no_grad():

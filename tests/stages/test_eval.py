@@ -18,10 +18,10 @@ from orchestrator.errors import ConfigError
 from orchestrator.evals.gate import Comparison, decide
 from orchestrator.evaluation import ModelScorer
 from orchestrator.models import build_model, build_tokenizer
-from orchestrator.models.logprobs import token_logprobs
 from orchestrator.rollout.base import Completion
 from orchestrator.stages import STAGES
 from orchestrator.stages.eval import GateRejected
+from tests.helpers import LocalGroup
 
 
 def _tree_hash(root: Path) -> str:
@@ -272,18 +272,6 @@ def test_choice_task_picks_the_most_likely_choice(candidate_run, tmp_path):
 
     scores = stage.tasks[0].score(Scorer())
     assert scores["accuracy"].x == [1, 0, 0, 1, 0, 0] and scores["accuracy_norm"].x == [0, 1, 0, 0, 1, 0]
-
-
-class LocalGroup:
-    """forward_logprobs of a real model on each rank's micro-batches, in-process."""
-
-    def __init__(self, model, world: int):
-        self.model, self.world_size = model, world
-
-    def call_per_rank(self, method, per_rank):
-        assert method == "forward_logprobs" and len(per_rank) == self.world_size
-        with torch.no_grad():
-            return [[token_logprobs(self.model, mb, 256)[0] for mb in mbs] for mbs in per_rank]
 
 
 def test_completion_logprobs_map_every_shard_back_to_its_item(candidate_run):
