@@ -860,6 +860,37 @@ class CheckpointConfig:
         positive(self.every_steps, "checkpoint.every_steps", allow_zero=True)
 
 
+# ---------------------------------------------------------------------------- plan
+@dataclass
+class PlanConfig:
+    """The preflight memory and time plan (orchestrator/plan; `python -m orchestrator.plan`)."""
+
+    device: str = "auto"
+    """Device each worker runs on: h100_80gb | h200_141gb | a100_40gb | a100_80gb | cpu (host
+    RAM) | auto (h100_80gb when cluster.gpus_per_worker > 0, else cpu)."""
+    device_memory_gb: float | None = None
+    """Memory per device in GB (1e9 bytes), overriding the device's own."""
+    mfu: float = 0.4
+    """Model FLOPs utilisation the step-time estimate assumes."""
+    fragmentation: float = 0.05
+    """Share of device memory held back for allocator fragmentation."""
+    enforce: bool = True
+    """Launchers refuse to submit a run whose plan does not fit (false: warn and submit)."""
+    auto: bool = False
+    """Lower train.micro_batch_size to the largest one the plan says fits."""
+
+    def check(self, cfg: Config) -> None:
+        from orchestrator.plan.devices import device_spec
+
+        device_spec(self.device, cfg)
+        if not 0 < self.mfu <= 1:
+            raise ConfigError(f"plan.mfu={self.mfu} must be in (0, 1], e.g. plan.mfu=0.4")
+        if not 0 <= self.fragmentation < 1:
+            raise ConfigError(f"plan.fragmentation={self.fragmentation} must be in [0, 1), e.g. 0.05")
+        if self.device_memory_gb is not None:
+            positive(self.device_memory_gb, "plan.device_memory_gb")
+
+
 # --------------------------------------------------------------------- train / run
 @dataclass
 class TrainConfig:
@@ -941,6 +972,7 @@ class Config:
     eval: EvalConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form values for user callbacks and reward functions."""
 

@@ -26,6 +26,7 @@ COMPONENTS = (
     "logger",
     "run",
     "method",
+    "plan",
 )
 
 

@@ -1,0 +1,227 @@
+"""Memory per device of each role of a run, by component, from shapes alone.
+
+Model state (N = cluster.num_workers; FSDP2 and ZeRO-3 shard all of it over N):
+
+- parameters: stored in the engine's master dtype (fp32 unless `model.dtype` says; DeepSpeed
+  with bf16 keeps bf16 parameters and an fp32 master copy in the optimizer). A 4-bit base
+  (qlora) holds 0.5 byte per quantized weight plus its block constants (blocksize 64: one
+  fp32 absmax per block, 0.0625 byte/weight; with double quantization an 8-bit absmax per
+  block and an fp32 constant per 256 blocks, ~0.0157 byte/weight), the rest in master dtype.
+- gathered: the unsharded working set. FSDP2 keeps the root's parameters (embeddings, LM head)
+  gathered through forward and backward and gathers one block ahead of the one running (two
+  blocks in compute dtype); ZeRO-3 gathers module by module (twice the largest module, as
+  DeepSpeed's own estimate counts). One worker without sharding under bf16 autocast keeps a
+  bf16 copy of every weight for backward.
+- gradients: one per trainable parameter, in master dtype (FSDP2 reduces in fp32) or bf16
+  (DeepSpeed bf16).
+- optimizer: AdamW's two moments per trainable parameter in master dtype (+ an fp32 master
+  copy with DeepSpeed bf16): full fine-tuning with mixed precision is the ~16 bytes/param rule
+  (ZeRO paper, Rajbhandari et al. 2020, sec. 3.1). `backend.offload_optimizer=cpu` moves
+  gradients and optimizer to host memory; `offload_param=cpu` moves the parameters too.
+
+Activations per micro-batch follow the accounting of Korthikanti et al. 2022 ("Reducing
+Activation Recomputation in Large Transformer Models", sec. 4.1: every tensor a layer keeps
+for backward), which gives s*b*h*(34 + 5*a*s/h) bytes per layer at 16-bit for a GPT block.
+Here it is written for the pre-norm, gated-MLP, grouped-query decoders `transformers` builds,
+without dropout, in elements per token per layer:
+
+    attention: 4h + 2*kv*d      (norm input and output, Q, K and V, attention output)
+    MLP:       2h + 4f          (norm input and output; gate, up, act(gate), product)
+    eager attention adds 2*a*s  (scores and softmax; sdpa / flash keep neither)
+
+times the compute dtype's size (f: the MLP width a token passes, experts per token x expert
+width for MoE). With activation checkpointing each layer keeps only its input (h per token)
+and backward recomputes one layer at a time (one layer's full set on top). Logits: the
+log-probs are computed over chunks of at most `train.logits_chunk_mb` of fp32 logits; a chunk,
+its log-softmax and its gradient are alive at once (3 x min(b*s*V*4, budget)).
+
+Frozen reference (DPO / KTO with a reference, GRPO with `kl_coef > 0`) when the method's
+reference is a frozen copy: its parameters, sharded like the policy's, no optimizer state;
+adapters switched off cost nothing. Rollout (GRPO): vLLM takes
+`rollout.gpu_memory_utilization` of a GPU for weights + KV cache (colocated: of the train
+GPU); the hf engine holds compute-dtype weights and the KV cache of a generate batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.plan.devices import Device
+from orchestrator.plan.shapes import Shapes
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Component:
+    role: str
+    name: str
+    bytes: int
+    where: str = "device"
+    """device | host (offloaded)."""
+    note: str = ""
+
+
+@dataclass
+class Layout:
+    """The run settings the memory model reads (what suggestions vary)."""
+
+    num_workers: int
+    micro_batch: int
+    checkpointing: bool
+
+
+def master_bytes(cfg) -> int:
+    return 4 if cfg.model.dtype == "auto" else DTYPE_BYTES[str(cfg.model.dtype)]
+
+
+def compute_bytes(cfg, dev: Device) -> int:
+    mp = str(cfg.backend.mixed_precision)
+    if mp == "bf16" or (mp == "auto" and dev.gpu):
+        return 2
+    return master_bytes(cfg)
+
+
+def sequence(cfg) -> tuple[int, int]:
+    """(rows per micro-batch multiplier, tokens per row) of the stage."""
+    stage, d = cfg.stage.name, cfg.data
+    if stage == "dpo":
+        return 2, d.max_seq_len  # chosen and rejected of each pair
+    if stage == "grpo":
+        return 1, (d.max_prompt_len or d.max_seq_len) + cfg.rollout.max_new_tokens
+    return 1, d.max_seq_len
+
+
+def activation_bytes(sh: Shapes, tokens: int, seq: int, elem: int, checkpointing: bool, eager: bool) -> int:
+    """Activations kept for backward by all layers for `tokens` tokens of `seq`-token rows."""
+    per_layer = 6 * sh.hidden + 2 * sh.kv_heads * sh.head_dim + 4 * sh.mlp_width
+    if eager:
+        per_layer += 2 * sh.heads * seq
+    if checkpointing:
+        return tokens * elem * (sh.layers * sh.hidden + per_layer)
+    return tokens * elem * sh.layers * per_layer
+
+
+def logits_bytes(sh: Shapes, tokens: int, chunk_mb: int) -> int:
+    return 3 * min(tokens * sh.vocab * 4, chunk_mb * 2**20)
+
+
+def _qlora_params(cfg, sh: Shapes) -> int:
+    consts = 0.0157 if cfg.method.double_quant else 0.0625
+    frozen_rest = sh.params - sh.linear_params
+    return int(sh.linear_params * (0.5 + consts) + frozen_rest * master_bytes(cfg))
+
+
+def model_state(cfg, sh: Shapes, dev: Device, lay: Layout, role: str) -> list[Component]:
+    """Parameters, gathered working set, gradients and optimizer state of a trained role."""
+    n, ds = lay.num_workers, cfg.backend.name == "deepspeed_zero3"
+    cb, mb = compute_bytes(cfg, dev), master_bytes(cfg)
+    bf16_ds = ds and cb == 2
+    qlora = cfg.method.name == "qlora"
+    if qlora:
+        params = _qlora_params(cfg, sh)
+    else:
+        params = sh.params * (2 if bf16_ds else mb)
+    sharded = n > 1 or ds or getattr(cfg.backend, "shard_single_rank", False)
+    if ds:
+        gathered = 2 * sh.largest_module * cb
+    elif sharded:
+        gathered = (sh.root_params + 2 * sh.block_params) * cb
+    elif cb < mb and not qlora:
+        gathered = sh.params * cb  # autocast's bf16 weight copies
+    else:
+        gathered = 0
+    grads = sh.trainable * (2 if bf16_ds else mb)
+    optim = sh.trainable * (2 * mb + (4 if bf16_ds else 0))
+    off_opt = ds and str(cfg.backend.offload_optimizer) == "cpu"
+    off_par = ds and str(cfg.backend.offload_param) == "cpu"
+    return [
+        Component(role, "parameters", -(-params // n), "host" if off_par else "device", "sharded over workers"),
+        Component(role, "gathered parameters", gathered, "device", "unsharded working set"),
+        Component(role, "gradients", -(-grads // n), "host" if off_opt else "device", f"{sh.trainable:,} trainable"),
+        Component(role, "optimizer state", -(-optim // n), "host" if off_opt else "device", "AdamW moments"),
+    ]
+
+
+def training(cfg, sh: Shapes, dev: Device, lay: Layout) -> list[Component]:
+    rows, seq = sequence(cfg)
+    tokens = rows * lay.micro_batch * seq
+    cb = compute_bytes(cfg, dev)
+    eager = str(cfg.model.attn_implementation) == "eager"
+    act = activation_bytes(sh, tokens, seq, cb, lay.checkpointing, eager)
+    note = f"{rows * lay.micro_batch} x {seq} tokens" + (", checkpointed" if lay.checkpointing else "")
+    return [
+        *model_state(cfg, sh, dev, lay, "policy"),
+        Component("policy", "activations", act, "device", note),
+        Component("policy", "logits + loss", logits_bytes(sh, tokens, cfg.train.logits_chunk_mb), "device", "fp32"),
+    ]
+
+
+def needs_frozen_reference(cfg) -> bool:
+    """Whether the stage builds a frozen copy of the starting model (a `reference` role)."""
+    from orchestrator.methods import METHODS
+    from orchestrator.methods.base import Reference
+
+    s = cfg.stage
+    if s.name == "dpo":
+        from orchestrator.algos.preference import PREFERENCE_LOSSES
+
+        uses = not PREFERENCE_LOSSES[str(s.loss)].is_reference_free and not s.precompute_ref
+    elif s.name == "grpo":
+        uses = s.kl_coef > 0
+    else:
+        uses = s.name == "kto"
+    if not uses:
+        return False
+    try:
+        return METHODS[cfg.method.name](cfg.method).reference is Reference.FROZEN_COPY
+    except Exception:  # noqa: BLE001 (a method whose reference needs run context: plan for the copy)
+        return True
+
+
+def reference(cfg, sh: Shapes, dev: Device, lay: Layout) -> list[Component]:
+    if not needs_frozen_reference(cfg):
+        return []
+    params = _qlora_params(cfg, sh) if cfg.method.name == "qlora" else sh.params * master_bytes(cfg)
+    return [Component("reference", "parameters", -(-params // lay.num_workers), "device", "frozen copy, sharded")]
+
+
+def kv_bytes_per_token(sh: Shapes, elem: int) -> int:
+    return 2 * sh.layers * sh.kv_heads * sh.head_dim * elem
+
+
+def rollout(cfg, sh: Shapes, dev: Device) -> list[Component]:
+    """The rollout engine of an RL stage, on the train GPU (colocated) or its own (separate)."""
+    if cfg.stage.name != "grpo":
+        return []
+    r = cfg.rollout
+    role = "rollout" if str(r.placement) == "colocated" else "rollout (own device)"
+    elem = 2 if dev.gpu and str(r.dtype) == "auto" else DTYPE_BYTES.get(str(r.dtype), master_bytes(cfg))
+    weights = sh.params * elem
+    seq = sequence(cfg)[1]
+    if str(r.engine) == "vllm" and dev.gpu:
+        budget = int(r.gpu_memory_utilization * dev.memory)
+        tp = r.tensor_parallel_size
+        return [
+            Component(role, "vllm weights", weights // tp, "device", f"tensor_parallel_size={tp}"),
+            Component(role, "vllm KV cache", max(budget - weights // tp, 0), "device", f"gpu_memory_utilization={r.gpu_memory_utilization}"),
+        ]
+    if str(r.engine) == "vllm":
+        return [
+            Component(role, "vllm weights", weights, "device"),
+            Component(role, "vllm KV cache", int(r.cpu_kv_cache_gib * 2**30), "device", "rollout.cpu_kv_cache_gib"),
+        ]
+    kv = r.batch_size * r.n * seq * kv_bytes_per_token(sh, elem)
+    return [
+        Component(role, "hf weights", weights, "device"),
+        Component(role, "hf KV cache", kv, "device", f"{r.batch_size} prompts x {r.n} x {seq} tokens"),
+    ]
+
+
+def kv_tokens(cfg, sh: Shapes, dev: Device, comps: list[Component]) -> int | None:
+    """Tokens the vLLM KV cache holds (None: no vLLM rollout)."""
+    kv = [c for c in comps if c.name == "vllm KV cache"]
+    if not kv:
+        return None
+    elem = 2 if dev.gpu else master_bytes(cfg)
+    return kv[0].bytes * cfg.rollout.tensor_parallel_size // kv_bytes_per_token(sh, elem)
