@@ -222,6 +222,9 @@ def manifests(cfg, choices: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def submit(cfg, choices: dict[str, str]) -> dict[str, Any]:
+    from orchestrator.plan import preflight  # on use: the plan imports torch and transformers
+
+    preflight(cfg)  # before rendering: plan.auto may change the micro-batch
     c = cfg.cluster
     kubectl = (
         require_tool("kubectl", "apply the RayJob (or leave cluster.apply=false to only render it)")

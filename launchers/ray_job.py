@@ -90,6 +90,9 @@ def stage(cfg, choices: dict[str, str]) -> Path:
 
 
 def submit(cfg, choices: dict[str, str]) -> dict[str, Any]:
+    from orchestrator.plan import preflight  # on use: the plan imports torch and transformers
+
+    preflight(cfg)  # before rendering: plan.auto may change the micro-batch
     c = cfg.cluster
     jobs = client(c.address)  # unreachable cluster: fail before writing anything
     working_dir = stage(cfg, choices)

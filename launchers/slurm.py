@@ -139,6 +139,9 @@ def check_partition(c) -> None:
 
 
 def submit(cfg, choices: dict[str, str]) -> dict[str, Any]:
+    from orchestrator.plan import preflight  # on use: the plan imports torch and transformers
+
+    preflight(cfg)  # before rendering: plan.auto may change the micro-batch
     c = cfg.cluster
     if not c.dry_run:
         require_tool(

@@ -182,7 +182,10 @@ def plan(cfg) -> Plan:
         if mb is not None:
             p.suggestions.append(f"backend.activation_checkpointing=true (fits with train.micro_batch_size={mb})")
     for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
-        if n > lay.num_workers and estimate(cfg, sh, Layout(n, min(lay.micro_batch, _micro_batches(cfg, n)[0]), lay.checkpointing)).fits:
+        if (
+            n > lay.num_workers
+            and estimate(cfg, sh, Layout(n, min(lay.micro_batch, _micro_batches(cfg, n)[0]), lay.checkpointing)).fits
+        ):
             p.suggestions.append(f"cluster.num_workers={n} (shards model state {n} ways)")
             break
     if cfg.method.name == "full":
@@ -253,7 +256,9 @@ def preflight(cfg) -> Plan | None:
         cfg.train.micro_batch_size = p.fit_micro_batch
         p = plan(cfg)
     if p.fits:
-        log.info("memory plan: %s of %s per device on %s", fmt_bytes(p.device_total), fmt_bytes(p.device_memory), p.device)
+        log.info(
+            "memory plan: %s of %s per device on %s", fmt_bytes(p.device_total), fmt_bytes(p.device_memory), p.device
+        )
         return p
     if cfg.plan.enforce:
         raise ConfigError(f"the run does not fit its devices (plan.enforce=false submits anyway)\n{render(p)}")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from orchestrator.config.compose import compose
 from orchestrator.config.checks import positive
+from orchestrator.config.compose import compose
 from orchestrator.config.validate import COMPONENTS
 from orchestrator.errors import OrchestratorError
 from orchestrator.plan import plan, render

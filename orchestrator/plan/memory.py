@@ -136,7 +136,7 @@ def model_state(cfg, sh: Shapes, dev: Device, lay: Layout, role: str) -> list[Co
     off_opt = ds and str(cfg.backend.offload_optimizer) == "cpu"
     off_par = ds and str(cfg.backend.offload_param) == "cpu"
     return [
-        Component(role, "parameters", -(-params // n), "host" if off_par else "device", "sharded over workers"),
+        Component(role, "parameters", -(-params // n), "host" if off_par else "device", f"sharded {n} way(s)"),
         Component(role, "gathered parameters", gathered, "device", "unsharded working set"),
         Component(role, "gradients", -(-grads // n), "host" if off_opt else "device", f"{sh.trainable:,} trainable"),
         Component(role, "optimizer state", -(-optim // n), "host" if off_opt else "device", "AdamW moments"),
@@ -204,7 +204,13 @@ def rollout(cfg, sh: Shapes, dev: Device) -> list[Component]:
         tp = r.tensor_parallel_size
         return [
             Component(role, "vllm weights", weights // tp, "device", f"tensor_parallel_size={tp}"),
-            Component(role, "vllm KV cache", max(budget - weights // tp, 0), "device", f"gpu_memory_utilization={r.gpu_memory_utilization}"),
+            Component(
+                role,
+                "vllm KV cache",
+                max(budget - weights // tp, 0),
+                "device",
+                f"gpu_memory_utilization={r.gpu_memory_utilization}",
+            ),
         ]
     if str(r.engine) == "vllm":
         return [
