@@ -28,6 +28,7 @@ without dropout, in elements per token per layer:
     attention: 4h + 2*kv*d      (norm input and output, Q, K and V, attention output)
     MLP:       2h + 4f          (norm input and output; gate, up, act(gate), product)
     eager attention adds 2*a*s  (scores and softmax; sdpa / flash keep neither)
+    LoRA dropout adds the input of every adapted linear (6h + f for all-linear)
 
 times the compute dtype's size (f: the MLP width a token passes, experts per token x expert
 width for MoE). With activation checkpointing each layer keeps only its input (h per token)
@@ -92,9 +93,26 @@ def sequence(cfg) -> tuple[int, int]:
     return 1, d.max_seq_len
 
 
-def activation_bytes(sh: Shapes, tokens: int, seq: int, elem: int, checkpointing: bool, eager: bool) -> int:
-    """Activations kept for backward by all layers for `tokens` tokens of `seq`-token rows."""
-    per_layer = 6 * sh.hidden + 2 * sh.kv_heads * sh.head_dim + 4 * sh.mlp_width
+# Input width of each linear of a decoder block, per token, in units of (hidden, MLP width).
+_LINEAR_INPUTS = {"q_proj": (1, 0), "k_proj": (1, 0), "v_proj": (1, 0), "o_proj": (1, 0)}
+_LINEAR_INPUTS |= {"gate_proj": (1, 0), "up_proj": (1, 0), "down_proj": (0, 1)}
+
+
+def lora_dropout_elements(method_cfg, sh: Shapes) -> int:
+    """Per token per layer: the dropped-out copy of the input LoRA keeps for each adapted linear."""
+    if method_cfg.name not in ("lora", "qlora") or not method_cfg.dropout:
+        return 0
+    targets = list(method_cfg.target_modules)
+    names = _LINEAR_INPUTS if targets == ["all-linear"] else [t for t in targets if t in _LINEAR_INPUTS]
+    return sum(_LINEAR_INPUTS[n][0] * sh.hidden + _LINEAR_INPUTS[n][1] * sh.mlp_width for n in names)
+
+
+def activation_bytes(
+    sh: Shapes, tokens: int, seq: int, elem: int, checkpointing: bool, eager: bool, extra: int = 0
+) -> int:
+    """Activations kept for backward by all layers for `tokens` tokens of `seq`-token rows
+    (`extra`: more elements per token per layer, e.g. LoRA dropout)."""
+    per_layer = 6 * sh.hidden + 2 * sh.kv_heads * sh.head_dim + 4 * sh.mlp_width + extra
     if eager:
         per_layer += 2 * sh.heads * seq
     if checkpointing:
@@ -148,7 +166,7 @@ def training(cfg, sh: Shapes, dev: Device, lay: Layout) -> list[Component]:
     tokens = rows * lay.micro_batch * seq
     cb = compute_bytes(cfg, dev)
     eager = str(cfg.model.attn_implementation) == "eager"
-    act = activation_bytes(sh, tokens, seq, cb, lay.checkpointing, eager)
+    act = activation_bytes(sh, tokens, seq, cb, lay.checkpointing, eager, lora_dropout_elements(cfg.method, sh))
     note = f"{rows * lay.micro_batch} x {seq} tokens" + (", checkpointed" if lay.checkpointing else "")
     return [
         *model_state(cfg, sh, dev, lay, "policy"),

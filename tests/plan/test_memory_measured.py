@@ -1,0 +1,23 @@
+"""The plan's model state against one real CPU training step of a ~23M-parameter Llama
+(benchmarks/memory_plan.py; its full table is docs/memory_plan.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.memory_plan import measure
+
+TOLERANCE = 0.15
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_model_state_within_tolerance(method):
+    r = measure(method, checkpointing=False, seq=32, micro_batch=1, peak=False)
+    assert r["params"] > 20_000_000
+    assert abs(r["state_pred"] - r["state_meas"]) <= TOLERANCE * r["state_meas"], r
+
+
+def test_peak_with_checkpointing_within_tolerance():
+    """Parameters + AdamW state + kept activations + one recomputed layer, steady state."""
+    r = measure("full", checkpointing=True, seq=64, micro_batch=2)
+    assert abs(r["peak_pred"] - r["peak_meas"]) <= TOLERANCE * r["peak_meas"], r
