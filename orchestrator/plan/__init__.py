@@ -180,7 +180,9 @@ def plan(cfg) -> Plan:
     if not lay.checkpointing:
         mb = _largest_fit(cfg, sh, lay.num_workers, True)
         if mb is not None:
-            p.suggestions.append(f"backend.activation_checkpointing=true (fits with train.micro_batch_size={mb})")
+            p.suggestions.append(
+                f"backend.activation_checkpointing=true (fits with train.micro_batch_size={min(mb, lay.micro_batch)})"
+            )
     for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
         if (
             n > lay.num_workers
@@ -188,6 +190,11 @@ def plan(cfg) -> Plan:
         ):
             p.suggestions.append(f"cluster.num_workers={n} (shards model state {n} ways)")
             break
+    if cfg.method.name in ("lora", "qlora") and memory.master_bytes(cfg) == 4:
+        alt = copy.deepcopy(cfg)
+        alt.model.dtype = "bfloat16"
+        if estimate(alt, sh, lay).fits:
+            p.suggestions.append("model.dtype=bfloat16 (the frozen base in bf16 instead of fp32)")
     if cfg.method.name == "full":
         for name in ("lora", "qlora"):
             alt = _with_method(cfg, name)
