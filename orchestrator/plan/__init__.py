@@ -92,7 +92,8 @@ def _headroom(cfg, dev: Device, lay: Layout) -> list[Component]:
 
 def _step_time(cfg, sh: Shapes, dev: Device, lay: Layout) -> float:
     rows, seq = memory.sequence(cfg)
-    tokens = cfg.train.global_batch_size * rows * seq
+    batch = cfg.stage.prompts_per_step * cfg.rollout.n if cfg.stage.name == "grpo" else cfg.train.global_batch_size
+    tokens = batch * rows * seq
     trainable_active = min(sh.trainable, sh.active_params)
     per_token = 4 * sh.active_params + 2 * trainable_active + (2 * sh.active_params if lay.checkpointing else 0)
     per_token += 12 * sh.layers * sh.heads * sh.head_dim * seq
@@ -173,6 +174,12 @@ def plan(cfg) -> Plan:
             "the rollout engine's model and one max_model_len sequence of KV cache do not fit "
             "rollout.gpu_memory_utilization of a device: raise it or rollout.tensor_parallel_size"
         )
+    vllm = [c for c in p.components if c.role == "rollout" and c.name.startswith("vllm")]
+    if vllm and p.device_memory:
+        train = p.device_total - sum(c.bytes for c in vllm)
+        share = int(100 * (p.device_memory - train) / p.device_memory) / 100
+        if share > 0.05:
+            p.suggestions.append(f"rollout.gpu_memory_utilization={share} (what training leaves of the shared GPU)")
     if p.fit_micro_batch is not None and p.fit_micro_batch < lay.micro_batch:
         p.suggestions.append(
             f"train.micro_batch_size={p.fit_micro_batch} (largest that fits; plan.auto=true applies it)"
