@@ -41,6 +41,7 @@ def _help() -> str:
         "",
         "Any field can be set with dotted keys, e.g. train.lr=1e-4 cluster.num_workers=8.",
         "See the resolved config with --cfg job.",
+        "Memory and time per device before a run: python -m orchestrator.plan <the same overrides>.",
     ]
     return "\n".join(lines)
 
