@@ -122,10 +122,13 @@ def estimate(cfg, sh: Shapes | None = None, lay: Layout | None = None) -> Plan:
     own = [c for c in comps if c.role == "rollout (own device)"]
     if own and dev.gpu:
         weights = sum(c.bytes for c in own if "weights" in c.name)
-        kv = memory.kv_tokens(cfg, sh, dev, comps) or 0
-        rollout_fits = weights + CUDA_CONTEXT <= cfg.rollout.gpu_memory_utilization * dev.memory and (
-            kv >= (cfg.rollout.max_model_len or memory.sequence(cfg)[1])
-        )
+        kv = memory.kv_tokens(cfg, sh, dev, comps)
+        if kv is None:  # the hf engine: its weights and KV cache of a whole batch on the device
+            rollout_fits = sum(c.bytes for c in own) + CUDA_CONTEXT <= dev.memory
+        else:  # vLLM: weights within its share, room for one max_model_len sequence
+            rollout_fits = weights + CUDA_CONTEXT <= cfg.rollout.gpu_memory_utilization * dev.memory and (
+                kv >= (cfg.rollout.max_model_len or memory.sequence(cfg)[1])
+            )
     host = sum(c.bytes for c in comps if c.where == "host") + sh.params * memory.master_bytes(cfg)
     step = _step_time(cfg, sh, dev, lay)
     return Plan(
@@ -169,10 +172,15 @@ def plan(cfg) -> Plan:
     p.fit_micro_batch = _largest_fit(cfg, sh, lay.num_workers, lay.checkpointing)
     if p.fits:
         return p
-    if not p.rollout_fits:
+    if not p.rollout_fits and str(cfg.rollout.engine) == "vllm":
         p.suggestions.append(
             "the rollout engine's model and one max_model_len sequence of KV cache do not fit "
             "rollout.gpu_memory_utilization of a device: raise it or rollout.tensor_parallel_size"
+        )
+    elif not p.rollout_fits:
+        p.suggestions.append(
+            "the hf rollout engine's model and the KV cache of a batch do not fit its device: lower "
+            "rollout.batch_size or use rollout.engine=vllm"
         )
     vllm = [c for c in p.components if c.role == "rollout" and c.name.startswith("vllm")]
     if vllm and p.device_memory:

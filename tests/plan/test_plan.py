@@ -132,3 +132,13 @@ def test_bad_device_names_the_valid_ones(capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "plan.device='h100'" in err and "h100_80gb" in err and "a100_40gb" in err and "cpu" in err
+
+
+@pytest.mark.parametrize("experiment", ["grpo_math", "dpo_ultrafeedback", "sft_dpo_grpo_math"])
+def test_the_gpu_recipes_fit_their_h100s(experiment):
+    """The launchers refuse what does not fit, so the shipped GPU recipes must plan as fitting
+    (grpo_math: the hf rollout engine on its own GPU, weights and a batch's KV cache)."""
+    p = plan(cfg_of(f"+experiment={experiment}", "plan.device=h100_80gb"))
+    assert p.fits and p.rollout_fits, p.suggestions
+    own = [c for c in p.components if c.role == "rollout (own device)"]
+    assert experiment == "dpo_ultrafeedback" or sum(c.bytes for c in own) < 80 * GIB
