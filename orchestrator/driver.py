@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from orchestrator.checkpoint import Checkpoint
 from orchestrator.checkpointer import Checkpointer
-from orchestrator.errors import OrchestratorError, WorkerError, WorkerOOMError
+from orchestrator.errors import ConfigError, OrchestratorError, WorkerError, WorkerOOMError
 from orchestrator.models import build_tokenizer, model_config
 from orchestrator.roles import POLICY, Roles
 from orchestrator.run_config import record_config
@@ -65,6 +65,19 @@ def load_callbacks(paths: list[str], cfg) -> list[Any]:
             raise OrchestratorError(f"run.callbacks: cannot import {path!r} ({exc})") from exc
         out.append(obj(cfg) if isinstance(obj, type) else obj)
     return out
+
+
+def _plan_gpu_run(cfg) -> None:
+    """The memory plan of a GPU run before any worker starts, as the launchers run it before
+    they submit: a run that cannot fit stops here (plan.enforce=false goes on)."""
+    from orchestrator.plan import preflight
+
+    try:
+        preflight(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the plan advises; a failure to estimate must not stop a run
+        log.warning("memory plan skipped (%s: %s)", type(exc).__name__, exc)
 
 
 def start_roles(specs, total: int) -> Roles:
@@ -173,6 +186,8 @@ class Driver:
         """Everything before any worker starts: tokenizer, stage, resume point, the config record."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.cluster.gpus_per_worker:
+            _plan_gpu_run(cfg)
         config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
         tokenizer = build_tokenizer(cfg.model)
         model_config(cfg.model)  # fail here, not in every worker, if the model is unreachable

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from orchestrator.__main__ import main
+from orchestrator.config.compose import compose
+from orchestrator.errors import ConfigError
 
 TINY = ["+experiment=sft_tiny", "debug=cpu", "logger=console", "checkpoint.export_hf=false"]
 TOO_BIG = [
@@ -56,3 +59,18 @@ def test_auto_lowers_the_micro_batch_in_the_submitted_config(tmp_path, monkeypat
     resolved = next((tmp_path / "run" / "launch").rglob("config.yaml"))
     mb = yaml.safe_load(resolved.read_text())["train"]["micro_batch_size"]
     assert 1 <= mb < 8
+
+
+def test_a_gpu_run_that_cannot_fit_stops_before_any_worker(tmp_path, caplog):
+    """`python -m orchestrator` plans a GPU run as the launchers do (on this CPU machine the
+    driver is built directly: workers with GPUs could not start here)."""
+    from orchestrator.driver import Driver
+
+    over = ["+experiment=sft_tiny", "cluster.gpus_per_worker=1", "plan.device_memory_gb=0.01"]
+    cfg = compose([*over, f"run.output_dir={tmp_path / 'a'}"])[0]
+    with pytest.raises(ConfigError, match=r"does not fit its devices \(plan.enforce=false"):
+        Driver(cfg)._prepare()
+    assert not (tmp_path / "a" / "config.yaml").exists()  # stopped before the run was recorded
+    cfg = compose([*over, "plan.enforce=false", f"run.output_dir={tmp_path / 'b'}"])[0]
+    Driver(cfg)._prepare()
+    assert (tmp_path / "b" / "config.yaml").is_file() and "does not fit" in caplog.text
