@@ -867,7 +867,8 @@ class PlanConfig:
 
     device: str = "auto"
     """Device each worker runs on: h100_80gb | h200_141gb | a100_40gb | a100_80gb | cpu (host
-    RAM) | auto (h100_80gb when cluster.gpus_per_worker > 0, else cpu)."""
+    RAM) | auto (with cluster.gpus_per_worker > 0: the GPU of the machine that plans, else
+    h100_80gb; without: cpu)."""
     device_memory_gb: float | None = None
     """Memory per device in GB (1e9 bytes), overriding the device's own."""
     mfu: float = 0.4

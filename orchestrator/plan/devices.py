@@ -39,10 +39,29 @@ DEVICES: dict[str, Device] = {
 }
 
 
+def local_gpu() -> Device | None:
+    """This machine's first GPU (the run's driver on a GPU node plans for the GPUs it sees),
+    with the peak FLOP/s of the known device of the same family; None without CUDA."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(0)
+    except Exception:  # no driver, no device: plan for the named default instead
+        return None
+    family = "a100" if "A100" in props.name else "h100"
+    return Device(props.name, int(props.total_memory), DEVICES[f"{family}_80gb"].peak_flops)
+
+
 def device_spec(name: str, cfg) -> Device:
-    """The device `plan.device` names (`auto` follows cluster.gpus_per_worker), with
+    """The device `plan.device` names (`auto`: this machine's GPU when it has one, else by
+    cluster.gpus_per_worker an H100 or the host), with
     `plan.device_memory_gb` applied."""
     if name == "auto":
+        local = local_gpu() if cfg.cluster.gpus_per_worker > 0 else None
+        if local is not None and cfg.plan.device_memory_gb is None:
+            return local
         name = "h100_80gb" if cfg.cluster.gpus_per_worker > 0 else "cpu"
     if name not in DEVICES:
         raise ConfigError(
