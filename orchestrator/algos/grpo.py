@@ -27,16 +27,12 @@ from collections.abc import Sequence
 
 import torch
 
+from orchestrator.algos.advantages import group_relative
+
+group_advantages = group_relative
+"""GRPO's group-relative advantages (`orchestrator.algos.advantages.group_relative`)."""
+
 LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, std_normalize: bool, eps: float = 1e-6) -> torch.Tensor:
-    """rewards [N*G] (grouped consecutively) -> advantages [N*G]. Equal rewards -> 0."""
-    r = rewards.view(-1, group_size).double()
-    adv = r - r.mean(dim=1, keepdim=True)
-    if std_normalize:
-        adv = adv / (r.std(dim=1, keepdim=True, unbiased=True) + eps)
-    return adv.view(-1).float()
 
 
 def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

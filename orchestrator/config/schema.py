@@ -109,6 +109,14 @@ class LossAgg(Choice):
     seq_mean_token_sum_norm = "seq_mean_token_sum_norm"
 
 
+class AdvantageEstimator(Choice):
+    """RL advantage estimators of stage=grpo (orchestrator.algos.advantages.ESTIMATORS)."""
+
+    grpo = "grpo"
+    rloo = "rloo"
+    reinforce_pp = "reinforce_pp"
+
+
 class PreferenceLossType(Choice):
     """Pairwise preference losses (orchestrator.algos.preference.PREFERENCE_LOSSES)."""
 
@@ -390,8 +398,12 @@ class GrpoStageConfig(StageConfig):
     reward_timeout_s: float = 10.0
     """A reward call making no progress this long is masked and the pool restarted."""
     reward_workers: int = 2
+    estimator: AdvantageEstimator = AdvantageEstimator.grpo
+    """grpo (group mean/std) | rloo (leave-one-out group mean) | reinforce_pp (REINFORCE++:
+    KL in the per-token reward with coefficient `kl_coef`, returns normalised over the global
+    batch); orchestrator/algos/advantages.py."""
     std_normalize: bool = True
-    """Divide advantages by the group std (GRPO); false is Dr. GRPO."""
+    """Divide advantages by the group std (GRPO); false is Dr. GRPO. estimator=grpo only."""
     loss_agg: LossAgg = LossAgg.seq_mean_token_mean
     """seq_mean_token_mean (GRPO) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr. GRPO)."""
     clip_low: float = 0.2
@@ -399,7 +411,8 @@ class GrpoStageConfig(StageConfig):
     """Upper clip of the ratio (DAPO's clip-higher uses 0.28)."""
     kl_coef: float = 0.0
     """KL penalty to the reference policy, as a loss term (the method decides what the
-    reference is: LoRA disables its adapters, full fine-tuning keeps a frozen copy)."""
+    reference is: LoRA disables its adapters, full fine-tuning keeps a frozen copy); with
+    estimator=reinforce_pp, a per-token penalty in the reward instead (k1 estimator)."""
     filter_zero_std_groups: bool = False
     """Drop groups whose rewards are all equal (DAPO dynamic sampling, without refill)."""
     num_iterations: int = 1
@@ -429,6 +442,10 @@ class GrpoStageConfig(StageConfig):
         positive(self.reward_timeout_s, "stage.reward_timeout_s")
         positive(self.reward_workers, "stage.reward_workers")
         positive(self.kl_coef, "stage.kl_coef", allow_zero=True)
+        if not self.std_normalize and self.estimator != AdvantageEstimator.grpo:
+            raise ConfigError(
+                f"stage.std_normalize=false applies to stage.estimator=grpo only (got {self.estimator}); drop it"
+            )
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ConfigError(f"stage.tis_cap={self.tis_cap} must be > 0 (e.g. 2.0), or null for off")
         positive(self.log_samples_every, "stage.log_samples_every", allow_zero=True)

@@ -10,7 +10,10 @@ deviates) is in orchestrator/algos/grpo.py. This module is the driver-side pipel
    policy version v, with their per-token log-probs when the engine has them cheaply
    (vLLM) or `stage.tis_cap` needs them;
 3. rewards run in a process pool with a timeout; failed samples are masked;
-4. advantages per group; optionally drop zero-variance groups;
+4. advantages (`stage.estimator`, orchestrator/algos/advantages.py): per group (grpo, rloo),
+   or REINFORCE++'s per-token returns with the KL penalty in the reward, normalised over the
+   global batch once the old and reference log-probs are in (reinforce_pp); optionally drop
+   zero-variance groups;
 5. old log-probs are recomputed on the trainer when `num_iterations` > 1 (with one
    iteration the update is on-policy and the ratio is exp(logp - logp.detach()) = 1),
    reference log-probs when `kl_coef` > 0 (the method's reference: adapters or expert
@@ -34,6 +37,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.algos.advantages import reinforce_pp, rloo
 from orchestrator.algos.grpo import clipped_policy_loss, group_advantages, token_weights, zero_std_groups
 from orchestrator.algos.off_policy import logprob_mismatch, reduce_mismatch, truncated_is_weights
 from orchestrator.data.batching import BatchSource, shard
@@ -233,7 +237,12 @@ class GrpoStage(Stage):
         g, n = self.g, self.r.n
         rw = torch.tensor(rewards)
         ok = torch.tensor(valid)
-        adv = group_advantages(rw, n, g.std_normalize)
+        if g.estimator == "rloo":
+            adv = rloo(rw, n)
+        elif g.estimator == "reinforce_pp":
+            adv = rw  # the sequence reward: per-token advantages are computed in `_train`
+        else:
+            adv = group_advantages(rw, n, g.std_normalize)
         keep = ok.clone()
         flat = zero_std_groups(rw, n)
         if g.filter_zero_std_groups:
@@ -273,7 +282,8 @@ class GrpoStage(Stage):
             "world_size": self.world,
             "clip_low": g.clip_low,
             "clip_high": g.clip_high,
-            "kl_coef": g.kl_coef,
+            # REINFORCE++ puts the KL penalty in the reward, not in the loss
+            "kl_coef": 0.0 if g.estimator == "reinforce_pp" else g.kl_coef,
             "logits_chunk_mb": self.cfg.train.logits_chunk_mb,
         }
         if g.tis_cap is not None:
@@ -288,6 +298,8 @@ class GrpoStage(Stage):
             for mbs, lps in zip(per_rank, roles.reference_logprobs(per_rank)):
                 for mb, lp in zip(mbs, lps):
                     mb["ref_logp"] = lp
+        if g.estimator == "reinforce_pp":
+            self._reinforce_pp(workers, per_rank)
         times["time/old_logprob"] = time.time() - t
         t = time.time()
         out: dict[str, float] = {}
@@ -309,6 +321,34 @@ class GrpoStage(Stage):
         times["time/sync"] = stats["time/sync"]
         out["policy_version"] = self.version
         return out
+
+    def _reinforce_pp(self, workers, per_rank: list[list[dict[str, Any]]]) -> None:
+        """Replace each micro-batch's sequence rewards (`adv` [B, 1]) with REINFORCE++ token
+        advantages [B, L-1], normalised over every completion token of the global batch."""
+        kl = self.g.kl_coef
+        old = None
+        if kl:
+            if "old_logp" in per_rank[0][0]:
+                old = [[mb["old_logp"] for mb in mbs] for mbs in per_rank]
+            else:
+                old = workers.call_per_rank("forward_logprobs", per_rank)
+        mbs = [mb for r in per_rank for mb in r]
+        olds = [lp for r in old for lp in r] if old is not None else [None] * len(mbs)
+        width = max(mb["weights"].shape[1] for mb in mbs)
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+        mask = torch.cat([pad((mb["weights"] > 0).float()) for mb in mbs])
+        rewards = torch.cat([mb["adv"][:, 0] for mb in mbs])
+        logp = torch.cat([pad(lp) for lp in olds]) if kl else None
+        ref = torch.cat([pad(mb["ref_logp"]) for mb in mbs]) if kl else None
+        adv = reinforce_pp(rewards, mask, logp, ref, kl_coef=kl)
+        start = 0
+        for mb in mbs:
+            b, w = mb["weights"].shape
+            mb["adv"] = adv[start : start + b, :w].contiguous()
+            start += b
 
     def _log_samples(self, step: int, batch, texts: list[str], rewards: list[float]) -> None:
         n = self.r.n

@@ -18,6 +18,7 @@ from orchestrator.config.checks import Choice
 from orchestrator.config.compose import MOVED, compose, conf_dir, group_options
 from orchestrator.config.schema import (
     GROUP_SCHEMAS,
+    AdvantageEstimator,
     Config,
     LossAgg,
     Placement,
@@ -152,6 +153,7 @@ def test_the_choice_fields_are_enums():
         "rollout.placement",
         "rollout.engine",
         "stage.loss_agg",
+        "stage.estimator",
         "method.init_lora_weights",
         "method.quant_type",
         "method.compute_dtype",
@@ -190,6 +192,14 @@ def test_choice_error_from_a_yaml_file_names_key_and_values(tmp_path):
     with pytest.raises(ConfigError) as e:
         compose([f"hydra.searchpath=[file://{tmp_path}]", "+legacy=bad"])
     assert str(e.value) == "rollout.placement='nearby' is not valid. Valid values: separate, colocated"
+
+
+def test_estimator_enum_is_the_algorithms_registry():
+    from orchestrator.algos.advantages import ESTIMATORS
+
+    assert AdvantageEstimator.values() == list(ESTIMATORS)
+    with pytest.raises(ConfigError, match="stage.std_normalize=false applies to stage.estimator=grpo only"):
+        validate(compose(["stage=grpo", "stage.estimator=rloo", "stage.std_normalize=false"])[0])
 
 
 def test_loss_agg_enum_is_the_algorithms_registry():
