@@ -499,6 +499,20 @@ class KtoStageConfig(StageConfig):
 
 
 @dataclass
+class RmStageConfig(StageConfig):
+    """Bradley-Terry reward model on {prompt, chosen, rejected} pairs (orchestrator/stages/rm.py)."""
+
+    name: str = "rm"
+    margin: float = 0.0
+    """The score difference chosen must exceed rejected by: loss -log sigmoid(r_c - r_r - margin)."""
+
+    def check(self, cfg: Config) -> None:
+        from orchestrator.stages.rm import check_rm
+
+        check_rm(self, cfg)
+
+
+@dataclass
 class EvalStageConfig(StageConfig):
     """Evaluation of `eval.candidate` against `eval.base` (the `eval` group); trains nothing."""
 
@@ -1013,6 +1027,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
         "eval": EvalStageConfig,
         "dpo": DpoStageConfig,
         "kto": KtoStageConfig,
+        "rm": RmStageConfig,
     },
     "backend": {"fsdp2": Fsdp2BackendConfig, "deepspeed_zero3": DeepSpeedBackendConfig},
     "cluster": {

@@ -145,6 +145,19 @@ class EngineBase:
                 out.append(logp.cpu())
         return out
 
+    @torch.no_grad()
+    def forward_eval(self, micro_batches: list[dict[str, Any]], fn: Callable[..., Any]) -> list[Any]:
+        """No-grad `fn(model, micro_batch)` on every micro-batch (a stage's scoring, e.g. a
+        reward model's sequence scores); tensors come back on CPU."""
+        model = self._inference_module()
+        model.eval()
+        out = []
+        with self._autocast():
+            for mb in micro_batches:
+                r = fn(model, to_device(mb, self.device))
+                out.append(r.float().cpu() if torch.is_tensor(r) else r)
+        return out
+
     def inference_state(self) -> dict[str, torch.Tensor]:
         """What weight sync sends to a rollout engine: the weights training changed, full
         (unsharded) CPU tensors under the base model's Hugging Face names (the method merges

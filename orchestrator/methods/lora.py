@@ -108,7 +108,7 @@ class Lora(Method):
             use_dora=c.use_dora,
             use_rslora=c.use_rslora,
             init_lora_weights=True if on_meta and self.init in RESIDUAL_INITS else init,
-            task_type="CAUSAL_LM",
+            task_type=_task_type(model),
         )
         try:
             model = get_peft_model(model, peft_cfg)
@@ -204,6 +204,17 @@ class Lora(Method):
             tokenizer.save_pretrained(merged)
             out["merged"] = str(merged)
         return out
+
+
+def _task_type(model: torch.nn.Module) -> str:
+    """peft's task of the model's head: a scalar head (reward model, critic) is new, so peft
+    trains it in full beside the adapters (`modules_to_save`)."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return "CAUSAL_LM"
 
 
 def _hf_name(key: str) -> str:

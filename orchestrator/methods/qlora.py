@@ -243,9 +243,9 @@ def _save_local(model: torch.nn.Module, path: str) -> None:
 
 
 def _from_pretrained(path: str, m, dtype: torch.dtype, qconfig, head: str) -> torch.nn.Module:
-    from orchestrator.models import _OFFLINE_HINT, auto_class
+    from orchestrator.models import _OFFLINE_HINT, head_kwargs
 
-    auto, extra = auto_class(head)
+    auto, extra = head_kwargs(m, head)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     try:
         return auto.from_pretrained(

@@ -144,10 +144,20 @@ def auto_class(head: str) -> tuple[type, dict]:
     return heads[head]
 
 
+def head_kwargs(m: ModelConfig, head: str) -> tuple[type, dict]:
+    """`auto_class(head)`, and for a `score` head the tokenizer's pad id in the config:
+    `transformers` pools a sequence-classification batch at each row's last non-pad token
+    and refuses batches when the config has no pad id (a base without one, e.g. Llama 3)."""
+    auto, extra = auto_class(head)
+    if head == "score":
+        extra = dict(extra, pad_token_id=build_tokenizer(m).pad_token_id)
+    return auto, extra
+
+
 def build_model(m: ModelConfig, dtype: torch.dtype, head: str = "lm") -> torch.nn.Module:
     """A full (unsharded) model on CPU: random init (seeded, identical on every rank) or pretrained,
     with a causal LM head or a scalar head (`auto_class`)."""
-    auto, extra = auto_class(head)
+    auto, extra = head_kwargs(m, head)
     if m.pretrained is None:
         cfg = model_config(m)
         cfg._attn_implementation = m.attn_implementation
@@ -178,6 +188,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "build_model",
     "build_tokenizer",
+    "head_kwargs",
     "model_config",
     "master_dtype",
     "resolve_dtype",

@@ -9,6 +9,7 @@ from orchestrator.stages.dpo import DpoStage
 from orchestrator.stages.eval import EvalStage
 from orchestrator.stages.grpo import GrpoStage
 from orchestrator.stages.kto import KtoStage
+from orchestrator.stages.rm import RmStage
 from orchestrator.stages.sft import SftStage
 
 STAGES: dict[str, type] = {
@@ -17,5 +18,6 @@ STAGES: dict[str, type] = {
     "grpo": GrpoStage,
     "dpo": DpoStage,
     "kto": KtoStage,
+    "rm": RmStage,
     "eval": EvalStage,
 }

@@ -77,6 +77,9 @@ class TrainWorker:
     def forward_logprobs(self, micro_batches: list[dict[str, Any]], reference: bool = False) -> list[torch.Tensor]:
         return self.engine.forward_logprobs(micro_batches, reference)
 
+    def forward_eval(self, micro_batches: list[dict[str, Any]], fn) -> list[Any]:
+        return self.engine.forward_eval(micro_batches, fn)
+
     def inference_state(self) -> dict[str, torch.Tensor]:
         return self.engine.inference_state()
 
