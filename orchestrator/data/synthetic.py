@@ -4,6 +4,8 @@
 case changes) in both `messages` and `prompt`/`completion` shape.
 `synthetic:arithmetic`: addition problems with a verifiable `answer` (for GRPO).
 `synthetic:arithmetic_pairs`: the same problems as preference pairs (right vs off-by-one sum).
+`synthetic:review_pairs`: "describe the X" with a kind (chosen) or unkind (rejected) one-line
+review, for reward models; `review_pairs_heldout` describes objects no training pair names.
 `synthetic:text`: short generated stories `{"text"}` for continued pretraining (`data/text.py`).
 Deterministic per seed.
 """
@@ -125,6 +127,37 @@ def arithmetic_pairs_heldout(n: int, seed: int) -> Iterator[dict[str, object]]:
     return _addition_pairs(n, seed, heldout=True)
 
 
+_KIND = ["good", "great", "lovely", "bright", "clean", "calm", "fresh", "sweet"]
+_UNKIND = ["bad", "awful", "broken", "dirty", "dull", "rotten", "ugly", "stale"]
+_HELDOUT_OBJECTS = 5
+"""The last objects of `_WORDS` are described only in `review_pairs_heldout`."""
+
+
+def _reviews(n: int, seed: int, heldout: bool) -> Iterator[dict[str, object]]:
+    rng = random.Random(seed)
+    objects = _WORDS[-_HELDOUT_OBJECTS:] if heldout else _WORDS[:-_HELDOUT_OBJECTS]
+
+    def review(obj: str, adjectives: list[str]) -> str:
+        tail = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(0, 3)))  # lengths differ within a pair
+        return f"The {obj} is {rng.choice(adjectives)}" + (f", like a {tail}." if tail else ".")
+
+    for _ in range(n):
+        obj = rng.choice(objects)
+        yield {"prompt": f"Describe the {obj}.", "chosen": review(obj, _KIND), "rejected": review(obj, _UNKIND)}
+
+
+def review_pairs(n: int, seed: int) -> Iterator[dict[str, object]]:
+    """Preference pairs a reward model learns in a few dozen steps: the chosen review of an
+    object uses a kind adjective, the rejected one an unkind one, each followed by a tail of
+    0-3 random words."""
+    return _reviews(n, seed, heldout=False)
+
+
+def review_pairs_heldout(n: int, seed: int) -> Iterator[dict[str, object]]:
+    """`review_pairs` of objects no `review_pairs` row names."""
+    return _reviews(n, seed, heldout=True)
+
+
 GENERATORS: dict[str, Callable[[int, int], Iterator[dict[str, object]]]] = {
     "instruct": instruct,
     "arithmetic": arithmetic,
@@ -132,6 +165,8 @@ GENERATORS: dict[str, Callable[[int, int], Iterator[dict[str, object]]]] = {
     "arithmetic_heldout": arithmetic_heldout,
     "arithmetic_pairs": arithmetic_pairs,
     "arithmetic_pairs_heldout": arithmetic_pairs_heldout,
+    "review_pairs": review_pairs,
+    "review_pairs_heldout": review_pairs_heldout,
     "text": documents,
 }
 
