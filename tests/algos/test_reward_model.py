@@ -72,3 +72,31 @@ def test_pooling_by_mask_survives_a_pad_id_that_is_also_eos(rm):
     ids, mask = _batch([[5, 9, 17, eos], [5, 60, eos]], eos, left=False)  # pad token = EOS
     alone = torch.stack([rm(input_ids=ids[i : i + 1, : int(mask[i].sum())]).logits[0, 0] for i in range(2)])
     assert torch.allclose(sequence_scores(rm, ids, mask), alone, atol=1e-5)
+
+
+def test_lora_reward_model_trains_its_head_and_exports_the_same_scores(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from orchestrator.config.compose import compose
+    from orchestrator.methods.lora import Lora
+    from orchestrator.models import build_model, build_tokenizer
+
+    cfg, _ = compose(["model=tiny_llama", "method=lora"])
+    method = Lora(cfg.method)
+    model = method.apply_seeded(build_model(cfg.model, torch.float32, head="score"), 0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".score." in n for n in trainable)  # a new head trains in full beside the adapters
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)  # as if trained
+    model.eval()
+    ids, mask = _batch([[5, 9, 17, 33], [5, 60]], 0, left=False)
+    with torch.no_grad():
+        want = sequence_scores(model, ids, mask)
+    paths = method.export(model, tmp_path, build_tokenizer(cfg.model), None)
+    base = AutoModelForSequenceClassification.from_pretrained(paths["base"])
+    loaded = PeftModel.from_pretrained(base, paths["adapter"]).eval()
+    with torch.no_grad():
+        assert torch.allclose(sequence_scores(loaded, ids, mask), want, atol=1e-5)
