@@ -35,7 +35,7 @@ def test_reward_model_learns_held_out_preferences_and_exports(run_main):
     rc, run_dir = run_main("stage=rm", "debug=cpu", "eval.every_steps=0")
     assert rc == 0
     steps = read_metrics(run_dir)
-    assert len(steps) == 40
+    assert len(steps) == 50
     for key in ("loss", "accuracy", "rewards/chosen_mean", "rewards/chosen_std", "rewards/rejected_mean"):
         assert key in steps[0], key
     assert sum(m["loss"] for m in steps[-5:]) < sum(m["loss"] for m in steps[:5])
