@@ -204,8 +204,22 @@ class ModelConfig:
     trust_remote_code: bool = False
     init_seed: int = 1234
     """Seed for random init of locally built models (same on every rank)."""
+    gguf_file: str | None = None
+    """A GGUF file to start from, used when `pretrained` is unset: a path, or
+    `package:<pip distribution>/<file>.gguf` inside an installed package. It is dequantized
+    once into a Hugging Face directory under `cache_dir`, which `pretrained` then names
+    (orchestrator/models/gguf.py)."""
+    cache_dir: str | None = None
+    """Where GGUF conversions are kept (shared storage on clusters); None:
+    `$XDG_CACHE_HOME/orchestrator/models` (`~/.cache/orchestrator/models`)."""
 
     def check(self, cfg: Config) -> None:
+        if self.gguf_file and self.pretrained is None:
+            # Converted (or found in the cache) here, before any worker starts: every role,
+            # rollout engine and export then loads an ordinary HF directory.
+            from orchestrator.models.gguf import materialize
+
+            self.pretrained = str(materialize(self))
         if self.pretrained is None:
             # The registry is the source of valid names.
             from orchestrator.models import ARCHITECTURES

