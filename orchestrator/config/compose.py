@@ -64,9 +64,20 @@ def _order_overrides(overrides: Sequence[str]) -> list[str]:
     """
     normal, debug = [], []
     for item in overrides:
-        m = re.match(r"^\+?(debug|debug_stage|debug_method)=(.*)$", item)
+        m = re.match(r"^\+?((?:debug|debug_stage|debug_method)(?:/[\w.-]+)?)=(.*)$", item)
         (debug if m else normal).append(f"+{m.group(1)}={m.group(2)}" if m else item)
     return normal + debug
+
+
+def _debug_overlay(choices, group: str) -> str | None:
+    """The override applying debug=D's overlay for the chosen `group` option, if it has one:
+    conf/debug_<group>/<option>.yaml for debug=cpu, conf/debug_<group>/<D>/<option>.yaml for
+    any other D (debug=cpu_real shrinks the stages differently for a pretrained model)."""
+    debug = choices.get("debug")
+    if not debug:
+        return None
+    sub = f"debug_{group}" if debug == "cpu" else f"debug_{group}/{debug}"
+    return f"+{sub}={choices[group]}" if (conf_dir() / sub / f"{choices[group]}.yaml").is_file() else None
 
 
 def moved(key: str) -> str | None:
@@ -178,17 +189,13 @@ def compose(overrides: Sequence[str] = ()) -> tuple[Config, dict[str, str]]:
         # when it exists (a CPU-sized rollout for GRPO, a tiny MoE for method=experts). Hydra
         # cannot interpolate a group choice into a non-primary defaults list, so we compose a
         # second time with them appended last.
-        extra = [
-            f"+debug_{g}={choices[g]}"
-            for g in DEBUG_OVERLAYS
-            if choices.get("debug") and (conf_dir() / f"debug_{g}" / f"{choices[g]}.yaml").is_file()
-        ]
+        extra = [o for g in DEBUG_OVERLAYS if (o := _debug_overlay(choices, g))]
         if extra:
             raw = _compose_raw(overrides + extra)
         choices = {
             k: v
             for k, v in OmegaConf.to_container(raw.hydra.runtime.choices).items()
-            if not k.startswith("hydra") and not k.startswith("schema")
+            if not k.startswith(("hydra", "schema", *(f"debug_{g}/" for g in DEBUG_OVERLAYS)))
         }
         with open_dict(raw):
             del raw["hydra"]
