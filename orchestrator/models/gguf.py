@@ -14,7 +14,8 @@ directory that exists is complete.
 
 Pad and EOS are kept distinct: GGUF tokenizers often set pad = EOS (SmolLM2: both
 `<|im_end|>`, the end of a chat turn). Pad becomes the vocabulary's `<|endoftext|>` when it
-has one (SmolLM2: id 0; else `<|pad|>`, `<pad>` or the unknown token), so padding is never mistaken for the end of a turn.
+has one (SmolLM2: id 0; else `<|pad|>`, `<pad>` or the unknown token), so padding is never
+mistaken for the end of a turn.
 """
 
 from __future__ import annotations
