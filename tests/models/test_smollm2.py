@@ -220,3 +220,17 @@ def _assert_adapter_loads(run_dir: Path, converted: Path) -> None:
     assert tok.pad_token == "<|endoftext|>"
     with torch.no_grad():
         assert model(torch.tensor([[1, 2]])).logits.shape == (1, 2, 49152)
+
+
+@pytest.mark.parametrize(
+    "experiment, data, rollout_tokens",
+    [("grpo_math", "synthetic:arithmetic", 32), ("dpo_ultrafeedback", "synthetic:arithmetic_pairs", 16)],
+)
+def test_cpu_real_shrinks_recipes_onto_the_real_model_with_lora(experiment, data, rollout_tokens):
+    for order in (["debug=cpu_real", f"+experiment={experiment}"], [f"+experiment={experiment}", "debug=cpu_real"]):
+        cfg, choices = compose(order)
+        assert choices["model"] == "smollm2_135m" and cfg.model.chat_template is None  # its own template
+        assert (cfg.method.name, cfg.method.r, cfg.method.alpha, cfg.train.lr) == ("lora", 16, 32, 2e-4)
+        assert cfg.run.init_from is None and cfg.cluster.gpus_per_worker == 0 and cfg.rollout.gpus_per_worker == 0
+        assert cfg.data.source == data and cfg.data.max_seq_len <= 128
+        assert cfg.rollout.max_new_tokens == rollout_tokens
