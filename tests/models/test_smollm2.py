@@ -234,3 +234,41 @@ def test_cpu_real_shrinks_recipes_onto_the_real_model_with_lora(experiment, data
         assert cfg.run.init_from is None and cfg.cluster.gpus_per_worker == 0 and cfg.rollout.gpus_per_worker == 0
         assert cfg.data.source == data and cfg.data.max_seq_len <= 128
         assert cfg.rollout.max_new_tokens == rollout_tokens
+
+
+def test_parallel_conversions_of_one_file_convert_once_and_a_failed_one_leaves_nothing(tmp_path, monkeypatch):
+    """The lock and the rename, with a stand-in for the (slow) dequantization itself."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.config.schema import ModelConfig
+    from orchestrator.errors import ModelLoadError
+
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF")
+    spec = ModelConfig(name="m", gguf_file=str(src), cache_dir=str(tmp_path / "cache"))
+    calls, guard = [], threading.Lock()
+
+    def slow_convert(path: Path, out: Path) -> None:
+        with guard:
+            calls.append(path)
+        time.sleep(0.3)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(gguf, "convert", slow_convert)
+    with ThreadPoolExecutor(4) as pool:
+        dirs = set(pool.map(lambda _: gguf.materialize(spec), range(4)))
+    assert len(calls) == 1 and len(dirs) == 1
+    (first,) = dirs
+    assert (first / "config.json").is_file() and (first / gguf.SOURCE_FILE).is_file()
+
+    def broken(path: Path, out: Path) -> None:
+        (out / "partial").write_text("x")
+        raise ModelLoadError(f"could not convert GGUF file {path}")
+
+    monkeypatch.setattr(gguf, "convert", broken)
+    src.write_bytes(b"GGUF v2")  # another key: converted anew, and that fails
+    with pytest.raises(ModelLoadError):
+        gguf.materialize(spec)
+    assert [p for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [first]
