@@ -155,18 +155,16 @@ class Tracker:
         eta = (now - self.t0) / max(done, 1) * (self.total - step)
         tps = self._tokens / max(now - self._last_log_time, 1e-9)
         self._last_log_time, self._tokens = now, 0
-        extra = "".join(f" | {k} {metrics[k]:.3g}" for k in ("grad_norm", "lr") if k in metrics)
-        log.info(
-            "step %d/%d | loss %.4f%s | tok/s %s | elapsed %s | ETA %s%s",
-            step,
-            self.total,
-            metrics.get("loss", float("nan")),
-            extra,
-            f"{tps:,.0f}",
-            _fmt_time(now - self.t0),
-            _fmt_time(eta),
-            " | SKIPPED (non-finite)" if metrics.get("skipped") else "",
-        )
+        parts = [f"step {step}/{self.total}"]
+        if "loss" in metrics:  # an eval step has none: it is left out rather than shown as nan
+            parts.append(f"loss {metrics['loss']:.4f}")
+        parts += [f"{k} {metrics[k]:.3g}" for k in ("grad_norm", "lr") if k in metrics]
+        if tps > 0:
+            parts.append(f"tok/s {tps:,.0f}")
+        parts += [f"elapsed {_fmt_time(now - self.t0)}", f"ETA {_fmt_time(eta)}"]
+        if metrics.get("skipped"):
+            parts.append("SKIPPED (non-finite)")
+        log.info(" | ".join(parts))
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: Optional[int] = None) -> None:
         """A table (e.g. sample completions) to every tracker: a W&B table, TensorBoard text,

@@ -77,3 +77,23 @@ def test_a_submitted_job_recomposes_the_same_trackers(tmp_path):
         write_overlay(cfg, choices, root)
         job, _ = compose(entry_args(str(root))[2:])
         assert job.logger == cfg.logger, overrides
+
+
+def test_progress_lines_show_what_the_step_measured(tmp_path, caplog):
+    """A training step's line has its loss and tokens/s; an eval step (no loss, no tokens)
+    has neither, rather than `loss nan | tok/s 0`."""
+    import logging
+    from types import SimpleNamespace
+
+    from orchestrator.config.logger import LoggerConfig
+    from orchestrator.tracking import Tracker
+
+    cfg = SimpleNamespace(logger=LoggerConfig(plots=False, mode="disabled"), run=SimpleNamespace(name="t"))
+    tracker = Tracker(cfg, tmp_path, {}, total_steps=2, start_step=0)
+    with caplog.at_level(logging.INFO, logger="orchestrator"):
+        tracker.log_step(1, {"loss": 0.5, "tokens": 1000, "step_time": 0.5, "lr": 1e-3})
+        tracker.log_step(2, {"eval/accuracy": 0.8})
+    tracker.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert lines[0].startswith("step 1/2 | loss 0.5000 | lr 0.001 | tok/s ") and "ETA" in lines[0]
+    assert lines[1].startswith("step 2/2 | elapsed ") and "nan" not in lines[1] and "tok/s" not in lines[1]
