@@ -15,9 +15,10 @@ storage (NFS) and survives its holder being killed:
   is gone, a zombie or a different process (start time); on another host, or after a
   reboot, its lease is older than `lease_s`. Ages are measured against the mtime of a file
   created just now in the same directory, so NFS client clocks never enter.
-- A stale lock is moved aside by rename (only one of several racing takers succeeds) and
-  checked to be the one judged stale; if a fresh lock was moved by mistake, it is linked
-  back. Then the taker tries again.
+- A stale lock is moved aside by rename, by one taker at a time (a second lock,
+  `.run.lock.break`, taken the same way), after checking that it is still the one judged
+  stale; if a fresh lock was moved all the same, it is linked back. Then the taker tries
+  again.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +43,8 @@ from orchestrator.errors import RunDirLockedError
 log = logging.getLogger("orchestrator")
 
 LOCK_NAME = ".run.lock"
+BREAK_STALE_S = 30.0
+"""Seconds after which a taker's lock on breaking a stale lock is itself stale."""
 
 
 def _boot_id() -> str:
@@ -212,10 +217,55 @@ class RunDirLock:
         return None
 
     def _break(self, holder: dict[str, Any] | None, reason: str) -> None:
+        """Move the stale lock aside, one taker at a time (`_breaking`), after checking that
+        the lock is still the one judged stale."""
+        with self._breaking() as ours:
+            if not ours:
+                return  # another taker is breaking it: the next round sees what it left
+            if holder is not None:
+                current, _ = self._read()
+                if (current or {}).get("token") != holder.get("token"):
+                    return  # taken or released since it was judged: judge again
+            self._move_aside(holder, reason)
+
+    @contextmanager
+    def _breaking(self) -> Iterator[bool]:
+        """A second lock, `<lock>.break`, taken like the first (by link) while a stale lock
+        is moved aside: without it, two takers judging the same stale lock could move a
+        fresh one aside while a third takes the free name. A breaker lock older than
+        `BREAK_STALE_S` (its taker died mid-break) is removed."""
+        mutex = self.run_dir / f"{LOCK_NAME}.break"
+        mine = self.run_dir / f"{LOCK_NAME}.break.{self.token}"
+        _write_synced(mine, self.token)
+        ours = False
+        try:
+            deadline = time.monotonic() + BREAK_STALE_S
+            while not ours and time.monotonic() < deadline:
+                try:
+                    os.link(mine, mutex)
+                    ours = True
+                except FileExistsError:
+                    try:
+                        if self._now() - os.stat(mutex).st_mtime > BREAK_STALE_S:
+                            _unlink(mutex)
+                            continue
+                    except FileNotFoundError:
+                        continue
+                    time.sleep(0.05)
+            yield ours
+        finally:
+            try:
+                if ours and os.stat(mutex).st_ino == os.stat(mine).st_ino:
+                    _unlink(mutex)
+            except FileNotFoundError:  # removed as stale meanwhile
+                pass
+            _unlink(mine)
+
+    def _move_aside(self, holder: dict[str, Any] | None, reason: str) -> None:
         aside = self.run_dir / f"{LOCK_NAME}.stale.{self.token}"
         try:
             os.rename(self.path, aside)
-        except FileNotFoundError:  # another taker moved it first
+        except FileNotFoundError:  # released or moved meanwhile
             return
         try:
             moved = json.loads(aside.read_text())

@@ -52,7 +52,7 @@ def test_racing_runs_one_wins_the_others_refuse_naming_the_holder(tmp_path, stal
     if stale_lock:  # every racer judges it stale and tries to move it aside: still one winner
         _plant(tmp_path, "gpu-node-7", age_s=600)
     start_at = time.time() + 3  # after every interpreter has started
-    procs = [_holder(tmp_path, start_at, 4) for _ in range(4)]
+    procs = [_holder(tmp_path, start_at, 8) for _ in range(4)]  # held past a late start under load
     outs = [p.communicate(timeout=60)[0] for p in procs]
     winners = [p for p, o in zip(procs, outs) if o.startswith("HELD")]
     assert len(winners) == 1, outs
