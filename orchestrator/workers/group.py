@@ -129,10 +129,15 @@ class WorkerGroup:
                 raise _oom_error(method, refs.index(done[0]), exc) from exc
             except (RayActorError, RayTaskError) as exc:
                 rank = refs.index(done[0])
-                node = self.nodes[rank] if hasattr(self, "nodes") else {"ip": "?", "pid": "?"}
                 cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause else exc
                 if isinstance(cause, OrchestratorError) and not isinstance(cause, WorkerError):
                     raise cause from None
+                if not isinstance(exc, RayActorError) and pending:
+                    dead = _dead_rank(refs, pending)  # the cause, when this error is its echo
+                    if dead is not None:
+                        rank, exc = dead
+                        cause = exc
+                node = self.nodes[rank] if hasattr(self, "nodes") else {"ip": "?", "pid": "?"}
                 text = str(cause).strip().splitlines()
                 raise WorkerError(
                     f"{method} failed on rank {rank} (node {node['ip']}, pid {node['pid']}): "
@@ -159,6 +164,28 @@ class WorkerGroup:
 
 
 _CALL_TIMEOUT_S: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar("call_timeout_s", default=None)
+
+
+DEAD_PEER_GRACE_S = 10.0
+"""How long a rank's error waits for the other ranks to show a dead process (see `_dead_rank`)."""
+
+
+def _dead_rank(refs: list, pending: list) -> Optional[tuple[int, RayActorError]]:
+    """A rank among `pending` whose process died, found within `DEAD_PEER_GRACE_S`. When a
+    worker process dies, its peers' collectives fail at once ("connection closed by peer"),
+    often before Ray reports the death: the dead rank is the error to report, not its echo."""
+    deadline = time.monotonic() + DEAD_PEER_GRACE_S
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            return None
+        try:
+            ray.get(done[0])
+        except RayActorError as exc:
+            return refs.index(done[0]), exc
+        except Exception:  # another echo, or a result: not the dead one
+            continue
+    return None
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """WorkerGroup calls: a rank that hangs (a real actor sleeping forever in a method) is
 detected within `call_timeout`, its Python stack is dumped with py-spy into the log, and a
-WorkerError takes the driver's recovery path; an error of ours raised in a worker (a full
+WorkerError takes the driver's recovery path; a rank whose process died is reported rather
+than its peers' collective errors; an error of ours raised in a worker (a full
 disk while saving) propagates as itself, so the driver does not restart into it."""
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ class Rank:
         while True:
             time.sleep(1)
 
+    def all_reduce(self, dead_rank: int) -> int:
+        """As a collective when a peer's process dies: the dead rank's process exits after a
+        moment; the others fail at once, as gloo does when a peer's socket closes."""
+        if self.rank == dead_rank:
+            time.sleep(0.5)
+            os._exit(1)
+        raise RuntimeError("[gloo] Connection closed by peer")
+
     def save(self, path: str) -> None:
         if self.rank == 1:
             raise StorageError(f"cannot write checkpoint step 4 in {path}: ENOSPC")
@@ -66,6 +75,20 @@ def test_a_hung_rank_is_detected_and_its_stack_dumped(ray_cluster, caplog):
         assert f"step hung (rank 1: node {g.nodes[1]['ip']} pid {g.nodes[1]['pid']})" in msg
         assert "run.step_timeout_s=3s" in msg
         assert "--- rank 1" in caplog.text and "deadlocked_in_user_code" in caplog.text  # py-spy's dump
+    finally:
+        for a in g.actors:
+            ray.kill(a)
+
+
+def test_a_dead_rank_is_reported_not_its_peers_echo(ray_cluster):
+    """A peer's collective error arrives before Ray reports the death: the report names the
+    dead rank, whose process is the cause."""
+    g = _group(3)
+    try:
+        with pytest.raises(WorkerError) as info:
+            g.call("all_reduce", 2)
+        assert str(info.value).startswith(f"all_reduce failed on rank 2 (node {g.nodes[2]['ip']}")
+        assert "Connection closed by peer" not in str(info.value)
     finally:
         for a in g.actors:
             ray.kill(a)
