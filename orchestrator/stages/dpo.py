@@ -39,7 +39,7 @@ from orchestrator.data.preference import log_truncated
 from orchestrator.errors import ConfigError
 from orchestrator.models.logprobs import token_logprobs
 from orchestrator.stages.base import step_metrics, train_on_workers
-from orchestrator.stages.preference import PreferenceStage, require_rows_with
+from orchestrator.stages.preference import PreferenceStage, pair_tokens, require_rows_with
 
 log = logging.getLogger("orchestrator")
 
@@ -131,7 +131,7 @@ class DpoStage(PreferenceStage):
         metrics = pair_step_metrics(results, ctx, self.spec)
         metrics.update(
             step_metrics(results),
-            tokens=sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs),
+            tokens=pair_tokens(pairs),
             epoch=self.source.epoch,
             **{"time/reference": ref_time, "time/train": time.time() - t, "step_time": time.time() - t0},
         )

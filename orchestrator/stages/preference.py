@@ -311,3 +311,8 @@ class PreferenceStage(Stage):
 
 def _fmt(results: dict[str, float], key: str) -> str:
     return ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in results.items() if k.startswith(key + "/"))
+
+
+def pair_tokens(pairs: list[dict[str, Any]]) -> int:
+    """Tokens a step of paired rows processes: the prompt twice, each completion once."""
+    return sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)

@@ -35,7 +35,7 @@ from orchestrator.config.checks import positive
 from orchestrator.data.preference import log_truncated
 from orchestrator.roles import RoleSpec, policy_spec
 from orchestrator.stages.base import step_metrics, train_on_workers
-from orchestrator.stages.preference import PreferenceStage, require_rows_with
+from orchestrator.stages.preference import PreferenceStage, pair_tokens, require_rows_with
 
 log = logging.getLogger("orchestrator")
 
@@ -96,7 +96,7 @@ class RmStage(PreferenceStage):
         metrics = score_metrics(total)
         metrics.update(
             step_metrics(results),
-            tokens=sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs),
+            tokens=pair_tokens(pairs),
             epoch=self.source.epoch,
             **{"time/train": time.time() - t, "step_time": time.time() - t0},
         )

@@ -17,6 +17,7 @@ from orchestrator.config.schema import LoraMethodConfig, ModelConfig
 from orchestrator.methods.base import Reference
 from orchestrator.methods.lora import Lora
 from orchestrator.models import build_model
+from tests.helpers import train_steps
 
 TINY = ModelConfig(name="t", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -50,19 +51,6 @@ def test_merged_weights_equal_peft_merge_and_reference_is_the_base():
 
 # ------------------------------------------------------------------ PEFT variants
 IDS = torch.randint(5, 250, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-def _train(model: torch.nn.Module, steps: int = 6) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def export_like_the_engine(method, model: torch.nn.Module, out_dir) -> dict[str, str]:
@@ -108,7 +96,7 @@ def test_dora_rslora_train_adapters_only_merge_as_peft_and_export_the_trained_mo
     torch.testing.assert_close(_logits(model), _logits(base), rtol=0, atol=1e-5)  # B starts at zero
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    losses = _train(model)
+    losses = train_steps(model, IDS, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05, losses
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -151,7 +139,7 @@ def test_pissa_olora_start_at_the_base_reference_a_frozen_copy_export_a_lora_on_
     assert set(method.initial_adapters) == {k for k in model.state_dict() if ".lora_" in k}
     assert all(v.abs().sum() > 0 for v in method.initial_adapters.values())  # B is not zero
 
-    losses = _train(model)
+    losses = train_steps(model, IDS, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05, losses
     policy = _logits(model)
     synced = build_model(TINY, torch.float32)
