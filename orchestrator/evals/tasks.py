@@ -263,12 +263,12 @@ class PreferenceTask(EvalTask):
 class LmEvalTask(EvalTask):
     kind = "lm_eval"
 
-    def __init__(self, name: str, spec, items: list[Any], source: str, gen: GenerationSettings, limit: Optional[int]):
-        from orchestrator.evals.harness import load_task, task_metrics
+    def __init__(self, name: str, spec, items: list[Any], source: str, gen: GenerationSettings, limit, harness):
+        """`harness`: the loaded harness task (its items came from it); `limit`: items scored."""
+        from orchestrator.evals.harness import task_metrics
 
         super().__init__(name, spec, items, source, gen)
-        self.limit = limit
-        self.harness = load_task(spec.task, f"eval.tasks[{name}]", spec.num_fewshot, gen.seed)
+        self.limit, self.harness = limit, harness
         self.table = task_metrics(self.harness)
         if not self.table:
             raise ConfigError(
@@ -345,8 +345,8 @@ def build_tasks(cfg, train) -> list[EvalTask]:
             from orchestrator.evals.harness import load_task, task_items
 
             name = spec.name or re.sub(r"[^\w]+", "_", Path(spec.task).stem).strip("_").lower()
-            items = task_items(load_task(spec.task, key, spec.num_fewshot, e.seed), n)
-            tasks.append(LmEvalTask(name, spec, items, f"lm-eval task {spec.task}", gen, n))
+            harness = load_task(spec.task, key, spec.num_fewshot, e.seed)
+            tasks.append(LmEvalTask(name, spec, task_items(harness, n), f"lm-eval task {spec.task}", gen, n, harness))
             continue
         items = load_items(str(spec.kind), spec.source, spec.split, n, train, key)
         name = spec.name or f"{spec.kind}_{source_label(spec.source)}"
