@@ -1,4 +1,5 @@
-"""Stage chaining: `run.init_from` starts a run from another run's exported model.
+"""Stage chaining: `run.init_from` starts a run from another run's exported model, and
+`stage.reward_model.path=experiment:NAME` scores an RL run with another run's reward model.
 
 `run.init_from=experiment:NAME` runs that experiment first (in `<run dir>/init_from_NAME`,
 so it resumes or is reused like any run), then points `model.pretrained` and
@@ -27,9 +28,17 @@ from orchestrator.errors import ConfigError
 log = logging.getLogger("orchestrator")
 MODEL_EXPORTS = ("model", "merged")
 """Export kinds that are a whole model, in order of preference."""
+_COMPLETED: dict[tuple[str, Optional[str]], Path] = {}
+"""Chained runs completed in this process, by (experiment, debug overlay): a chain that
+needs one twice (a policy and its reward model from the same warm-up) runs it once."""
 
 
 def resolve_init_from(cfg, choices: dict[str, str], launch: Callable) -> object:
+    cfg = _resolve_init_from(cfg, choices, launch)
+    return _resolve_reward_model(cfg, choices, launch)
+
+
+def _resolve_init_from(cfg, choices: dict[str, str], launch: Callable) -> object:
     src = cfg.run.init_from
     if not src:
         return cfg
@@ -45,6 +54,18 @@ def resolve_init_from(cfg, choices: dict[str, str], launch: Callable) -> object:
     log.info("initialising from %s", model_dir)
     model = replace(cfg.model, pretrained=str(model_dir), tokenizer=str(model_dir))
     return replace(cfg, model=model, run=replace(cfg.run, init_from=None))
+
+
+def _resolve_reward_model(cfg, choices: dict[str, str], launch: Callable) -> object:
+    """`stage.reward_model.path=experiment:NAME` (RL stages): run that reward-model recipe
+    first, in `<run dir>/reward_model_NAME`, and point the path at its export."""
+    spec = getattr(cfg.stage, "reward_model", None)
+    if spec is None or not spec.path or not spec.path.startswith("experiment:"):
+        return cfg
+    model_dir = _run_chained(cfg, choices, spec.path.split(":", 1)[1], launch, prefix="reward_model")
+    log.info("reward model: %s", model_dir)
+    stage = replace(cfg.stage, reward_model=replace(spec, path=str(model_dir)))
+    return replace(cfg, stage=stage)
 
 
 def _model_dir(path: Path) -> Optional[Path]:
@@ -90,15 +111,19 @@ def _as_written_or_shrunk(name: str, out: Path, choices: dict[str, str]):
     return _compose_chained(name, out, choices, debug=True)
 
 
-def _run_chained(cfg, choices: dict[str, str], name: str, launch: Callable) -> Path:
+def _run_chained(cfg, choices: dict[str, str], name: str, launch: Callable, prefix: str = "init_from") -> Path:
     from orchestrator.config.validate import validate
 
-    out = Path(cfg.run.output_dir) / f"init_from_{name}"
+    out = Path(cfg.run.output_dir) / f"{prefix}_{name}"
     done = _model_dir(out) if (out / "summary.json").is_file() else None
     if done is not None:
         log.info("chained run %s already complete: reusing %s", name, done)
         return done
     sub, sub_choices = _as_written_or_shrunk(name, out, choices)
+    key = (name, sub_choices.get("debug"))
+    if key in _COMPLETED:  # e.g. the warm-up both the policy and its reward model start from
+        log.info("chained run %s already ran in this chain: reusing %s", name, _COMPLETED[key])
+        return _COMPLETED[key]
     sub = replace(sub, cluster=cfg.cluster)  # the chained run uses the same cluster as this one
     sub = replace(sub, run=replace(sub.run, eval_after=False))  # the chain's last run is the one evaluated
     if hasattr(sub.method, "export_merged"):  # the next stage starts from a whole model
@@ -113,7 +138,8 @@ def _run_chained(cfg, choices: dict[str, str], name: str, launch: Callable) -> P
     result = launch(sub, sub_choices)
     for kind in MODEL_EXPORTS:
         if kind in result["exports"]:
-            return Path(result["exports"][kind])
+            _COMPLETED[key] = Path(result["exports"][kind])
+            return _COMPLETED[key]
     raise ConfigError(
         f"run.init_from=experiment:{name}: its run exported {sorted(result['exports'])}, no "
         "whole model to start the next stage from"

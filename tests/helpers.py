@@ -25,12 +25,14 @@ def flaky_reward(completion, answer, **_):
 
 
 class KillWorkerAtStep:
-    """SIGKILL one training worker process (rank `extra.kill_rank`, default 1) at the end of
-    step `extra.kill_worker_at_step`, the first time only: a real dead actor mid-run."""
+    """SIGKILL one worker process (rank `extra.kill_rank`, default 1, of role `extra.kill_role`,
+    default the policy) at the end of step `extra.kill_worker_at_step`, the first time only: a
+    real dead actor mid-run."""
 
     def __init__(self, cfg):
         self.step = int(cfg.extra["kill_worker_at_step"])
         self.rank = int(cfg.extra.get("kill_rank", 1))
+        self.role = str(cfg.extra.get("kill_role", "policy"))
         self.done = False
 
     def on_start(self, driver):
@@ -39,7 +41,7 @@ class KillWorkerAtStep:
     def on_step_end(self, step, metrics):
         if step == self.step and not self.done:
             self.done = True
-            os.kill(self.driver.workers.nodes[self.rank]["pid"], signal.SIGKILL)
+            os.kill(self.driver.roles[self.role].nodes[self.rank]["pid"], signal.SIGKILL)
 
 
 class RecordLogprobs:

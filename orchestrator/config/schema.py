@@ -110,11 +110,28 @@ class LossAgg(Choice):
 
 
 class AdvantageEstimator(Choice):
-    """RL advantage estimators of stage=grpo (orchestrator.algos.advantages.ESTIMATORS)."""
+    """RL advantage estimators of stage=grpo and stage=ppo (orchestrator.algos.advantages;
+    gae needs a critic: stage=ppo)."""
 
     grpo = "grpo"
     rloo = "rloo"
     reinforce_pp = "reinforce_pp"
+    gae = "gae"
+
+
+class KlEstimator(Choice):
+    """Per-token estimators of KL(policy || reference) (orchestrator.algos.ppo.KL_ESTIMATORS)."""
+
+    k1 = "k1"
+    k2 = "k2"
+    k3 = "k3"
+
+
+class CriticInit(Choice):
+    """Where the PPO critic's weights start."""
+
+    reward_model = "reward_model"
+    policy = "policy"
 
 
 class PreferenceLossType(Choice):
@@ -394,13 +411,35 @@ class CptStageConfig(StageConfig):
             raise ConfigError("stage=cpt always packs documents into rows; data.batching=padded does not apply")
 
 
+REWARD_MODEL = "reward_model"
+"""The `stage.rewards` entry of the learned reward (`stage.reward_model`)."""
+
+
 @dataclass
 class RewardSpec:
     name: str = MISSING
-    """A built-in (math_verify, exact_match, format) or an import path `module:function`."""
+    """A built-in (math_verify, exact_match, format), an import path `module:function`, or
+    `reward_model` (the learned reward of `stage.reward_model`)."""
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the function (e.g. `pattern` for `format`)."""
+
+
+@dataclass
+class RewardModelSpec:
+    """The learned reward a `{name: reward_model}` entry of `stage.rewards` scores with: a
+    frozen `reward_model` role (a `stage=rm` export, sequence-classification head) beside
+    the policy, scoring prompt + completion token ids (orchestrator/rewards/learned.py)."""
+
+    path: str | None = None
+    """A `stage=rm` run directory (its export), a model directory, or `experiment:NAME` (that
+    recipe runs first, in `<run dir>/reward_model_NAME`, as `run.init_from` chains)."""
+    normalize: bool = False
+    """Whiten the scores over each step's samples (mean 0, std 1) before they are weighted."""
+    clip: float | None = None
+    """Clip the (normalised) score to [-clip, clip]; None: no clipping."""
+    gpu_share: float = 0.1
+    """Share of a policy bundle's GPU the colocated reward model takes (forwards only)."""
 
 
 @dataclass
@@ -409,6 +448,9 @@ class GrpoStageConfig(StageConfig):
     prompts_per_step: int = 32
     """Prompts per step; each gets rollout.n completions."""
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="math_verify")])
+    """Weighted rewards summed per sample: verifiable functions, and `reward_model` (the
+    learned reward of `stage.reward_model`)."""
+    reward_model: RewardModelSpec = field(default_factory=RewardModelSpec)
     reward_timeout_s: float = 10.0
     """A reward call making no progress this long is masked and the pool restarted."""
     reward_workers: int = 2
@@ -452,7 +494,17 @@ class GrpoStageConfig(StageConfig):
         if not self.rewards:
             raise ConfigError("stage.rewards is empty; e.g. stage.rewards=[{name: math_verify}]")
         for i, spec in enumerate(self.rewards):
-            check_reward(spec.name, f"stage.rewards[{i}].name")
+            if spec.name != REWARD_MODEL:
+                check_reward(spec.name, f"stage.rewards[{i}].name")
+            elif not self.reward_model.path:
+                raise ConfigError(
+                    f"stage.rewards[{i}] is the reward model, but stage.reward_model.path is unset: point it "
+                    "at a stage=rm run directory, a model directory or experiment:NAME"
+                )
+        if self.reward_model.clip is not None and self.reward_model.clip <= 0:
+            raise ConfigError(f"stage.reward_model.clip={self.reward_model.clip} must be > 0, or null for off")
+        if self.estimator == AdvantageEstimator.gae and self.name != "ppo":
+            raise ConfigError("stage.estimator=gae needs a critic: use stage=ppo (or grpo | rloo | reinforce_pp)")
         positive(self.reward_timeout_s, "stage.reward_timeout_s")
         positive(self.reward_workers, "stage.reward_workers")
         positive(self.kl_coef, "stage.kl_coef", allow_zero=True)
@@ -463,6 +515,52 @@ class GrpoStageConfig(StageConfig):
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ConfigError(f"stage.tis_cap={self.tis_cap} must be > 0 (e.g. 2.0), or null for off")
         positive(self.log_samples_every, "stage.log_samples_every", allow_zero=True)
+
+
+@dataclass
+class PpoStageConfig(GrpoStageConfig):
+    """PPO with a critic (GAE) against a learned reward model and/or verifiable rewards:
+    orchestrator/stages/ppo.py; the losses are in orchestrator/algos/ppo.py."""
+
+    name: str = "ppo"
+    estimator: AdvantageEstimator = AdvantageEstimator.gae
+    """gae (critic) | grpo | rloo | reinforce_pp (no critic: the group or batch baselines)."""
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name=REWARD_MODEL)])
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """GAE's lambda."""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty in the reward (the start value when kl_target is set)."""
+    kl_estimator: KlEstimator = KlEstimator.k1
+    """k1 | k2 | k3: the per-token KL estimate the penalty uses."""
+    kl_target: float | None = None
+    """Adaptive KL controller (Ziegler et al.): move kl_coef so the mean per-sequence KL
+    approaches this; None: fixed kl_coef."""
+    kl_horizon: int = 10000
+    """Samples over which the adaptive controller corrects its error."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (old log-probs and values recomputed first when > 1 or
+    mini_batches > 1)."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch: the batch is split into this many mini-batches."""
+    value_clip: float | None = 0.2
+    """Clip of the value update around the old values (None: plain squared error)."""
+    critic_lr: float = 1e-5
+    """The critic's own learning rate (its optimizer is otherwise train.*)."""
+    critic_warmup_steps: int = 0
+    """Steps at the start that train only the critic (the policy waits for useful values)."""
+    critic_init: CriticInit = CriticInit.reward_model
+    """reward_model: the critic starts from the reward model's weights (value head from its
+    score head); policy: from the policy's starting model with a new value head."""
+    whiten_advantages: bool = True
+    """Normalise GAE advantages over the batch's completion tokens."""
+
+    def check(self, cfg: Config) -> None:
+        from orchestrator.stages.ppo import check_ppo
+
+        super().check(cfg)
+        check_ppo(self, cfg)
 
 
 @dataclass
@@ -1042,6 +1140,7 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
         "dpo": DpoStageConfig,
         "kto": KtoStageConfig,
         "rm": RmStageConfig,
+        "ppo": PpoStageConfig,
     },
     "backend": {"fsdp2": Fsdp2BackendConfig, "deepspeed_zero3": DeepSpeedBackendConfig},
     "cluster": {

@@ -36,6 +36,10 @@ def _to_prompt(row: dict[str, Any], need_answer: bool = True) -> dict[str, Any]:
         )
     elif "prompt" in row or "question" in row:
         prompt, answer = row["question"] if "question" in row else row["prompt"], None
+    elif "chosen" in row and not need_answer:  # a preference row: its (implicit) prompt, for a learned reward
+        from orchestrator.data.preference import to_pair
+
+        prompt, answer = to_pair(row)[0], None
     else:
         raise ValueError(
             f"row needs 'prompt' and 'answer' (or 'question'/'answer') (found keys: {', '.join(sorted(row)) or 'none'})"

@@ -9,6 +9,7 @@ from orchestrator.stages.dpo import DpoStage
 from orchestrator.stages.eval import EvalStage
 from orchestrator.stages.grpo import GrpoStage
 from orchestrator.stages.kto import KtoStage
+from orchestrator.stages.ppo import PpoStage
 from orchestrator.stages.rm import RmStage
 from orchestrator.stages.sft import SftStage
 
@@ -19,5 +20,6 @@ STAGES: dict[str, type] = {
     "dpo": DpoStage,
     "kto": KtoStage,
     "rm": RmStage,
+    "ppo": PpoStage,
     "eval": EvalStage,
 }

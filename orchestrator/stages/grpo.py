@@ -40,6 +40,7 @@ import torch
 from orchestrator.algos.advantages import reinforce_pp, rloo
 from orchestrator.algos.grpo import clipped_policy_loss, group_advantages, token_weights, zero_std_groups
 from orchestrator.algos.off_policy import logprob_mismatch, reduce_mismatch, truncated_is_weights
+from orchestrator.config.schema import REWARD_MODEL
 from orchestrator.data.batching import BatchSource, shard
 from orchestrator.data.chat import encode_prompt
 from orchestrator.data.collate import rl_collate, rl_dummy
@@ -50,6 +51,7 @@ from orchestrator.data.table import as_table
 from orchestrator.evaluation import greedy_accuracy
 from orchestrator.methods import METHODS, Reference
 from orchestrator.models.logprobs import token_logprobs
+from orchestrator.rewards.learned import LearnedReward, reward_model_spec
 from orchestrator.rewards.runner import RewardRunner
 from orchestrator.roles import REFERENCE, RoleSpec, policy_spec
 from orchestrator.rollout import get_engine_class
@@ -68,8 +70,9 @@ class GrpoStage(Stage):
 
     @classmethod
     def data_kind(cls, cfg) -> tuple[str, dict[str, Any]]:
-        """RL prompts with the answer the rewards check (`data/kinds.py`)."""
-        return "prompts", {"need_answer": True}
+        """RL prompts, with the answer the verifiable rewards check (`data/kinds.py`); a learned
+        reward alone needs none (prompts of preference rows then serve too)."""
+        return "prompts", {"need_answer": any(r.name != REWARD_MODEL for r in cfg.stage.rewards)}
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
@@ -94,7 +97,14 @@ class GrpoStage(Stage):
         self.prompts = prompts
         self.world = cfg.cluster.num_workers
         self.version = 0
-        self.rewards = RewardRunner(g.rewards, g.reward_timeout_s, g.reward_workers)
+        verifiable = [spec for spec in g.rewards if spec.name != REWARD_MODEL]
+        self.rewards = RewardRunner(verifiable, g.reward_timeout_s, g.reward_workers) if verifiable else None
+        self.learned = [spec for spec in g.rewards if spec.name == REWARD_MODEL]
+        self.reward_model = (
+            LearnedReward(g.reward_model, tokenizer.pad_token_id, self.world, cfg.train.micro_batch_size)
+            if self.learned
+            else None
+        )
         self.rollout = None
         self.tracker = None
         # The engine's log-probs: for the correction, or (when they cost nothing) to log the mismatch.
@@ -118,10 +128,14 @@ class GrpoStage(Stage):
             share -= COLOCATED_GPU_SHARE
         if frozen_ref and cfg.cluster.gpus_per_worker:
             share -= REFERENCE_GPU_SHARE
-        policy = policy_spec(cfg, loss=GrpoStage.loss, gpu_share=share)
+        if self.learned and cfg.cluster.gpus_per_worker:
+            share -= cfg.stage.reward_model.gpu_share
+        policy = policy_spec(cfg, loss=type(self).loss, gpu_share=share)
         roles = {"policy": policy}
         if frozen_ref:
             roles[REFERENCE] = policy.frozen_copy(REFERENCE, gpu_share=REFERENCE_GPU_SHARE)
+        if self.learned:
+            roles[REWARD_MODEL] = reward_model_spec(cfg, policy, cfg.stage.reward_model.gpu_share)
         return roles
 
     @property
@@ -160,7 +174,8 @@ class GrpoStage(Stage):
         )
 
     def close(self) -> None:
-        self.rewards.close()
+        if self.rewards is not None:
+            self.rewards.close()
         if self.rollout is not None:
             self.rollout.shutdown()
             self.rollout = None
@@ -206,7 +221,8 @@ class GrpoStage(Stage):
         t = time.time()
         texts = [c.text for c in completions]
         answers = [p["answer"] for p in batch for _ in range(r.n)]
-        rewards, valid, rstats = self.rewards.score(texts, answers)
+        sample_prompts = [prompt_ids[i // r.n] for i in range(len(comps))]
+        rewards, valid, rstats = self._score(roles, texts, answers, sample_prompts, comps)
         times["time/reward"] = time.time() - t
         rows, metrics = self._rows(prompt_ids, comps, rewards, valid, lps)
         metrics.update(rollout_version=rollout_version, **rstats)
@@ -223,6 +239,24 @@ class GrpoStage(Stage):
         if self.cfg.eval.every_steps and self.heldout and step % self.cfg.eval.every_steps == 0:
             metrics["eval_accuracy"] = self.evaluate()
         return metrics
+
+    def _score(
+        self, roles, texts: list[str], answers: list[str], prompt_ids: list[list[int]], comps: list[list[int]]
+    ) -> tuple[list[float], list[bool], dict[str, float]]:
+        """Each sample's weighted reward: the verifiable functions (in their process pool) plus
+        the learned reward (on the reward-model role); a validity mask; reward statistics."""
+        if self.rewards is not None:
+            rewards, valid, stats = self.rewards.score(texts, answers)
+        else:
+            rewards, valid, stats = [0.0] * len(texts), [True] * len(texts), {}
+        if self.reward_model is not None:
+            raw = self.reward_model.raw(roles[REWARD_MODEL], prompt_ids, comps)
+            shaped = self.reward_model.shape(raw)
+            weight = sum(spec.weight for spec in self.learned)
+            rewards = [x + weight * float(v) for x, v in zip(rewards, shaped)]
+            stats["reward/reward_model"] = float(raw.mean())
+            stats["reward/reward_model_std"] = float(raw.std()) if len(raw) > 1 else 0.0
+        return rewards, valid, stats
 
     def _rows(
         self,
