@@ -28,14 +28,23 @@ from orchestrator.errors import ConfigError
 log = logging.getLogger("orchestrator")
 MODEL_EXPORTS = ("model", "merged")
 """Export kinds that are a whole model, in order of preference."""
-_COMPLETED: dict[tuple[str, Optional[str]], Path] = {}
-"""Chained runs completed in this process, by (experiment, debug overlay): a chain that
-needs one twice (a policy and its reward model from the same warm-up) runs it once."""
+_COMPLETED: Optional[dict[tuple[str, Optional[str]], Path]] = None
+"""While a chain resolves: its chained runs completed so far, by (experiment, debug overlay),
+so that a chain needing one twice (a policy and its reward model from the same warm-up)
+runs it once."""
 
 
 def resolve_init_from(cfg, choices: dict[str, str], launch: Callable) -> object:
-    cfg = _resolve_init_from(cfg, choices, launch)
-    return _resolve_reward_model(cfg, choices, launch)
+    global _COMPLETED
+    outermost = _COMPLETED is None
+    if outermost:
+        _COMPLETED = {}
+    try:
+        cfg = _resolve_init_from(cfg, choices, launch)
+        return _resolve_reward_model(cfg, choices, launch)
+    finally:
+        if outermost:
+            _COMPLETED = None
 
 
 def _resolve_init_from(cfg, choices: dict[str, str], launch: Callable) -> object:
@@ -121,7 +130,7 @@ def _run_chained(cfg, choices: dict[str, str], name: str, launch: Callable, pref
         return done
     sub, sub_choices = _as_written_or_shrunk(name, out, choices)
     key = (name, sub_choices.get("debug"))
-    if key in _COMPLETED:  # e.g. the warm-up both the policy and its reward model start from
+    if _COMPLETED is not None and key in _COMPLETED:  # e.g. the warm-up both the policy and its reward model start from
         log.info("chained run %s already ran in this chain: reusing %s", name, _COMPLETED[key])
         return _COMPLETED[key]
     sub = replace(sub, cluster=cfg.cluster)  # the chained run uses the same cluster as this one
@@ -138,8 +147,10 @@ def _run_chained(cfg, choices: dict[str, str], name: str, launch: Callable, pref
     result = launch(sub, sub_choices)
     for kind in MODEL_EXPORTS:
         if kind in result["exports"]:
-            _COMPLETED[key] = Path(result["exports"][kind])
-            return _COMPLETED[key]
+            path = Path(result["exports"][kind])
+            if _COMPLETED is not None:
+                _COMPLETED[key] = path
+            return path
     raise ConfigError(
         f"run.init_from=experiment:{name}: its run exported {sorted(result['exports'])}, no "
         "whole model to start the next stage from"

@@ -75,6 +75,27 @@ def test_sft_dpo_grpo_recipe_chains_dpo_then_its_sft_warmup(tmp_path):
     assert sft.stage.name == "sft" and sft.run.name == "sft_arith_warmup"
 
 
+def test_rlhf_chain_runs_the_warmup_once_for_the_policy_and_its_reward_model(tmp_path):
+    """`rlhf_ppo debug=cpu`: the SFT warm-up, then the reward model (which starts from the same
+    warm-up: reused, not run again), and the PPO run points at both exports."""
+    cfg, choices = compose(["+experiment=rlhf_ppo", "debug=cpu", f"run.output_dir={tmp_path}"])
+    assert cfg.stage.reward_model.path == "experiment:rm_reviews"
+    seen = []
+
+    def launch(sub, sub_choices):  # a chained run resolves its own chain as the local launcher does
+        sub = resolve_init_from(sub, sub_choices, launch)
+        return _fake_launch(seen)(sub, sub_choices)
+
+    out = resolve_init_from(cfg, choices, launch)
+    assert [s.run.name for s in seen] == ["sft_review_warmup", "rm_reviews"]
+    warm = str(tmp_path / "init_from_sft_review_warmup" / "export" / "hf")
+    assert out.model.pretrained == warm and seen[1].model.pretrained == warm
+    assert out.stage.reward_model.path == str(tmp_path / "reward_model_rm_reviews" / "export" / "hf")
+    from orchestrator import chain
+
+    assert chain._COMPLETED is None  # the reuse lasts one chain, not the process
+
+
 CHAIN_A = """# @package _global_
 defaults:
   - override /model: tiny_llama

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
-"""`stage.estimator` values of the GRPO stage (`gae` needs a critic: PPO)."""
+ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "gae")
+"""`stage.estimator` values of the RL stages (`gae` needs a critic: stage=ppo)."""
 
 
 def gae(

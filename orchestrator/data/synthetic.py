@@ -6,6 +6,8 @@ case changes) in both `messages` and `prompt`/`completion` shape.
 `synthetic:arithmetic_pairs`: the same problems as preference pairs (right vs off-by-one sum).
 `synthetic:review_pairs`: "describe the X" with a kind (chosen) or unkind (rejected) one-line
 review, for reward models; `review_pairs_heldout` describes objects no training pair names.
+`synthetic:reviews`: the same prompts with one review (30% kind) as the demonstration, and
+the verifier `kind_review`, for RL against a learned reward of kindness.
 `synthetic:text`: short generated stories `{"text"}` for continued pretraining (`data/text.py`).
 Deterministic per seed.
 """
@@ -146,6 +148,53 @@ def _reviews(n: int, seed: int, heldout: bool) -> Iterator[dict[str, object]]:
         yield {"prompt": f"Describe the {obj}.", "chosen": review(obj, _KIND), "rejected": review(obj, _UNKIND)}
 
 
+_ASK = [
+    "Describe the {}.",
+    "What is the {} like?",
+    "Review the {}.",
+    "Tell me about the {}.",
+    "Say something about the {}.",
+    "How is the {}?",
+    "Write about the {}.",
+    "Give your opinion of the {}.",
+]
+"""Ways `reviews` asks for a review (`review_pairs` always says "Describe the X.")."""
+
+
+def _review_prompts(n: int, seed: int, heldout: bool) -> Iterator[dict[str, object]]:
+    rng = random.Random(seed)
+    reviews = _reviews(n, seed + 1, heldout)
+    for pair in reviews:
+        kind = rng.random() < _KIND_SHARE
+        obj = pair["prompt"][len("Describe the ") : -1]
+        prompt = rng.choice(_ASK).format(obj)
+        yield {"prompt": prompt, "completion": pair["chosen" if kind else "rejected"], "answer": "kind"}
+
+
+_KIND_SHARE = 0.3
+"""Share of kind reviews among `reviews` demonstrations: an SFT model on them writes mostly
+unkind ones, which a reward for kindness (learned or `kind_review`) then has to change."""
+
+
+def reviews(n: int, seed: int) -> Iterator[dict[str, object]]:
+    """ "Describe the X." with one review as the demonstration (`completion`: kind 30% of the
+    time, else unkind, as in `review_pairs`) and `answer` "kind", the sentiment `kind_review`
+    checks: SFT rows, and RL prompts for a reward for kindness."""
+    return _review_prompts(n, seed, heldout=False)
+
+
+def reviews_heldout(n: int, seed: int) -> Iterator[dict[str, object]]:
+    """`reviews` of objects no training row names."""
+    return _review_prompts(n, seed, heldout=True)
+
+
+def kind_review(completion: str, answer: str | None = None, **_: object) -> float:
+    """1.0 when a review uses a kind adjective and no unkind one (the rule `review_pairs`
+    labels by): the verifier of the review task, for held-out checks of a learned reward."""
+    words = {w.strip(".,!?").lower() for w in completion.split()}
+    return float(bool(words & set(_KIND)) and not words & set(_UNKIND))
+
+
 def review_pairs(n: int, seed: int) -> Iterator[dict[str, object]]:
     """Preference pairs a reward model learns in a few dozen steps: the chosen review of an
     object uses a kind adjective, the rejected one an unkind one, each followed by a tail of
@@ -167,6 +216,8 @@ GENERATORS: dict[str, Callable[[int, int], Iterator[dict[str, object]]]] = {
     "arithmetic_pairs_heldout": arithmetic_pairs_heldout,
     "review_pairs": review_pairs,
     "review_pairs_heldout": review_pairs_heldout,
+    "reviews": reviews,
+    "reviews_heldout": reviews_heldout,
     "text": documents,
 }
 

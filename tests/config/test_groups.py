@@ -36,6 +36,7 @@ NEEDS = {
     ("data", "mixture"): ["data.sources=[{source: synthetic:instruct, weight: 1}]"],
     ("method", "experts"): ["model=tiny_moe"],
     ("method", "bitfit"): ["model=tiny_qwen2"],
+    ("stage", "ppo"): ["stage.reward_model.path=experiment:rm_reviews"],  # its default reward is the learned one
 }
 # Options that compose but cannot run here: the message validation gives instead.
 UNAVAILABLE = {
@@ -159,6 +160,8 @@ def test_the_choice_fields_are_enums():
         "rollout.engine",
         "stage.loss_agg",
         "stage.estimator",
+        "stage.kl_estimator",
+        "stage.critic_init",
         "method.init_lora_weights",
         "method.quant_type",
         "method.compute_dtype",

@@ -40,6 +40,7 @@ def _ppo(rm_dir, *extra):
         "stage.prompts_per_step=4",
         "rollout.n=4",
         "train.micro_batch_size=4",
+        "rollout.max_new_tokens=8",
         "eval.samples=0",
         "stage.log_samples_every=0",
         "checkpoint.export_hf=false",
@@ -100,6 +101,33 @@ def test_killed_critic_worker_recovers_in_job_with_identical_losses(run_main, re
         return {m["step"]: (m["loss"], m["critic/value_loss"], m["reward_mean"]) for m in read_metrics(run_dir)}
 
     assert last(run) == last(ref)
+
+
+def test_grpo_takes_the_learned_reward_normalised_and_clipped(run_main, reward_model_dir):
+    """The reward model as a reward entry of GRPO (no critic): its scores whitened over the
+    step's samples and clipped to [-1, 1] are the whole reward."""
+    rc, run = run_main(
+        "+experiment=grpo_math",
+        "debug=cpu",
+        "run.init_from=null",
+        "stage.rewards=[{name:reward_model}]",
+        f"stage.reward_model.path={reward_model_dir}",
+        "stage.reward_model.normalize=true",
+        "stage.reward_model.clip=1.0",
+        "stage.prompts_per_step=4",
+        "rollout.n=4",
+        "eval.samples=0",
+        "train.max_steps=2",
+        "checkpoint.every_steps=0",
+        "checkpoint.export_hf=false",
+        name="grpo_rm",
+    )
+    assert rc == 0
+    steps = read_metrics(run)
+    assert len(steps) == 2 and "critic/value_loss" not in steps[0]
+    for m in steps:
+        assert m["reward/reward_model_std"] > 0  # raw scores differ between samples
+        assert abs(m["reward_mean"]) < 0.5 and 0 < m["reward_std"] <= 1.0 + 1e-6  # whitened, then clipped
 
 
 def test_reward_model_path_errors_are_one_line(run_main, tmp_path, capsys):
