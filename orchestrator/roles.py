@@ -64,6 +64,10 @@ class RoleSpec:
     """The run directory, for methods that keep files there (experts' selection)."""
     logits_chunk_mb: int = 256
     """Token log-probs are computed over chunks of tokens whose fp32 logits stay below this."""
+    kernels: str = "none"
+    """none | liger: Liger's kernels on the model and its fused linear CE for log-probs (`train.kernels`)."""
+    compile: bool = False
+    """torch.compile each decoder block (`train.compile`)."""
 
     @property
     def trainable(self) -> bool:
@@ -104,6 +108,8 @@ def policy_spec(cfg, loss: Optional[Callable[..., Any]] = None, gpu_share: float
         data=cfg.data,
         run_dir=str(cfg.run.output_dir),
         logits_chunk_mb=cfg.train.logits_chunk_mb,
+        kernels=str(cfg.train.kernels),
+        compile=cfg.train.compile,
     )
 
 

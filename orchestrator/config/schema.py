@@ -64,6 +64,11 @@ class AttnImplementation(Choice):
     flash_attention_2 = "flash_attention_2"
 
 
+class Kernels(Choice):
+    none = "none"
+    liger = "liger"
+
+
 class DataFormat(Choice):
     auto = "auto"
     messages = "messages"
@@ -1063,6 +1068,14 @@ class TrainConfig:
     """Token log-probs (every loss, reference and evaluation) are computed over chunks of
     tokens whose fp32 logits stay below this many MiB, never the full-vocabulary logits of a
     whole micro-batch at once (one chunk when they fit)."""
+    kernels: Kernels = Kernels.none
+    """none | liger: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into the model
+    through Liger's own API, and its fused linear cross-entropy for token log-probs in place
+    of the chunked path (log-probs with entropy, GRPO's, stay chunked). Needs a CUDA GPU per
+    worker and `pip install -e ".[liger]"` (docs/gpu_fast_paths.md)."""
+    compile: bool = False
+    """torch.compile each decoder block (after activation checkpointing, before sharding),
+    on every role's model. The first steps are slower while the graphs compile."""
 
     def check(self, cfg: Config) -> None:
         positive(self.lr, "train.lr")
@@ -1071,6 +1084,12 @@ class TrainConfig:
         positive(self.micro_batch_size, "train.micro_batch_size")
         positive(self.global_batch_size, "train.global_batch_size")
         positive(self.logits_chunk_mb, "train.logits_chunk_mb")
+        if self.kernels == Kernels.liger:
+            from orchestrator.models.kernels import LIGER_FIX, liger_problem
+
+            problem = liger_problem(cfg.cluster.gpus_per_worker)
+            if problem:
+                raise ConfigError(f"train.kernels=liger cannot run: {problem}. To use it, {LIGER_FIX}.")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from orchestrator.engines.optim import _shape
 from orchestrator.methods import get_method
 from orchestrator.methods.base import unwrap
 from orchestrator.models import auto_class
+from orchestrator.models.kernels import apply_liger, compile_blocks
 from orchestrator.models.logprobs import token_logprobs
 
 # loss_fn(model, micro_batch) -> (loss to backward, {metric name: 0-d tensor or float summed over micro-batches})
@@ -82,7 +83,11 @@ class EngineBase:
 
     # ----------------------------------------------------------------- shared
     def _after_build(self, model: torch.nn.Module) -> torch.nn.Module:
-        """What every backend does to the method's model before sharding it."""
+        """What every backend does to the method's model before sharding it: Liger kernels,
+        activation checkpointing, then per-block compile (torchtitan's order: compile wraps
+        the checkpointed block, sharding wraps the compiled one)."""
+        if self.spec.kernels == "liger":
+            apply_liger(model, self.device)
         if not self.spec.trainable:
             model.requires_grad_(False)
         self.hf_config = unwrap(model).config
@@ -93,6 +98,8 @@ class EngineBase:
         }
         if self.spec.trainable and self.spec.backend.activation_checkpointing:
             unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.spec.compile:
+            compile_blocks(model)
         return model
 
     def _require_optimizer(self) -> None:

@@ -38,8 +38,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from orchestrator.engines.base import EngineBase
 from orchestrator.engines.ckpt_io import ShardWriter, load_local_state, local_state
 from orchestrator.engines.optim import build_optimizer, build_scheduler
-from orchestrator.methods.base import unwrap
 from orchestrator.models import master_dtype
+from orchestrator.models.kernels import decoder_blocks
 
 _OPTS = StateDictOptions(ignore_frozen_params=True)
 
@@ -74,10 +74,8 @@ class FSDP2Engine(EngineBase):
         uncast = MixedPrecisionPolicy()
         for module in self.method.quantized_modules(model) if self.compute_bf16 else []:
             fully_shard(module, mesh=mesh, mp_policy=uncast, reshard_after_forward=b.reshard_after_forward)
-        blocks = set(getattr(unwrap(model), "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=b.reshard_after_forward)
+        for module in decoder_blocks(model):
+            fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=b.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=b.reshard_after_forward)
 
     # ------------------------------------------------------------------ training

@@ -16,12 +16,17 @@ How the chunks run inside the model: for the duration of one forward, the LM hea
 sharding hooks on it: FSDP2's root all-gather, ZeRO-3's per-module gathers) run as usual
 and the head returns log-probs [B, L] in place of logits. Models that post-process logits
 after the head (final logit soft-capping, a logit scale) always take the plain path.
+
+With `train.kernels=liger` (CUDA only) the head instead runs Liger's fused linear
+cross-entropy over the whole micro-batch (`_fused_head`): the same values and gradients
+as the chunked path (tests/models/test_kernels.py, on GPU), without a chunk size to pick.
+Log-probs that need the entropy (GRPO's policy loss) stay on the chunked path.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import torch
@@ -29,7 +34,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from orchestrator.methods.base import unwrap
+from orchestrator.models.kernels import uses_fused_ce
 
+_NO_IGNORE = -100
+"""An ignore index no token id (>= 0) equals: every input token is a target of token_logprobs."""
 _POSTPROCESSED = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
@@ -61,7 +69,17 @@ def _chunk(
 
 
 @contextlib.contextmanager
-def _chunked_head(model: torch.nn.Module, targets: torch.Tensor, size: int, entropy: Optional[list]) -> Iterator[None]:
+def _head_as(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """The LM head computes `forward(hidden)` in place of its logits for the duration."""
+    head = unwrap(model).get_output_embeddings()
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # back to the class's forward
+
+
+def _chunked_head(model: torch.nn.Module, targets: torch.Tensor, size: int, entropy: Optional[list]):
     head = unwrap(model).get_output_embeddings()
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -78,11 +96,25 @@ def _chunked_head(model: torch.nn.Module, targets: torch.Tensor, size: int, entr
         logp = torch.cat(parts).view(b, length)
         return F.pad(logp, (0, 1))  # [B, L]: the model slices nothing off; the caller drops the last
 
-    head.forward = forward
-    try:
-        yield
-    finally:
-        del head.forward  # back to the class's forward
+    return _head_as(model, forward)
+
+
+def _fused_head(model: torch.nn.Module, targets: torch.Tensor, ignore_index: int):
+    """Liger's fused linear cross-entropy over all tokens at once: its Triton kernel tiles
+    the vocabulary itself, so no chunk size applies. Targets equal to `ignore_index` get 0."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    head = unwrap(model).get_output_embeddings()
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        b, length = targets.shape
+        flat_h = hidden[:, :-1].reshape(b * length, hidden.shape[-1])
+        nll = liger_fused_linear_cross_entropy(
+            flat_h, head.weight, targets.reshape(-1), head.bias, ignore_index=ignore_index, reduction="none"
+        )
+        return F.pad(-nll.float().view(b, length), (0, 1))
+
+    return _head_as(model, forward)
 
 
 def _forward(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -103,12 +135,26 @@ def _chunked(
     return logp, ent
 
 
+def _fused(
+    model: torch.nn.Module, mb: dict[str, torch.Tensor], targets: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    with _fused_head(model, targets, ignore_index):
+        return _forward(model, mb)[:, :-1]
+
+
+def _use_fused(model: torch.nn.Module, with_entropy: bool) -> bool:
+    # Liger's kernel gives no entropy, and no logit post-processing (soft-capping) here.
+    return uses_fused_ce(model) and not with_entropy and _chunkable(model)
+
+
 def token_logprobs(
     model: torch.nn.Module, mb: dict[str, torch.Tensor], budget_mb: int, with_entropy: bool = False
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position t: [B, L-1] float32,
     and (with_entropy) the policy's entropy at each position (no gradient)."""
     targets = mb["input_ids"][:, 1:]
+    if _use_fused(model, with_entropy):
+        return _fused(model, mb, targets, _NO_IGNORE), None
     if not _plain(model, mb, budget_mb, targets.numel()):
         return _chunked(model, mb, targets, budget_mb, with_entropy)
     logits = _forward(model, mb)
@@ -122,6 +168,8 @@ def token_logprobs(
 def nll_sum(model: torch.nn.Module, mb: dict[str, torch.Tensor], budget_mb: int, ignore_index: int) -> torch.Tensor:
     """Summed next-token NLL of `mb["labels"][:, 1:]` (entries == ignore_index left out)."""
     labels = mb["labels"][:, 1:]
+    if _use_fused(model, False):
+        return -_fused(model, mb, labels, ignore_index).sum()
     if not _plain(model, mb, budget_mb, labels.numel()):
         ignored = labels == ignore_index
         logp, _ = _chunked(model, mb, labels.masked_fill(ignored, 0), budget_mb, False)

@@ -103,6 +103,8 @@ class EvalStage(Stage):
             gpu_share=share,
             seed=c.train.seed,
             logits_chunk_mb=c.train.logits_chunk_mb,
+            kernels=str(c.train.kernels),
+            compile=c.train.compile,
         )
 
     @property

@@ -1,0 +1,149 @@
+"""GPU fast paths (docs/gpu_fast_paths.md): what runs on CPU is tested here on CPU.
+
+* `train.compile=true` compiles every decoder block of the engine's model and trains the
+  same run as eager (same per-step losses), with unchanged parameter names.
+* `train.kernels=liger` stops at validation, naming the key and the fix, where it cannot
+  run (no liger-kernel, or CPU workers); on a GPU, Liger's fused linear cross-entropy gives
+  the chunked path's log-probs and gradients (`@pytest.mark.gpu`, skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchestrator.config.compose import compose
+from orchestrator.config.schema import (
+    Fsdp2BackendConfig,
+    FullMethodConfig,
+    LocalClusterConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from orchestrator.config.validate import validate
+from orchestrator.data.batching import pack
+from orchestrator.data.chat import IGNORE
+from orchestrator.data.collate import pad_collate
+from orchestrator.errors import ConfigError
+from orchestrator.methods.full import Full
+from orchestrator.roles import RoleSpec
+from orchestrator.stages.sft import SftStage
+
+TINY = ModelConfig(name="t", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def _packed_micro_batch() -> dict:
+    """Two packed rows of random examples, with the SFT loss's context."""
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in torch.randint(8, 30, (12,), generator=g).tolist():
+        ids = torch.randint(5, 250, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": ids})
+    mb = pad_collate(pack(examples, 64, seed=0)[:2], pad_id=0)
+    targets = int((mb["labels"][:, 1:] != IGNORE).sum())
+    return dict(mb, num_targets=targets, world_size=1, logits_chunk_mb=256)
+
+
+def _engine(compile: bool):
+    from orchestrator.engines.fsdp2 import FSDP2Engine
+
+    spec = RoleSpec(
+        name="policy",
+        model=TINY,
+        method=FullMethodConfig(),
+        method_cls=Full,
+        backend=Fsdp2BackendConfig(),
+        cluster=LocalClusterConfig(),
+        train=TrainConfig(lr=1e-3, compile=compile),
+        loss=SftStage.loss,
+        compile=compile,
+    )
+    return FSDP2Engine(spec, rank=0, world_size=1, device=torch.device("cpu"), total_steps=4)
+
+
+def test_compiled_blocks_train_the_same_steps_as_eager():
+    from orchestrator.models.kernels import decoder_blocks
+
+    torch._dynamo.reset()
+    mb = _packed_micro_batch()
+    eager, compiled = _engine(compile=False), _engine(compile=True)
+    blocks = decoder_blocks(compiled.model)
+    assert len(blocks) == TINY.num_layers
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is None for b in decoder_blocks(eager.model))
+    # In-place compile: checkpoints and the weights sent to inference keep their names.
+    assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()
+    want = [eager.train_step([mb], SftStage.loss) for _ in range(3)]
+    got = [compiled.train_step([mb], SftStage.loss) for _ in range(3)]
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0  # dynamo compiled graphs, not a no-op
+    for step, (w, g) in enumerate(zip(want, got)):
+        assert g["nll_sum"] == pytest.approx(w["nll_sum"], rel=1e-5), step
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), step
+    assert want[-1]["nll_sum"] < want[0]["nll_sum"]  # the steps trained
+
+
+def test_compile_is_a_train_key_off_by_default():
+    cfg, _ = compose([])
+    assert cfg.train.compile is False and str(cfg.train.kernels) == "none"
+    cfg, _ = compose(["train.compile=true"])
+    validate(cfg)
+    assert cfg.train.compile is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_liger_without_cuda_stops_at_validation_naming_key_and_fix():
+    cfg, _ = compose(["train.kernels=liger"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    assert msg.startswith("train.kernels=liger cannot run: ")
+    assert "pip install liger-kernel" in msg and "cluster.gpus_per_worker" in msg and "train.kernels=none" in msg
+    assert msg.count("train.kernels=liger") == 1  # one message, not one per problem
+
+
+def test_liger_on_a_cpu_worker_stops_at_model_build():
+    """A worker that lands on CPU anyway (the config was validated elsewhere) refuses too."""
+    from orchestrator.models import build_model
+    from orchestrator.models.kernels import apply_liger
+
+    with pytest.raises(ConfigError, match="train.kernels=liger needs a CUDA device, this worker runs on cpu"):
+        apply_liger(build_model(TINY, torch.float32), torch.device("cpu"))
+
+
+# ------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("fn", ["token_logprobs", "nll_sum"])
+def test_liger_fused_ce_equals_the_chunked_path(monkeypatch, fn):
+    """Liger's fused linear CE (train.kernels=liger) against the chunked log-probs: values and
+    gradients of every parameter, fp32, on a CUDA device (untested without one)."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    from orchestrator.models import build_model
+    from orchestrator.models import logprobs as lp
+    from orchestrator.models.kernels import apply_liger, uses_fused_ce
+
+    device = torch.device("cuda")
+    mb = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _packed_micro_batch().items()}
+    results = {}
+    for liger in (False, True):
+        with monkeypatch.context() as m:
+            model = build_model(TINY, torch.float32).to(device)
+            if liger:
+                # Liger swaps the module's RoPE function; restored when the context ends.
+                m.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+                apply_liger(model, device)
+                assert uses_fused_ce(model)
+            else:
+                m.setattr(lp, "chunk_tokens", lambda model, budget: 7)  # several chunks
+            if fn == "token_logprobs":
+                out, _ = lp.token_logprobs(model, mb, 256)
+                (out * torch.linspace(0.5, 1.5, out.shape[-1], device=device)).sum().backward()
+            else:
+                out = lp.nll_sum(model, mb, 256, IGNORE)
+                out.backward()
+        results[liger] = (out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    (want, want_g), (got, got_g) = results[False], results[True]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name in want_g:
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-3, atol=1e-5, msg=name)
