@@ -59,9 +59,11 @@ class Dtype(Choice):
 
 
 class AttnImplementation(Choice):
+    auto = "auto"
     sdpa = "sdpa"
     eager = "eager"
     flash_attention_2 = "flash_attention_2"
+    flex_attention = "flex_attention"
 
 
 class Kernels(Choice):
@@ -221,8 +223,11 @@ class ModelConfig:
     moe_intermediate_size: int = 128
     dtype: Dtype = Dtype.auto
     """Parameter dtype: auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16."""
-    attn_implementation: AttnImplementation = AttnImplementation.sdpa
-    """sdpa | eager | flash_attention_2."""
+    attn_implementation: AttnImplementation = AttnImplementation.auto
+    """auto | sdpa | eager | flash_attention_2 | flex_attention. auto: on a CUDA GPU, packed rows
+    attend within their examples without a full [L, L] mask: flash_attention_2 (varlen, from
+    the position ids) when `flash_attn` is installed, else flex_attention (a block mask); sdpa
+    on CPU (`orchestrator.models.kernels.attn_implementation`)."""
     trust_remote_code: bool = False
     init_seed: int = 1234
     """Seed for random init of locally built models (same on every rank)."""

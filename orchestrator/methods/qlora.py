@@ -244,6 +244,7 @@ def _save_local(model: torch.nn.Module, path: str) -> None:
 
 def _from_pretrained(path: str, m, dtype: torch.dtype, qconfig, head: str) -> torch.nn.Module:
     from orchestrator.models import _OFFLINE_HINT, head_kwargs
+    from orchestrator.models.kernels import attn_implementation
 
     auto, extra = head_kwargs(m, head)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
@@ -254,7 +255,7 @@ def _from_pretrained(path: str, m, dtype: torch.dtype, qconfig, head: str) -> to
             dtype=dtype,
             quantization_config=qconfig,
             device_map={"": device},  # bitsandbytes quantizes as the weights land on the device
-            attn_implementation=m.attn_implementation,
+            attn_implementation=attn_implementation(str(m.attn_implementation), torch.cuda.is_available()),
             trust_remote_code=m.trust_remote_code,
             **extra,
         )

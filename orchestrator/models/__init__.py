@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from orchestrator.config.schema import ModelConfig
 from orchestrator.errors import ModelLoadError
+from orchestrator.models.kernels import attn_implementation
 from orchestrator.models.tokenizer import CHAT_TEMPLATE, byte_tokenizer
 
 BYTE_VOCAB = len(byte_tokenizer())
@@ -158,21 +159,23 @@ def build_model(m: ModelConfig, dtype: torch.dtype, head: str = "lm") -> torch.n
     """A full (unsharded) model on CPU: random init (seeded, identical on every rank) or pretrained,
     with a causal LM head or a scalar head (`auto_class`)."""
     auto, extra = head_kwargs(m, head)
+    # A worker without a GPU sees none (Ray hides the node's GPUs from it).
+    attn = attn_implementation(str(m.attn_implementation), torch.cuda.is_available())
     if m.pretrained is None:
         cfg = model_config(m)
-        cfg._attn_implementation = m.attn_implementation
+        cfg._attn_implementation = attn
         for key, value in extra.items():
             setattr(cfg, key, value)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(m.init_seed)
-            model = auto.from_config(cfg, dtype=dtype, attn_implementation=m.attn_implementation)
+            model = auto.from_config(cfg, dtype=dtype, attn_implementation=attn)
         return model
     try:
         return auto.from_pretrained(
             m.pretrained,
             revision=m.revision,
             dtype=dtype,
-            attn_implementation=m.attn_implementation,
+            attn_implementation=attn,
             trust_remote_code=m.trust_remote_code,
             **extra,
         )

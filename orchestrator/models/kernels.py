@@ -1,5 +1,10 @@
-"""GPU fast paths applied to a built model: Liger kernels (`train.kernels`) and per-block
-`torch.compile` (`train.compile`).
+"""GPU fast paths of a model: the attention kernel (`model.attn_implementation=auto`), Liger
+kernels (`train.kernels`) and per-block `torch.compile` (`train.compile`).
+
+Packed rows carry per-example position ids (restarting at 0); `transformers` derives the
+example boundaries from them. With sdpa and eager it builds a full [B, 1, L, L] mask; with
+flash_attention_2 it calls the varlen kernel on the examples' lengths, and with
+flex_attention it builds a block-sparse `BlockMask`: neither materialises an L x L mask.
 
 Both act on the `transformers` model before the engine shards it, in the order torchtitan
 uses: kernels replace modules first, activation checkpointing wraps the blocks, then each
@@ -30,6 +35,19 @@ LIGER_FIX = (
 
 _FUSED_CE = "_orchestrator_liger_fused_ce"
 """Attribute set on a model whose token log-probs go through Liger's fused linear cross-entropy."""
+
+
+def attn_implementation(name: str, on_gpu: bool) -> str:
+    """The `transformers` attention implementation for `model.attn_implementation=name`.
+
+    auto: flash_attention_2 on a GPU where `flash_attn` is installed, else flex_attention on
+    a GPU, else sdpa (on CPU flex_attention works too but compiles its kernel first, and sdpa
+    keeps the CPU runs as they were)."""
+    if name != "auto":
+        return name
+    if not on_gpu:
+        return "sdpa"
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "flex_attention"
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -156,6 +156,7 @@ def test_the_choice_fields_are_enums():
         "data.on_bad_rows",
         "train.scheduler",
         "train.on_nonfinite",
+        "train.kernels",
         "rollout.placement",
         "rollout.engine",
         "stage.loss_agg",

@@ -2,6 +2,9 @@
 
 * `train.compile=true` compiles every decoder block of the engine's model and trains the
   same run as eager (same per-step losses), with unchanged parameter names.
+* `model.attn_implementation=auto` picks a kernel that needs no full [L, L] mask on GPU;
+  packed rows through flex_attention (a block mask, which runs on CPU too) give every
+  example the log-probs it gets unpacked.
 * `train.kernels=liger` stops at validation, naming the key and the fix, where it cannot
   run (no liger-kernel, or CPU workers); on a GPU, Liger's fused linear cross-entropy gives
   the chunked path's log-probs and gradients (`@pytest.mark.gpu`, skipped without CUDA).
@@ -29,17 +32,22 @@ from orchestrator.methods.full import Full
 from orchestrator.roles import RoleSpec
 from orchestrator.stages.sft import SftStage
 
-TINY = ModelConfig(name="t", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+_TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+TINY = ModelConfig(name="t", **_TINY_SIZES)
+
+
+def _examples(n: int = 12) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for length in torch.randint(8, 30, (n,), generator=g).tolist():
+        ids = torch.randint(5, 250, (length,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": ids})
+    return examples
 
 
 def _packed_micro_batch() -> dict:
     """Two packed rows of random examples, with the SFT loss's context."""
-    g = torch.Generator().manual_seed(0)
-    examples = []
-    for n in torch.randint(8, 30, (12,), generator=g).tolist():
-        ids = torch.randint(5, 250, (n,), generator=g).tolist()
-        examples.append({"input_ids": ids, "labels": ids})
-    mb = pad_collate(pack(examples, 64, seed=0)[:2], pad_id=0)
+    mb = pad_collate(pack(_examples(), 64, seed=0)[:2], pad_id=0)
     targets = int((mb["labels"][:, 1:] != IGNORE).sum())
     return dict(mb, num_targets=targets, world_size=1, logits_chunk_mb=256)
 
@@ -110,7 +118,72 @@ def test_liger_on_a_cpu_worker_stops_at_model_build():
         apply_liger(build_model(TINY, torch.float32), torch.device("cpu"))
 
 
+def test_auto_attention_needs_no_full_mask_on_gpu_and_keeps_sdpa_on_cpu():
+    import importlib.util
+
+    from orchestrator.models.kernels import attn_implementation
+
+    assert str(ModelConfig(name="t").attn_implementation) == "auto"
+    assert attn_implementation("auto", on_gpu=False) == "sdpa"
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    assert attn_implementation("auto", on_gpu=True) == ("flash_attention_2" if has_flash else "flex_attention")
+    assert attn_implementation("eager", on_gpu=True) == "eager"  # an explicit choice is kept
+
+
+def _packed_equals_unpacked(model: torch.nn.Module, device: torch.device, atol: float) -> None:
+    """Every example's token log-probs in packed rows equal its log-probs unpacked."""
+    from orchestrator.models.logprobs import token_logprobs
+
+    examples = _examples()
+    rows = pack(examples, 64, seed=0)
+    packed = pad_collate(rows, pad_id=0)
+    alone = pad_collate(examples, pad_id=0)  # one example per row, right-padded
+    with torch.no_grad():
+        got, _ = token_logprobs(model, {k: v.to(device) for k, v in packed.items()}, 256)
+        want, _ = token_logprobs(model, {k: v.to(device) for k, v in alone.items()}, 256)
+    by_ids = {tuple(ex["input_ids"]): i for i, ex in enumerate(examples)}
+    seen = 0
+    for r, row in enumerate(rows):
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        for a, b in zip(starts, starts[1:]):
+            i = by_ids[tuple(row["input_ids"][a:b])]
+            # Targets inside the example: positions a .. b-2 predict tokens a+1 .. b-1.
+            torch.testing.assert_close(got[r, a : b - 1].float(), want[i, : b - a - 1].float(), atol=atol, rtol=0)
+            seen += 1
+    assert seen == len(examples) and len(rows) < len(examples)  # every example, several per row
+
+
+def test_packed_rows_through_flex_attention_equal_the_examples_unpacked(monkeypatch):
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers.modeling_utils import AttentionInterface
+
+    from orchestrator.models import build_model
+
+    masks = []
+    flex = AttentionInterface._global_mapping["flex_attention"]
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        masks.append(type(attention_mask))
+        return flex(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flex_attention", recording)
+    model = build_model(ModelConfig(name="t", attn_implementation="flex_attention", **_TINY_SIZES), torch.float32)
+    _packed_equals_unpacked(model.eval(), torch.device("cpu"), atol=2e-5)
+    # The packed rows went through flex attention with a block mask, never a dense one.
+    assert masks and set(masks) == {BlockMask}
+
+
 # ------------------------------------------------------------------ GPU only
+@pytest.mark.gpu
+def test_packed_rows_through_the_auto_gpu_kernel_equal_the_examples_unpacked():
+    """flash_attention_2 (varlen) or flex_attention, whichever auto picks, in bf16 on CUDA."""
+    from orchestrator.models import build_model
+
+    model = build_model(ModelConfig(name="t", **_TINY_SIZES), torch.bfloat16)
+    assert model.config._attn_implementation in ("flash_attention_2", "flex_attention")
+    _packed_equals_unpacked(model.to("cuda").eval(), torch.device("cuda"), atol=5e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fn", ["token_logprobs", "nll_sum"])
 def test_liger_fused_ce_equals_the_chunked_path(monkeypatch, fn):
