@@ -1076,7 +1076,7 @@ class TrainConfig:
     kernels: Kernels = Kernels.none
     """none | liger: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) patched into the model
     through Liger's own API, and its fused linear cross-entropy for token log-probs in place
-    of the chunked path (log-probs with entropy, GRPO's, stay chunked). Needs a CUDA GPU per
+    of the chunked path (for every role and loss). Needs a CUDA GPU per
     worker and `pip install -e ".[liger]"` (docs/gpu_fast_paths.md)."""
     compile: bool = False
     """torch.compile each decoder block (after activation checkpointing, before sharding),

@@ -107,7 +107,12 @@ def apply_liger(model: torch.nn.Module, device: torch.device) -> None:
     MODEL_TYPE_TO_APPLY_LIGER_FN[model_type](
         model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
     )
-    setattr(base, _FUSED_CE, True)
+    mark_fused_ce(base)
+
+
+def mark_fused_ce(model: torch.nn.Module) -> None:
+    """Token log-probs of `model` go through Liger's fused linear cross-entropy from now on."""
+    setattr(unwrap(model), _FUSED_CE, True)
 
 
 def uses_fused_ce(model: torch.nn.Module) -> bool:

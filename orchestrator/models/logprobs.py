@@ -19,8 +19,10 @@ after the head (final logit soft-capping, a logit scale) always take the plain p
 
 With `train.kernels=liger` (CUDA only) the head instead runs Liger's fused linear
 cross-entropy over the whole micro-batch (`_fused_head`): the same values and gradients
-as the chunked path (tests/models/test_kernels.py, on GPU), without a chunk size to pick.
-Log-probs that need the entropy (GRPO's policy loss) stay on the chunked path.
+as the chunked path (tests/models/test_fast_paths.py, on GPU). The kernel gives no entropy:
+when it is asked for (GRPO's policy loss), it is computed without gradient over chunks of
+the logits budget, as the chunked path does. All of a role's log-probs (old, reference and
+the loss's) thus come from the same kernel.
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ def _head_as(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Ten
         del head.forward  # back to the class's forward
 
 
-def _chunked_head(model: torch.nn.Module, targets: torch.Tensor, size: int, entropy: Optional[list]):
+def _chunked_head(
+    model: torch.nn.Module, targets: torch.Tensor, size: int, entropy: Optional[list]
+) -> contextlib.AbstractContextManager:
     head = unwrap(model).get_output_embeddings()
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -99,19 +103,32 @@ def _chunked_head(model: torch.nn.Module, targets: torch.Tensor, size: int, entr
     return _head_as(model, forward)
 
 
-def _fused_head(model: torch.nn.Module, targets: torch.Tensor, ignore_index: int):
-    """Liger's fused linear cross-entropy over all tokens at once: its Triton kernel tiles
-    the vocabulary itself, so no chunk size applies. Targets equal to `ignore_index` get 0."""
+def _liger_fused_linear_ce() -> Callable[..., torch.Tensor]:
+    """Liger's fused linear cross-entropy, imported on first use (an optional, CUDA-only package)."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
+    return liger_fused_linear_cross_entropy
+
+
+def _fused_head(
+    model: torch.nn.Module, targets: torch.Tensor, ignore_index: int, size: int, entropy: Optional[list]
+) -> contextlib.AbstractContextManager:
+    """Liger's fused linear cross-entropy over all tokens at once (its Triton kernel tiles
+    the vocabulary itself); targets equal to `ignore_index` get 0. The entropy, if asked
+    for, over chunks of `size` tokens without gradient."""
+    fused_linear_ce = _liger_fused_linear_ce()
     head = unwrap(model).get_output_embeddings()
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         b, length = targets.shape
         flat_h = hidden[:, :-1].reshape(b * length, hidden.shape[-1])
-        nll = liger_fused_linear_cross_entropy(
+        nll = fused_linear_ce(
             flat_h, head.weight, targets.reshape(-1), head.bias, ignore_index=ignore_index, reduction="none"
         )
+        if entropy is not None:
+            with torch.no_grad():
+                for s in range(0, flat_h.shape[0], size):
+                    entropy.append(_entropy(F.linear(flat_h[s : s + size], head.weight, head.bias)))
         return F.pad(-nll.float().view(b, length), (0, 1))
 
     return _head_as(model, forward)
@@ -136,15 +153,23 @@ def _chunked(
 
 
 def _fused(
-    model: torch.nn.Module, mb: dict[str, torch.Tensor], targets: torch.Tensor, ignore_index: int
-) -> torch.Tensor:
-    with _fused_head(model, targets, ignore_index):
-        return _forward(model, mb)[:, :-1]
+    model: torch.nn.Module,
+    mb: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    ignore_index: int,
+    budget_mb: int,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    parts: Optional[list] = [] if with_entropy else None
+    with _fused_head(model, targets, ignore_index, chunk_tokens(model, budget_mb), parts):
+        logp = _forward(model, mb)[:, :-1]
+    ent = torch.cat(parts).view(targets.shape) if parts is not None else None
+    return logp, ent
 
 
-def _use_fused(model: torch.nn.Module, with_entropy: bool) -> bool:
-    # Liger's kernel gives no entropy, and no logit post-processing (soft-capping) here.
-    return uses_fused_ce(model) and not with_entropy and _chunkable(model)
+def _use_fused(model: torch.nn.Module) -> bool:
+    # Logit post-processing (soft-capping, scales) is not applied by the fused kernel here.
+    return uses_fused_ce(model) and _chunkable(model)
 
 
 def token_logprobs(
@@ -153,8 +178,8 @@ def token_logprobs(
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position t: [B, L-1] float32,
     and (with_entropy) the policy's entropy at each position (no gradient)."""
     targets = mb["input_ids"][:, 1:]
-    if _use_fused(model, with_entropy):
-        return _fused(model, mb, targets, _NO_IGNORE), None
+    if _use_fused(model):
+        return _fused(model, mb, targets, _NO_IGNORE, budget_mb, with_entropy)
     if not _plain(model, mb, budget_mb, targets.numel()):
         return _chunked(model, mb, targets, budget_mb, with_entropy)
     logits = _forward(model, mb)
@@ -168,8 +193,8 @@ def token_logprobs(
 def nll_sum(model: torch.nn.Module, mb: dict[str, torch.Tensor], budget_mb: int, ignore_index: int) -> torch.Tensor:
     """Summed next-token NLL of `mb["labels"][:, 1:]` (entries == ignore_index left out)."""
     labels = mb["labels"][:, 1:]
-    if _use_fused(model, False):
-        return -_fused(model, mb, labels, ignore_index).sum()
+    if _use_fused(model):
+        return -_fused(model, mb, labels, ignore_index, budget_mb, False)[0].sum()
     if not _plain(model, mb, budget_mb, labels.numel()):
         ignored = labels == ignore_index
         logp, _ = _chunked(model, mb, labels.masked_fill(ignored, 0), budget_mb, False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from orchestrator.config.compose import compose
 from orchestrator.config.schema import (
@@ -173,6 +174,49 @@ def test_packed_rows_through_flex_attention_equal_the_examples_unpacked(monkeypa
     assert masks and set(masks) == {BlockMask}
 
 
+def _reference_fused_linear_ce(x, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+    """What Liger's fused linear CE computes, in plain torch: a stand-in for its Triton kernel,
+    which needs CUDA, so that the code around it (shapes, sign, ignored targets, entropy)
+    runs here. The kernel itself is checked against the chunked path on GPU below."""
+    assert reduction == "none"
+    return F.cross_entropy(F.linear(x, weight, bias).float(), target, ignore_index=ignore_index, reduction="none")
+
+
+def test_the_fused_ce_branch_gives_the_plain_log_probs_nll_and_entropy(monkeypatch):
+    from orchestrator.models import build_model
+    from orchestrator.models import logprobs as lp
+    from orchestrator.models.kernels import mark_fused_ce
+
+    mb = _packed_micro_batch()
+    plain = build_model(TINY, torch.float32)
+    fused = build_model(TINY, torch.float32)
+    mark_fused_ce(fused)
+    calls = []
+
+    def reference(*args, **kwargs):
+        calls.append(args[0].shape)
+        return _reference_fused_linear_ce(*args, **kwargs)
+
+    monkeypatch.setattr(lp, "_liger_fused_linear_ce", lambda: reference)
+    want, want_ent = lp.token_logprobs(plain, mb, 256, with_entropy=True)
+    monkeypatch.setattr(lp, "chunk_tokens", lambda model, budget: 7)  # the entropy in several chunks
+    got, got_ent = lp.token_logprobs(fused, mb, 256, with_entropy=True)
+    b, length = mb["input_ids"].shape
+    assert calls == [(b * (length - 1), TINY.hidden_size)]  # one fused call over every target
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_ent, want_ent, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    monkeypatch.setattr(lp, "_liger_fused_linear_ce", lambda: reference)
+    want_nll = lp.nll_sum(plain, mb, 256, IGNORE)
+    got_nll = lp.nll_sum(fused, mb, 256, IGNORE)  # ignored labels (example starts, pads) add nothing
+    torch.testing.assert_close(got_nll, want_nll, rtol=1e-5, atol=1e-4)
+    want_nll.backward()
+    got_nll.backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert "forward" not in vars(fused.get_output_embeddings())  # the head is its own again
+
+
 # ------------------------------------------------------------------ GPU only
 @pytest.mark.gpu
 def test_packed_rows_through_the_auto_gpu_kernel_equal_the_examples_unpacked():
@@ -187,8 +231,8 @@ def test_packed_rows_through_the_auto_gpu_kernel_equal_the_examples_unpacked():
 @pytest.mark.gpu
 @pytest.mark.parametrize("fn", ["token_logprobs", "nll_sum"])
 def test_liger_fused_ce_equals_the_chunked_path(monkeypatch, fn):
-    """Liger's fused linear CE (train.kernels=liger) against the chunked log-probs: values and
-    gradients of every parameter, fp32, on a CUDA device (untested without one)."""
+    """Liger's fused linear CE (train.kernels=liger) against the chunked log-probs: values,
+    entropy and gradients of every parameter, fp32, on a CUDA device (untested without one)."""
     pytest.importorskip("liger_kernel")
     from transformers.models.llama import modeling_llama
 
@@ -210,13 +254,16 @@ def test_liger_fused_ce_equals_the_chunked_path(monkeypatch, fn):
             else:
                 m.setattr(lp, "chunk_tokens", lambda model, budget: 7)  # several chunks
             if fn == "token_logprobs":
-                out, _ = lp.token_logprobs(model, mb, 256)
+                out, ent = lp.token_logprobs(model, mb, 256, with_entropy=True)
                 (out * torch.linspace(0.5, 1.5, out.shape[-1], device=device)).sum().backward()
             else:
-                out = lp.nll_sum(model, mb, 256, IGNORE)
+                out, ent = lp.nll_sum(model, mb, 256, IGNORE), None
                 out.backward()
-        results[liger] = (out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
-    (want, want_g), (got, got_g) = results[False], results[True]
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        results[liger] = (out.detach(), ent, grads)
+    (want, want_ent, want_g), (got, got_ent, got_g) = results[False], results[True]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if want_ent is not None:  # GRPO's entropy beside the fused log-probs
+        torch.testing.assert_close(got_ent, want_ent, rtol=1e-4, atol=1e-4)
     for name in want_g:
         torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-3, atol=1e-5, msg=name)
