@@ -6,6 +6,8 @@
 * A checkpoint saved on 2 ranks resumes on 1 (and 1 -> 2) and continues the same run.
 * A non-finite gradient on one rank skips the update on every rank; policy / reference
   log-probs and the trainable state (what GRPO uses) come back in the documented form.
+* `train.compile=true` (each decoder block compiled, then sharded) follows the eager run
+  on 2 sharded ranks.
 * tests/engines/test_cross_backend.py: FSDP2 and DeepSpeed ZeRO-3 follow the same run.
 """
 
@@ -59,6 +61,28 @@ def test_world_size_and_micro_batching_do_not_change_the_run(run_main, backend, 
     for step in runs[1]:
         assert runs[1][step] == pytest.approx(runs[2][step], rel=2e-5), step
         assert norms[1][step] == pytest.approx(norms[2][step], rel=2e-5), step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_blocks_follow_the_eager_run_on_two_ranks(run_main, backend):
+    runs, norms = {}, {}
+    for compile in (False, True):
+        rc, run_dir = run_main(
+            *BASE,
+            f"backend={backend}",
+            "cluster.num_workers=2",
+            "train.max_steps=3",
+            "data.num_samples=64",
+            "checkpoint.every_steps=0",
+            f"train.compile={compile}",
+            name=f"compile_{compile}",
+        )
+        assert rc == 0
+        runs[compile], norms[compile] = _losses(run_dir), _grad_norms(run_dir)
+    assert runs[True].keys() == runs[False].keys() == {1, 2, 3}
+    for step in runs[False]:
+        assert runs[True][step] == pytest.approx(runs[False][step], rel=1e-5), step
+        assert norms[True][step] == pytest.approx(norms[False][step], rel=1e-4), step
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
