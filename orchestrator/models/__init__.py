@@ -155,12 +155,13 @@ def head_kwargs(m: ModelConfig, head: str) -> tuple[type, dict]:
     return auto, extra
 
 
-def build_model(m: ModelConfig, dtype: torch.dtype, head: str = "lm") -> torch.nn.Module:
+def build_model(m: ModelConfig, dtype: torch.dtype, head: str = "lm", packed_rows: bool = True) -> torch.nn.Module:
     """A full (unsharded) model on CPU: random init (seeded, identical on every rank) or pretrained,
-    with a causal LM head or a scalar head (`auto_class`)."""
+    with a causal LM head or a scalar head (`auto_class`). `packed_rows=False` for a model that
+    only generates (`model.attn_implementation=auto` then picks no packing kernel)."""
     auto, extra = head_kwargs(m, head)
     # A worker without a GPU sees none (Ray hides the node's GPUs from it).
-    attn = attn_implementation(str(m.attn_implementation), torch.cuda.is_available())
+    attn = attn_implementation(str(m.attn_implementation), torch.cuda.is_available(), packed_rows)
     if m.pretrained is None:
         cfg = model_config(m)
         cfg._attn_implementation = attn

@@ -6,7 +6,7 @@ example boundaries from them. With sdpa and eager it builds a full [B, 1, L, L] 
 flash_attention_2 it calls the varlen kernel on the examples' lengths, and with
 flex_attention it builds a block-sparse `BlockMask`: neither materialises an L x L mask.
 
-Both act on the `transformers` model before the engine shards it, in the order torchtitan
+Liger and compile act on the `transformers` model before the engine shards it, in the order torchtitan
 uses: kernels replace modules first, activation checkpointing wraps the blocks, then each
 decoder block is compiled on its own, then FSDP2 / ZeRO-3 wrap the compiled blocks.
 Compiling block by block (not the whole model) keeps one small graph that every layer
@@ -37,17 +37,21 @@ _FUSED_CE = "_orchestrator_liger_fused_ce"
 """Attribute set on a model whose token log-probs go through Liger's fused linear cross-entropy."""
 
 
-def attn_implementation(name: str, on_gpu: bool) -> str:
+def attn_implementation(name: str, on_gpu: bool, packed_rows: bool = True) -> str:
     """The `transformers` attention implementation for `model.attn_implementation=name`.
 
-    auto: flash_attention_2 on a GPU where `flash_attn` is installed, else flex_attention on
-    a GPU, else sdpa (on CPU flex_attention works too but compiles its kernel first, and sdpa
-    keeps the CPU runs as they were)."""
+    auto: flash_attention_2 on a GPU where `flash_attn` is installed, else (for a model that
+    reads packed rows: training, log-probs) flex_attention on a GPU, else sdpa. On CPU
+    flex_attention works too but compiles its kernel first, and sdpa keeps the CPU runs as
+    they were. Generation (`packed_rows=False`: left-padded prompts, a KV cache) has no
+    packed rows, and sdpa serves it without flex attention's compiles per shape."""
     if name != "auto":
         return name
     if not on_gpu:
         return "sdpa"
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "flex_attention"
+    if importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "flex_attention" if packed_rows else "sdpa"
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -20,7 +20,7 @@ class HfEngine(RolloutEngine):
             if model_spec.dtype == "auto" and device.type == "cpu"
             else resolve_dtype(model_spec, device.type == "cuda")
         )
-        self.model = build_model(model_spec, dtype).to(device).eval()
+        self.model = build_model(model_spec, dtype, packed_rows=False).to(device).eval()
         self.model.generation_config.use_cache = True
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -128,6 +128,8 @@ def test_auto_attention_needs_no_full_mask_on_gpu_and_keeps_sdpa_on_cpu():
     assert attn_implementation("auto", on_gpu=False) == "sdpa"
     has_flash = importlib.util.find_spec("flash_attn") is not None
     assert attn_implementation("auto", on_gpu=True) == ("flash_attention_2" if has_flash else "flex_attention")
+    # Generation reads no packed rows: no flex attention there.
+    assert attn_implementation("auto", on_gpu=True, packed_rows=False) == ("flash_attention_2" if has_flash else "sdpa")
     assert attn_implementation("eager", on_gpu=True) == "eager"  # an explicit choice is kept
 
 
