@@ -113,8 +113,8 @@ def _liger_fused_linear_ce() -> Callable[..., torch.Tensor]:
 def _fused_head(
     model: torch.nn.Module, targets: torch.Tensor, ignore_index: int, size: int, entropy: Optional[list]
 ) -> contextlib.AbstractContextManager:
-    """Liger's fused linear cross-entropy over all tokens at once (its Triton kernel tiles
-    the vocabulary itself); targets equal to `ignore_index` get 0. The entropy, if asked
+    """Liger's fused linear cross-entropy over all tokens in one call (it sizes its own token
+    chunks); targets equal to `ignore_index` get 0. The entropy, if asked
     for, over chunks of `size` tokens without gradient."""
     fused_linear_ce = _liger_fused_linear_ce()
     head = unwrap(model).get_output_embeddings()
