@@ -99,6 +99,11 @@ class Lora(Method):
         # An export skeleton on the meta device gets its weights from the state dict: skip
         # decomposing weights that are not there.
         on_meta = any(p.is_meta for p in model.parameters())
+        task = _task_type(model)
+        # peft's all-linear keeps a sequence-classification head out of the adapted layers, but
+        # not a token-classification one (a critic's value head), which it must train in full
+        # (`modules_to_save`): name it.
+        exclude = ["score"] if task == "TOKEN_CLS" and targets == "all-linear" and hasattr(model, "score") else None
         peft_cfg = LoraConfig(
             r=c.r,
             lora_alpha=c.alpha,
@@ -108,7 +113,8 @@ class Lora(Method):
             use_dora=c.use_dora,
             use_rslora=c.use_rslora,
             init_lora_weights=True if on_meta and self.init in RESIDUAL_INITS else init,
-            task_type=_task_type(model),
+            task_type=task,
+            exclude_modules=exclude,
         )
         try:
             model = get_peft_model(model, peft_cfg)

@@ -171,3 +171,18 @@ def test_variant_combinations_that_cannot_work_fail_at_validation():
             validate(compose([*base, "method.init_lora_weights=olora", "backend=deepspeed_zero3"])[0])
     with pytest.raises(ConfigError, match=r"method.init_lora_weights='svd' is not valid.*default, gaussian"):
         compose([*base, "method.init_lora_weights=svd"])
+
+
+@pytest.mark.parametrize("head", ["score", "value"])
+def test_scalar_heads_train_in_full_beside_the_adapters(head):
+    """A reward model's score head and a critic's value head (PPO) take adapters on every
+    linear layer but the head, which trains in full; the base stays frozen."""
+    model = build_model(ModelConfig(name="tiny_llama"), torch.float32, head=head)
+    peft_model = Lora(LoraMethodConfig(r=4, alpha=8)).apply(model)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    heads = {n for n in trainable if ".score." in n}
+    assert heads and all("modules_to_save" in n for n in heads)  # the whole head, not an adapter on it
+    assert all("lora_" in n for n in trainable - heads) and len(trainable - heads) > 10
+    ids = torch.randint(5, 250, (2, 12))
+    out = peft_model(input_ids=ids).logits
+    assert out.shape == ((2, 1) if head == "score" else (2, 12, 1))
