@@ -318,3 +318,18 @@ def test_kl_penalty_is_allowed_with_every_method(method):
     extra = ["model=tiny_moe", "method.train_router=true"] if method == "experts" else []
     cfg, _ = compose(["stage=grpo", f"method={method}", *extra, "stage.kl_coef=0.05"])
     validate(cfg)
+
+
+def test_rl_stages_name_what_a_learned_reward_or_a_critic_needs():
+    with pytest.raises(
+        ConfigError, match=r"stage.rewards\[0\] is the reward model, but stage.reward_model.path is unset"
+    ):
+        validate(compose(["stage=ppo"])[0])
+    with pytest.raises(ConfigError, match="stage.estimator=gae needs a critic: use stage=ppo"):
+        validate(compose(["stage=grpo", "stage.estimator=gae"])[0])
+    with pytest.raises(ConfigError, match="stage=ppo takes stage.ppo_epochs"):
+        validate(compose(["stage=ppo", "stage.reward_model.path=x", "stage.num_iterations=2"])[0])
+    with pytest.raises(ConfigError, match="stage.mini_batches=100000 exceeds"):
+        validate(compose(["stage=ppo", "stage.reward_model.path=x", "stage.mini_batches=100000"])[0])
+    # a critic from the policy needs no reward model when the rewards are verifiable
+    validate(compose(["stage=ppo", "stage.critic_init=policy", "stage.rewards=[{name: math_verify}]"])[0])
