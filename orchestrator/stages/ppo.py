@@ -186,7 +186,7 @@ class PpoStage(GrpoStage):
 
         t = time.time()
         train_policy = step > g.critic_warmup_steps
-        k = g.mini_batches
+        k = min(g.mini_batches, len(per_rank[0]))  # fewer valid samples than planned: fewer, fuller mini-batches
         for mbs in per_rank:  # each optimizer step sees 1/k of the batch: its loss is a mean over it
             for mb in mbs:
                 mb["weights"] = mb["weights"] * k
@@ -268,9 +268,11 @@ class PpoStage(GrpoStage):
     # ---------------------------------------------------------- worker side
     @staticmethod
     def values(model: torch.nn.Module, mb: dict[str, Any]) -> torch.Tensor:
-        """[B, L-1] value of the state before each target token (the critic's output at t)."""
+        """[B, L-1] value of the state before each target token (the critic's output at t);
+        [B, 1] for rows of one token (a rank's filler row, as `rl_collate` shapes its weights)."""
         out = model(input_ids=mb["input_ids"], position_ids=mb["position_ids"])
-        return out.logits[..., 0][:, :-1]
+        v = out.logits[..., 0]
+        return v[:, :-1] if v.shape[1] > 1 else v * 0.0
 
     @staticmethod
     def value_loss(model: torch.nn.Module, mb: dict[str, Any]):

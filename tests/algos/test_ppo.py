@@ -115,3 +115,21 @@ def test_gae_over_kl_shaped_rewards_end_to_end():
     # rewards: -0.5 then 1.0; returns 0.5, 1.0; advantages = returns - values
     assert ret.tolist()[0] == pytest.approx([0.5, 1.0, 0.0])
     assert adv.tolist()[0] == pytest.approx([0.3, 0.6, 0.0])
+
+
+def test_critic_values_line_up_with_the_token_weights_filler_rows_included():
+    from orchestrator.config.schema import ModelConfig
+    from orchestrator.data.collate import rl_collate, rl_dummy
+    from orchestrator.models import build_model
+    from orchestrator.stages.ppo import PpoStage
+
+    critic = build_model(ModelConfig(name="tiny_llama"), torch.float32, head="value")
+    rows = [{"input_ids": [5, 6, 7, 8], "prompt_len": 2, "weight": 0.5, "adv": 1.0}]
+    for mb in (rl_collate(rows, 0), rl_collate([rl_dummy(0)], 0)):
+        values = PpoStage.values(critic, mb)
+        assert values.shape == mb["weights"].shape
+        ctx = {"old_values": values.detach(), "returns": torch.ones_like(values), "value_clip": 0.2, "world_size": 1}
+        mb = dict(mb, vf_weights=mb["weights"], **ctx)
+        loss, metrics = PpoStage.value_loss(critic, mb)
+        loss.backward()  # a filler row gives a zero loss that still reaches every parameter's graph
+        assert torch.isfinite(loss)
