@@ -18,6 +18,7 @@ the project's own model build (`Method.build`), AdamW (`build_optimizer`) and lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from orchestrator.engines.optim import build_optimizer
 from orchestrator.methods import METHODS
 from orchestrator.models.logprobs import nll_sum
 from orchestrator.plan import estimate
-from orchestrator.plan.memory import Layout
+from orchestrator.plan.memory import Layout, activation_bytes, lora_dropout_elements
 from orchestrator.plan.shapes import shapes
 
 MODEL = [
@@ -92,16 +93,19 @@ def _storages_bytes(tensors) -> int:
 def measure(
     method: str, checkpointing: bool, seq: int = SEQ, micro_batch: int = MICRO_BATCH, peak: bool = True
 ) -> dict:
-    """Predicted and measured bytes of one case (`peak=False`: model state only, one step)."""
+    """Predicted and measured bytes of one case (`peak=False`: no live-bytes count of the second step)."""
     overrides = [*MODEL, f"method={method}", f"backend.activation_checkpointing={str(checkpointing).lower()}"]
     cfg, _ = compose(overrides)
     cfg.data.max_seq_len = seq
     sh = shapes(cfg.model, cfg.method)
     p = estimate(cfg, sh, Layout(1, micro_batch, checkpointing))
     predicted_state = sum(c.bytes for c in p.components if c.name in STATE)
-    predicted_act = sum(c.bytes for c in p.components if c.name == "activations")
-    if checkpointing:  # what forward keeps: each layer's input (the recomputed layer comes in backward)
-        predicted_act = micro_batch * seq * 4 * sh.layers * sh.hidden
+    tokens = micro_batch * seq
+    # What forward keeps (with checkpointing each layer's input; the recomputed layer comes in
+    # backward), plus the one fp32 log-softmax chunk the plan counts under "logits + loss".
+    drop = lora_dropout_elements(cfg.method, sh)
+    predicted_act = activation_bytes(sh, tokens, seq, 4, checkpointing, False, drop, 4, recomputed=False)
+    predicted_act += min(tokens * sh.vocab * 4, cfg.train.logits_chunk_mb * 2**20)
     predicted_peak = sum(c.bytes for c in p.components)
 
     torch.manual_seed(0)
@@ -134,11 +138,10 @@ def measure(
     state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor) and v.dim()]
     measured_state = _storages_bytes(params + [q.grad for q in params if q.grad is not None] + state)
     mode = LiveBytes()
-    if peak:
-        with mode:
-            for t in params + state:
-                mode.add(t)
-            step(True)
+    with mode if peak else contextlib.nullcontext():
+        for t in params + state if peak else []:
+            mode.add(t)
+        step(True)
     return {
         "case": f"{method}, checkpointing {'on' if checkpointing else 'off'}",
         "params": p.params,
@@ -213,8 +216,10 @@ python -m benchmarks.memory_plan --write
   after the first step. The tests (tests/plan/test_memory_measured.py) hold this within 15%.
 - activations: measured as the tensors autograd saves for backward during the forward
   (saved-tensor hooks; weights excluded), predicted by the per-layer formula in
-  orchestrator/plan/memory.py. With checkpointing both columns are what forward keeps
-  (each layer's input); the plan adds one recomputed layer on top, which the peak holds.
+  orchestrator/plan/memory.py plus what the final norm and LM head keep after the last
+  layer, and the one fp32 log-softmax chunk of the loss. With checkpointing both columns
+  are what forward keeps (each layer's input and that tail); the plan adds one recomputed
+  layer on top, which the peak holds. The tests hold this within 15%.
 - peak: predicted = every component summed; measured = the largest sum of live tensor
   bytes during the second (steady-state) step's forward, backward and optimizer step (a
   TorchDispatchMode counting storages as ops create them and as they are freed). The sum

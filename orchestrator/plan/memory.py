@@ -23,18 +23,25 @@ Activations per micro-batch follow the accounting of Korthikanti et al. 2022 ("R
 Activation Recomputation in Large Transformer Models", sec. 4.1: every tensor a layer keeps
 for backward), which gives s*b*h*(34 + 5*a*s/h) bytes per layer at 16-bit for a GPT block.
 Here it is written for the pre-norm, gated-MLP, grouped-query decoders `transformers` builds,
-without dropout, in elements per token per layer:
+without dropout, in elements per token per layer (q = heads x head_dim, kv = kv_heads x head_dim):
 
-    attention: 4h + 2*kv*d      (norm input and output, Q, K and V, attention output)
-    MLP:       2h + 4f          (norm input and output; gate, up, act(gate), product)
-    eager attention adds 2*a*s  (scores and softmax; sdpa / flash keep neither)
-    LoRA dropout adds the input of every adapted linear (6h + f for all-linear)
+    norms:     2h                 (each RMSNorm's input; + 2h for their normalized output
+                                   when the norm weights train)
+    attention: 2h + 2q + 2kv      (the two norm outputs the projections read; Q and K after
+                                   rotary, V, the attention output that o_proj reads)
+    MLP:       4f                 (gate, act(gate), up, their product that down_proj reads)
+    eager attention adds 2*a*s    (scores and softmax; sdpa / flash keep neither)
+    LoRA dropout: each adapted linear reads its own dropped-out copy of its input plus the
+                  dropout mask (6h + f for all-linear, twice; the mask is 1 byte on CUDA),
+                  and the undropped norm outputs and MLP product are then not kept (2h + f)
 
 times the compute dtype's size (f: the MLP width a token passes, experts per token x expert
-width for MoE). With activation checkpointing each layer keeps only its input (h per token)
-and backward recomputes one layer at a time (one layer's full set on top). Logits: the
-log-probs are computed over chunks of at most `train.logits_chunk_mb` of fp32 logits; a chunk,
-its log-softmax and its gradient are alive at once (3 x min(b*s*V*4, budget)).
+width for MoE). After the last layer the final norm keeps its input, and when the base
+trains its normalized output and the LM head's input (h or 3h per token). With activation
+checkpointing each layer keeps only its input (h per token) and backward recomputes one layer
+at a time (one layer's full set on top). Logits: the log-probs are computed over chunks of at
+most `train.logits_chunk_mb` of fp32 logits; a chunk, its log-softmax and its gradient are
+alive at once (3 x min(b*s*V*4, budget)).
 
 Frozen reference (DPO / KTO with a reference, GRPO with `kl_coef > 0`) when the method's
 reference is a frozen copy: its parameters, sharded like the policy's, no optimizer state;
@@ -108,16 +115,32 @@ def lora_dropout_elements(method_cfg, sh: Shapes) -> int:
 
 
 def activation_bytes(
-    sh: Shapes, tokens: int, seq: int, elem: int, checkpointing: bool, eager: bool, extra: int = 0
+    sh: Shapes,
+    tokens: int,
+    seq: int,
+    elem: int,
+    checkpointing: bool,
+    eager: bool,
+    dropout: int = 0,
+    mask_bytes: int | None = None,
+    recomputed: bool = True,
 ) -> int:
     """Activations kept for backward by all layers for `tokens` tokens of `seq`-token rows
-    (`extra`: more elements per token per layer, e.g. LoRA dropout)."""
-    per_layer = 6 * sh.hidden + 2 * sh.kv_heads * sh.head_dim + 4 * sh.mlp_width + extra
+    (`dropout`: elements per token per layer of LoRA's dropped-out inputs, each with a mask of
+    `mask_bytes` per element, `elem` unless given; `recomputed=False`: with checkpointing, only
+    what forward keeps, without the layer backward recomputes)."""
+    h, q, kv, f = sh.hidden, sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim, sh.mlp_width
+    per_layer = 2 * h + 2 * q + 2 * kv + 3 * f  # norm inputs, Q, K, V, attention output, gate, act(gate), up
+    per_layer += 2 * h if sh.base_trained else 0  # the norms' normalized output (their weight's gradient)
+    # The linears' inputs: dropped-out copies, or the two norm outputs and the MLP product.
+    per_layer += dropout if dropout else 2 * h + f
     if eager:
         per_layer += 2 * sh.heads * seq
+    layer_bytes = per_layer * elem + dropout * (elem if mask_bytes is None else mask_bytes)
+    tail = h * (3 if sh.base_trained else 1) * elem  # final norm input (+ its normalized output, LM head input)
     if checkpointing:
-        return tokens * elem * (sh.layers * sh.hidden + per_layer)
-    return tokens * elem * sh.layers * per_layer
+        return tokens * (sh.layers * h * elem + (layer_bytes if recomputed else 0) + tail)
+    return tokens * (sh.layers * layer_bytes + tail)
 
 
 def logits_bytes(sh: Shapes, tokens: int, chunk_mb: int) -> int:
@@ -166,7 +189,9 @@ def training(cfg, sh: Shapes, dev: Device, lay: Layout) -> list[Component]:
     tokens = rows * lay.micro_batch * seq
     cb = compute_bytes(cfg, dev)
     eager = str(cfg.model.attn_implementation) == "eager"
-    act = activation_bytes(sh, tokens, seq, cb, lay.checkpointing, eager, lora_dropout_elements(cfg.method, sh))
+    drop = lora_dropout_elements(cfg.method, sh)
+    # CUDA's fused dropout keeps a bool mask; elsewhere dropout multiplies by a mask of the input's dtype.
+    act = activation_bytes(sh, tokens, seq, cb, lay.checkpointing, eager, drop, 1 if dev.gpu else cb)
     note = f"{rows * lay.micro_batch} x {seq} tokens" + (", checkpointed" if lay.checkpointing else "")
     return [
         *model_state(cfg, sh, dev, lay, "policy"),

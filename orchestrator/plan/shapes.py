@@ -139,6 +139,12 @@ class Shapes:
     trainable: int
     """Parameters the run's method trains."""
 
+    @property
+    def base_trained(self) -> bool:
+        """Whether every weight of the base model trains (full fine-tuning): norms and linears
+        then keep their inputs for their weights' gradients."""
+        return self.trainable >= self.params
+
 
 def _moe(cfg: PretrainedConfig) -> tuple[int, int]:
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0

@@ -17,6 +17,15 @@ def test_model_state_within_tolerance(method):
     assert abs(r["state_pred"] - r["state_meas"]) <= TOLERANCE * r["state_meas"], r
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activations_within_tolerance(method, checkpointing):
+    """What forward keeps for backward: per layer, plus the final norm and LM head's inputs
+    after the last (which is most of it under checkpointing)."""
+    r = measure(method, checkpointing=checkpointing, seq=64, micro_batch=2, peak=False)
+    assert abs(r["act_pred"] - r["act_meas"]) <= TOLERANCE * r["act_meas"], r
+
+
 def test_peak_with_checkpointing_within_tolerance():
     """Parameters + AdamW state + kept activations + one recomputed layer, steady state."""
     r = measure("full", checkpointing=True, seq=64, micro_batch=2)
