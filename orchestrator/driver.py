@@ -80,6 +80,44 @@ def _plan_gpu_run(cfg) -> None:
         log.warning("memory plan skipped (%s: %s)", type(exc).__name__, exc)
 
 
+def _predicted_peak(cfg) -> int | None:
+    """The plan's peak bytes per device of the policy's workers: its model state, activations
+    and logits, without CUDA context, NCCL or fragmentation headroom (which
+    `torch.cuda.max_memory_allocated` does not count either). None when the plan fails."""
+    from orchestrator.plan import estimate
+
+    try:
+        return sum(c.bytes for c in estimate(cfg).components if c.role == "policy" and c.where == "device")
+    except Exception as exc:  # noqa: BLE001 (the plan advises; a failure to estimate must not stop a run)
+        log.warning("memory: no prediction (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+def _log_memory(roles: Roles, gpu: bool, predicted: int | None, metrics: dict[str, Any]) -> None:
+    """After the first step: the plan's predicted peak per device against the largest peak a
+    policy rank measured, as one log line and as metrics of that step."""
+    from orchestrator.plan import fmt_bytes
+
+    try:
+        peaks = [p for p in roles.policy.call("memory_peak") if p is not None]
+    except Exception as exc:  # noqa: BLE001 (a report only: never stop the run for it)
+        log.warning("memory: measured peak not read (%s: %s)", type(exc).__name__, exc)
+        peaks = []
+    measured = max(peaks) if peaks else None
+    pred = fmt_bytes(predicted) if predicted is not None else "n/a"
+    if measured is None:
+        meas = "n/a" if gpu else "n/a on CPU (no allocator peak counter)"
+    else:
+        meas = fmt_bytes(measured)
+        if predicted is not None and measured:
+            meas += f" (err {(predicted - measured) / measured:+.1%})"
+    log.info("memory: predicted peak %s per device, measured %s", pred, meas)
+    if predicted is not None:
+        metrics["memory/predicted_peak_gib"] = round(predicted / 2**30, 4)
+    if measured is not None:
+        metrics["memory/measured_peak_gib"] = round(measured / 2**30, 4)
+
+
 def start_roles(specs, total: int) -> Roles:
     """One worker group per role spec, colocated ones on their host role's bundles."""
     roles = Roles(specs=dict(specs))
@@ -235,11 +273,15 @@ class Driver:
             stage.setup(self.roles, start, tracker)
             metrics: dict[str, Any] = {}
             step = start
+            predicted, memory_logged = _predicted_peak(cfg), False
             while step < total:
                 try:
                     step += 1
                     with call_timeout(cfg.run.step_timeout_s):
                         metrics = stage.step(self.roles, step)
+                    if not memory_logged:  # the first step has built the optimizer state: its peak
+                        memory_logged = True
+                        _log_memory(self.roles, cfg.cluster.gpus_per_worker > 0, predicted, metrics)
                     tracker.log_step(step, metrics)
                     for cb in callbacks:
                         cb.on_step_end(step, metrics)

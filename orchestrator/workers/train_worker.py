@@ -74,6 +74,11 @@ class TrainWorker:
 
         return self.engine.train_step(micro_batches, loss_fn)
 
+    def memory_peak(self) -> int | None:
+        """Most bytes this rank's CUDA allocator has held so far (None on CPU, which has no
+        allocator counter to read)."""
+        return int(torch.cuda.max_memory_allocated()) if self.use_gpu else None
+
     def forward_logprobs(self, micro_batches: list[dict[str, Any]], reference: bool = False) -> list[torch.Tensor]:
         return self.engine.forward_logprobs(micro_batches, reference)
 
