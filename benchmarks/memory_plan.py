@@ -32,21 +32,33 @@ from orchestrator.engines.optim import build_optimizer
 from orchestrator.methods import METHODS
 from orchestrator.models.logprobs import nll_sum
 from orchestrator.plan import estimate
-from orchestrator.plan.memory import Layout, activation_bytes, lora_dropout_elements
+from orchestrator.plan.memory import Layout, activation_bytes, lora_dropout_elements, merged_experts_bytes
 from orchestrator.plan.shapes import shapes
 
-MODEL = [
-    "model=tiny_llama",
-    "model.hidden_size=512",
-    "model.intermediate_size=1376",
-    "model.num_layers=8",
-    "model.num_heads=8",
-    "model.num_kv_heads=4",
-    "plan.device=cpu",
-    "cluster.num_workers=1",
-    "cluster.gpus_per_worker=0",
-    "backend.mixed_precision=fp32",
-]
+COMMON = ["plan.device=cpu", "cluster.num_workers=1", "cluster.gpus_per_worker=0", "backend.mixed_precision=fp32"]
+MODELS = {
+    # A mid-size Llama: hidden 512, 8 layers, 8 heads / 4 KV heads, MLP 1376 (~23M parameters).
+    "llama": [
+        "model=tiny_llama",
+        "model.hidden_size=512",
+        "model.intermediate_size=1376",
+        "model.num_layers=8",
+        "model.num_heads=8",
+        "model.num_kv_heads=4",
+    ],
+    # tiny_moe scaled up: Qwen3-MoE, hidden 384, 6 layers, 8 experts of width 384 (top-2), ~24M
+    # parameters; the experts method trains experts 0-3 of every layer.
+    "moe": [
+        "model=tiny_moe",
+        "model.hidden_size=384",
+        "model.moe_intermediate_size=384",
+        "model.intermediate_size=768",
+        "model.num_layers=6",
+        "model.num_heads=6",
+        "model.num_kv_heads=2",
+        "method.experts=[0,1,2,3]",
+    ],
+}
 SEQ, MICRO_BATCH = 256, 4
 STATE = ("parameters", "gathered parameters", "gradients", "optimizer state")
 
@@ -91,10 +103,16 @@ def _storages_bytes(tensors) -> int:
 
 
 def measure(
-    method: str, checkpointing: bool, seq: int = SEQ, micro_batch: int = MICRO_BATCH, peak: bool = True
+    method: str,
+    checkpointing: bool,
+    seq: int = SEQ,
+    micro_batch: int = MICRO_BATCH,
+    peak: bool = True,
+    model: str = "llama",
 ) -> dict:
     """Predicted and measured bytes of one case (`peak=False`: no live-bytes count of the second step)."""
-    overrides = [*MODEL, f"method={method}", f"backend.activation_checkpointing={str(checkpointing).lower()}"]
+    overrides = [*COMMON, f"method={method}", *MODELS[model]]
+    overrides.append(f"backend.activation_checkpointing={str(checkpointing).lower()}")
     cfg, _ = compose(overrides)
     cfg.data.max_seq_len = seq
     sh = shapes(cfg.model, cfg.method)
@@ -106,10 +124,12 @@ def measure(
     drop = lora_dropout_elements(cfg.method, sh)
     predicted_act = activation_bytes(sh, tokens, seq, 4, checkpointing, False, drop, 4, recomputed=False)
     predicted_act += min(tokens * sh.vocab * 4, cfg.train.logits_chunk_mb * 2**20)
+    if not checkpointing:  # under checkpointing the one merged layer comes in backward
+        predicted_act += merged_experts_bytes(cfg, sh, False)
     predicted_peak = sum(c.bytes for c in p.components)
 
     torch.manual_seed(0)
-    model = METHODS[method](cfg.method).build(cfg.model, torch.float32, seed=0)
+    model_name, model = model, METHODS[method](cfg.method).build(cfg.model, torch.float32, seed=0)
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -143,7 +163,7 @@ def measure(
             mode.add(t)
         step(True)
     return {
-        "case": f"{method}, checkpointing {'on' if checkpointing else 'off'}",
+        "case": f"{method}{' (MoE)' if model_name == 'moe' else ''}, checkpointing {'on' if checkpointing else 'off'}",
         "params": p.params,
         "trainable": p.trainable,
         "state_pred": predicted_state,
@@ -179,14 +199,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-CASES = [("full", False), ("full", True), ("lora", False), ("lora", True)]
+CASES = [
+    ("llama", "full", False),
+    ("llama", "full", True),
+    ("llama", "lora", False),
+    ("llama", "lora", True),
+    ("moe", "experts", False),
+    ("moe", "experts", True),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="rewrite docs/memory_plan.md")
     args = ap.parse_args(argv)
-    rows = [measure(m, c) for m, c in CASES]
+    rows = [measure(m, c, model=model) for model, m, c in CASES]
     text = table(rows)
     print(text)
     if args.write:
@@ -200,9 +227,13 @@ DOC = """# Memory plan: predicted vs measured
 
 `python -m orchestrator.plan` predicts memory per device from the config alone
 (orchestrator/plan/memory.py states the model). This table checks it on CPU against one
-real training step of a mid-size Llama (hidden 512, 8 layers, 8 heads / 4 KV heads, MLP
-1376, byte vocabulary; fp32; one worker; micro-batch {mb} x {seq} tokens), built and trained
-with the project's own method build, AdamW and loss.
+real training step (fp32; one worker; micro-batch {mb} x {seq} tokens), built and trained
+with the project's own method build, AdamW and loss, of two models:
+
+- a mid-size Llama (hidden 512, 8 layers, 8 heads / 4 KV heads, MLP 1376, byte
+  vocabulary; ~23M parameters), full fine-tuning and LoRA (r 16, all linears, dropout 0.05);
+- a Qwen3-MoE (`model=tiny_moe` scaled to hidden 384, 6 layers, 8 experts of width 384,
+  top-2; ~24M parameters) under the experts method training experts 0-3 of every layer.
 
 Regenerate with:
 

@@ -43,6 +43,10 @@ at a time (one layer's full set on top). Logits: the log-probs are computed over
 most `train.logits_chunk_mb` of fp32 logits; a chunk, its log-softmax and its gradient are
 alive at once (3 x min(b*s*V*4, budget)).
 
+The experts method (orchestrator/methods/experts) holds the selected experts' slices as fp32
+parameters beside the frozen fused tensors, and each MoE layer's merged expert tensors live
+from its forward to its backward (all layers', or one layer's under checkpointing).
+
 Frozen reference (DPO / KTO with a reference, GRPO with `kl_coef > 0`) when the method's
 reference is a frozen copy: its parameters, sharded like the policy's, no optimizer state;
 adapters switched off cost nothing. Rollout (GRPO): vLLM takes
@@ -143,6 +147,16 @@ def activation_bytes(
     return tokens * (sh.layers * layer_bytes + tail)
 
 
+def merged_experts_bytes(cfg, sh: Shapes, checkpointing: bool) -> int:
+    """The experts method's merged fused expert tensors (frozen base with the trainable slices
+    copied in), each alive from its layer's forward to its backward: every layer's, or with
+    checkpointing the one layer backward recomputes."""
+    if cfg.method.name != "experts" or not sh.expert_params:
+        return 0
+    per_layer = sh.expert_params // sh.layers
+    return per_layer * master_bytes(cfg) * (1 if checkpointing else sh.layers)
+
+
 def logits_bytes(sh: Shapes, tokens: int, chunk_mb: int) -> int:
     return 3 * min(tokens * sh.vocab * 4, chunk_mb * 2**20)
 
@@ -172,6 +186,9 @@ def model_state(cfg, sh: Shapes, dev: Device, lay: Layout, role: str) -> list[Co
         gathered = sh.params * cb  # autocast's bf16 weight copies
     else:
         gathered = 0
+    if cfg.method.name == "experts":
+        # The selected experts' slices are trainable fp32 parameters beside the frozen fused tensors.
+        params += sh.trainable * 4
     grads = sh.trainable * (2 if bf16_ds else mb)
     optim = sh.trainable * (2 * mb + (4 if bf16_ds else 0))
     off_opt = ds and str(cfg.backend.offload_optimizer) == "cpu"
@@ -193,9 +210,11 @@ def training(cfg, sh: Shapes, dev: Device, lay: Layout) -> list[Component]:
     # CUDA's fused dropout keeps a bool mask; elsewhere dropout multiplies by a mask of the input's dtype.
     act = activation_bytes(sh, tokens, seq, cb, lay.checkpointing, eager, drop, 1 if dev.gpu else cb)
     note = f"{rows * lay.micro_batch} x {seq} tokens" + (", checkpointed" if lay.checkpointing else "")
+    merged = merged_experts_bytes(cfg, sh, lay.checkpointing)
     return [
         *model_state(cfg, sh, dev, lay, "policy"),
         Component("policy", "activations", act, "device", note),
+        *([Component("policy", "merged experts", merged, "device", "fused expert tensors")] if merged else []),
         Component("policy", "logits + loss", logits_bytes(sh, tokens, cfg.train.logits_chunk_mb), "device", "fp32"),
     ]
 

@@ -138,6 +138,8 @@ class Shapes:
     """Parameters one token touches (MoE: only its routed experts), for FLOPs."""
     trainable: int
     """Parameters the run's method trains."""
+    expert_params: int = 0
+    """Parameters of the routed experts, all layers (0: a dense model)."""
 
     @property
     def base_trained(self) -> bool:
@@ -203,6 +205,7 @@ def shapes(m, method_cfg) -> Shapes:
     hidden = cfg.hidden_size
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    expert_params = 0
     if experts:
         width = per_tok * (getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
         expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -225,4 +228,5 @@ def shapes(m, method_cfg) -> Shapes:
         linear_params=linear,
         active_params=active,
         trainable=trainable,
+        expert_params=expert_params,
     )

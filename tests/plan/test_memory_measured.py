@@ -1,5 +1,6 @@
-"""The plan's model state against one real CPU training step of a ~23M-parameter Llama
-(benchmarks/memory_plan.py; its full table is docs/memory_plan.md)."""
+"""The plan's model state and activations against one real CPU training step of a
+~23M-parameter Llama and a ~24M-parameter MoE (benchmarks/memory_plan.py; its full table is
+docs/memory_plan.md)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def test_activations_within_tolerance(method, checkpointing):
     """What forward keeps for backward: per layer, plus the final norm and LM head's inputs
     after the last (which is most of it under checkpointing)."""
     r = measure(method, checkpointing=checkpointing, seq=64, micro_batch=2, peak=False)
+    assert abs(r["act_pred"] - r["act_meas"]) <= TOLERANCE * r["act_meas"], r
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_experts_moe_within_tolerance(checkpointing):
+    """The experts method on a ~24M-parameter Qwen3-MoE: the trainable expert slices beside
+    the frozen fused tensors, and the merged expert tensors each layer keeps for backward."""
+    r = measure("experts", checkpointing=checkpointing, seq=64, micro_batch=2, peak=False, model="moe")
+    assert r["params"] > 20_000_000 and 0 < r["trainable"] < r["params"]
+    assert abs(r["state_pred"] - r["state_meas"]) <= TOLERANCE * r["state_meas"], r
     assert abs(r["act_pred"] - r["act_meas"]) <= TOLERANCE * r["act_meas"], r
 
 
