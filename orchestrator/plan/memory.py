@@ -18,6 +18,8 @@ Model state (N = cluster.num_workers; FSDP2 and ZeRO-3 shard all of it over N):
   copy with DeepSpeed bf16): full fine-tuning with mixed precision is the ~16 bytes/param rule
   (ZeRO paper, Rajbhandari et al. 2020, sec. 3.1). `backend.offload_optimizer=cpu` moves
   gradients and optimizer to host memory; `offload_param=cpu` moves the parameters too.
+- reduce bucket (ZeRO-3): DeepSpeed's contiguous gradient buffer of `reduce_bucket_size`
+  elements (default 5e8) in gradient dtype, whole on every rank whatever the model's size.
 
 Activations per micro-batch follow the accounting of Korthikanti et al. 2022 ("Reducing
 Activation Recomputation in Large Transformer Models", sec. 4.1: every tensor a layer keeps
@@ -167,6 +169,13 @@ def _qlora_params(cfg, sh: Shapes) -> int:
     return int(sh.linear_params * (0.5 + consts) + frozen_rest * master_bytes(cfg))
 
 
+def _get(node, key: str, default):
+    try:
+        return getattr(node, key)
+    except (AttributeError, KeyError):  # omegaconf raises either for an absent key
+        return default
+
+
 def model_state(cfg, sh: Shapes, dev: Device, lay: Layout, role: str) -> list[Component]:
     """Parameters, gathered working set, gradients and optimizer state of a trained role."""
     n, ds = lay.num_workers, cfg.backend.name == "deepspeed_zero3"
@@ -193,11 +202,20 @@ def model_state(cfg, sh: Shapes, dev: Device, lay: Layout, role: str) -> list[Co
     optim = sh.trainable * (2 * mb + (4 if bf16_ds else 0))
     off_opt = ds and str(cfg.backend.offload_optimizer) == "cpu"
     off_par = ds and str(cfg.backend.offload_param) == "cpu"
+    bucket = []
+    if ds and sh.trainable:
+        # ZeRO-3's contiguous gradient bucket: reduce_bucket_size elements of gradient dtype,
+        # allocated whole whatever the model's size (DeepSpeed's default 5e8: 2 GB in fp32).
+        zero = dict(_get(cfg.backend, "extra", {}) or {}).get("zero_optimization", {}) or {}
+        if zero.get("contiguous_gradients", True):
+            elems = int(float(zero.get("reduce_bucket_size", 5e8)))
+            bucket = [Component(role, "reduce bucket", elems * (2 if bf16_ds else mb), "device", "DeepSpeed")]
     return [
         Component(role, "parameters", -(-params // n), "host" if off_par else "device", f"sharded {n} way(s)"),
         Component(role, "gathered parameters", gathered, "device", "unsharded working set"),
         Component(role, "gradients", -(-grads // n), "host" if off_opt else "device", f"{sh.trainable:,} trainable"),
         Component(role, "optimizer state", -(-optim // n), "host" if off_opt else "device", "AdamW moments"),
+        *bucket,
     ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.memory_plan import measure
+from benchmarks.memory_plan import measure, measure_engine
 
 TOLERANCE = 0.15
 
@@ -33,6 +33,14 @@ def test_experts_moe_within_tolerance(checkpointing):
     the frozen fused tensors, and the merged expert tensors each layer keeps for backward."""
     r = measure("experts", checkpointing=checkpointing, seq=64, micro_batch=2, peak=False, model="moe")
     assert r["params"] > 20_000_000 and 0 < r["trainable"] < r["params"]
+    assert abs(r["state_pred"] - r["state_meas"]) <= TOLERANCE * r["state_meas"], r
+    assert abs(r["act_pred"] - r["act_meas"]) <= TOLERANCE * r["act_meas"], r
+
+
+def test_fsdp2_two_ranks_within_tolerance():
+    """The FSDP2 engine on two gloo processes: each rank's shard of parameters, gradients and
+    AdamW state, and the activations of its own micro-batch."""
+    r = measure_engine("fsdp2", "full", 2, checkpointing=False, seq=64, micro_batch=2)
     assert abs(r["state_pred"] - r["state_meas"]) <= TOLERANCE * r["state_meas"], r
     assert abs(r["act_pred"] - r["act_meas"]) <= TOLERANCE * r["act_meas"], r
 
