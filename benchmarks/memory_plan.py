@@ -393,8 +393,8 @@ DOC = """# Memory plan: predicted vs measured
 
 `python -m orchestrator.plan` predicts memory per device from the config alone
 (orchestrator/plan/memory.py states the model). This table checks it on CPU against one
-real training step (fp32; one worker; micro-batch {mb} x {seq} tokens), built and trained
-with the project's own method build, AdamW and loss, of two models:
+real training step (fp32; one worker unless the row names an engine x 2; micro-batch
+{mb} x {seq} tokens), built and trained with the project's own method build, AdamW and loss, of two models:
 
 - a mid-size Llama (hidden 512, 8 layers, 8 heads / 4 KV heads, MLP 1376, byte
   vocabulary; ~23M parameters), full fine-tuning and LoRA (r 16, all linears, dropout 0.05);
@@ -423,8 +423,7 @@ python -m benchmarks.memory_plan --write
   optimizer update (the engines free gradients after it) as the distinct storages of every
   live tensor (a DTensor by its local shard); the plan's gathered working set is transient
   and not in it, ZeRO-3's reduce bucket (5e8 fp32 elements by default) is. Peak is not
-  measured for these: the live-bytes count below does not see through DTensor or
-  DeepSpeed's partitioned parameters.
+  measured for these: the live-bytes count below is not run inside the engines.
 - peak: predicted = every component summed; measured = the largest sum of live tensor
   bytes during the second (steady-state) step's forward, backward and optimizer step (a
   TorchDispatchMode counting storages as ops create them and as they are freed). The sum
