@@ -92,7 +92,8 @@ def _headroom(cfg, dev: Device, lay: Layout) -> list[Component]:
 
 def _step_time(cfg, sh: Shapes, dev: Device, lay: Layout) -> float:
     rows, seq = memory.sequence(cfg)
-    batch = cfg.stage.prompts_per_step * cfg.rollout.n if cfg.stage.name == "grpo" else cfg.train.global_batch_size
+    rl = cfg.stage.name in memory.RL_STAGES
+    batch = cfg.stage.prompts_per_step * cfg.rollout.n if rl else cfg.train.global_batch_size
     tokens = batch * rows * seq
     trainable_active = min(sh.trainable, sh.active_params)
     per_token = 4 * sh.active_params + 2 * trainable_active + (2 * sh.active_params if lay.checkpointing else 0)
@@ -114,7 +115,8 @@ def estimate(cfg, sh: Shapes | None = None, lay: Layout | None = None) -> Plan:
     sh = sh or shapes(cfg.model, cfg.method)
     lay = lay or layout(cfg)
     dev = device_spec(cfg.plan.device, cfg)
-    comps = memory.training(cfg, sh, dev, lay) + memory.reference(cfg, sh, dev, lay) + memory.rollout(cfg, sh, dev)
+    comps = memory.training(cfg, sh, dev, lay) + memory.reference(cfg, sh, dev, lay)
+    comps += memory.learned_roles(cfg, sh, dev, lay) + memory.rollout(cfg, sh, dev)
     head = _headroom(cfg, dev, lay)
     on_train = [c for c in comps if c.where == "device" and c.role != "rollout (own device)"]
     total = sum(c.bytes for c in on_train + head)

@@ -58,7 +58,7 @@ GPU); the hf engine holds compute-dtype weights and the KV cache of a generate b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from orchestrator.plan.devices import Device
 from orchestrator.plan.shapes import Shapes
@@ -85,6 +85,10 @@ class Layout:
     checkpointing: bool
 
 
+RL_STAGES = ("grpo", "ppo")
+"""Stages that generate with the rollout engine and train on prompt + completion rows."""
+
+
 def master_bytes(cfg) -> int:
     return 4 if cfg.model.dtype == "auto" else DTYPE_BYTES[str(cfg.model.dtype)]
 
@@ -101,7 +105,7 @@ def sequence(cfg) -> tuple[int, int]:
     stage, d = cfg.stage.name, cfg.data
     if stage == "dpo":
         return 2, d.max_seq_len  # chosen and rejected of each pair
-    if stage == "grpo":
+    if stage in RL_STAGES:
         return 1, (d.max_prompt_len or d.max_seq_len) + cfg.rollout.max_new_tokens
     return 1, d.max_seq_len
 
@@ -247,7 +251,7 @@ def needs_frozen_reference(cfg) -> bool:
         from orchestrator.algos.preference import PREFERENCE_LOSSES
 
         uses = not PREFERENCE_LOSSES[str(s.loss)].is_reference_free and not s.precompute_ref
-    elif s.name == "grpo":
+    elif s.name in RL_STAGES:
         uses = s.kl_coef > 0
     else:
         uses = s.name == "kto"
@@ -266,13 +270,26 @@ def reference(cfg, sh: Shapes, dev: Device, lay: Layout) -> list[Component]:
     return [Component("reference", "parameters", -(-params // lay.num_workers), "device", "frozen copy, sharded")]
 
 
+def learned_roles(cfg, sh: Shapes, dev: Device, lay: Layout) -> list[Component]:
+    """PPO's critic (a trained copy with a value head: its own parameters, gradients and
+    AdamW state; its activations come after the policy's, so the policy's bound them) and
+    the frozen reward model of a `reward_model` reward, both on the policy's devices."""
+    s, out = cfg.stage, []
+    if s.name == "ppo" and str(s.estimator) == "gae":
+        out += [replace(c, role="critic") for c in model_state(cfg, sh, dev, lay, "critic")]
+    if any(r.name == "reward_model" for r in getattr(s, "rewards", [])):
+        params = sh.params * master_bytes(cfg)
+        out.append(Component("reward_model", "parameters", -(-params // lay.num_workers), "device", "frozen, sharded"))
+    return out
+
+
 def kv_bytes_per_token(sh: Shapes, elem: int) -> int:
     return 2 * sh.layers * sh.kv_heads * sh.head_dim * elem
 
 
 def rollout(cfg, sh: Shapes, dev: Device) -> list[Component]:
     """The rollout engine of an RL stage, on the train GPU (colocated) or its own (separate)."""
-    if cfg.stage.name != "grpo":
+    if cfg.stage.name not in RL_STAGES:
         return []
     r = cfg.rollout
     role = "rollout" if str(r.placement) == "colocated" else "rollout (own device)"

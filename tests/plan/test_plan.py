@@ -134,7 +134,7 @@ def test_bad_device_names_the_valid_ones(capsys):
     assert "plan.device='h100'" in err and "h100_80gb" in err and "a100_40gb" in err and "cpu" in err
 
 
-@pytest.mark.parametrize("experiment", ["grpo_math", "dpo_ultrafeedback", "sft_dpo_grpo_math"])
+@pytest.mark.parametrize("experiment", ["grpo_math", "dpo_ultrafeedback", "sft_dpo_grpo_math", "rlhf_ppo"])
 def test_the_gpu_recipes_fit_their_h100s(experiment):
     """The launchers refuse what does not fit, so the shipped GPU recipes must plan as fitting
     (grpo_math: the hf rollout engine on its own GPU, weights and a batch's KV cache)."""
@@ -142,3 +142,21 @@ def test_the_gpu_recipes_fit_their_h100s(experiment):
     assert p.fits and p.rollout_fits, p.suggestions
     own = [c for c in p.components if c.role == "rollout (own device)"]
     assert experiment == "dpo_ultrafeedback" or sum(c.bytes for c in own) < 80 * GIB
+
+
+def test_ppo_plans_a_critic_and_a_frozen_reward_model():
+    """PPO's critic holds the policy's model state again (its own gradients and AdamW moments);
+    the reward model its parameters only; GRPO without the learned reward has neither."""
+    common = ["model=qwen2_5_0_5b", "method=full", "cluster.num_workers=4", "cluster.gpus_per_worker=1"]
+    common += ["plan.device=h100_80gb", "stage.reward_model.path=x"]
+    p = estimate(cfg_of("stage=ppo", *common))
+    by = {}
+    for c in p.components:
+        by.setdefault(c.role, {})[c.name] = c.bytes
+    assert by["critic"]["gradients"] == by["policy"]["gradients"] > 0
+    assert by["critic"]["optimizer state"] == by["policy"]["optimizer state"]
+    assert 0 < by["reward_model"]["parameters"] == by["policy"]["parameters"]
+    assert "gradients" not in by["reward_model"]
+    grpo = estimate(cfg_of("stage=grpo", *common))
+    assert not {"critic", "reward_model"} & {c.role for c in grpo.components}
+    assert p.device_total > grpo.device_total + by["critic"]["optimizer state"]
