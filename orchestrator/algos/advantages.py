@@ -83,17 +83,13 @@ def reinforce_pp(
     optional logp / ref_logp [B, T] -> advantages [B, T], 0 off the mask.
 
     Normalisation is over all masked tokens of the batch passed in: pass the global batch."""
+    from orchestrator.algos.ppo import kl_shaped_rewards
+
     m = mask.to(torch.float64)
-    token_r = torch.zeros_like(m)
-    if kl_coef:
-        if logp is None or ref_logp is None:
-            raise ValueError("reinforce_pp with kl_coef > 0 needs logp and ref_logp")
-        token_r = -kl_coef * (logp.double() - ref_logp.double()) * m
-    # the sequence's reward on its last valid token
-    pos = torch.arange(m.shape[1]).expand_as(m)
-    last = torch.where(m > 0, pos, torch.full_like(pos, -1)).max(dim=1).values
-    has = last >= 0
-    token_r[has, last[has]] += rewards.double()[has]
+    if kl_coef and (logp is None or ref_logp is None):
+        raise ValueError("reinforce_pp with kl_coef > 0 needs logp and ref_logp")
+    # the k1 penalty on every token, the sequence's reward on its last valid one
+    token_r, _ = kl_shaped_rewards(rewards, mask, logp if kl_coef else None, ref_logp if kl_coef else None, kl_coef)
     returns = torch.zeros_like(m)
     running = torch.zeros(m.shape[0], dtype=torch.float64)
     for i in reversed(range(m.shape[1])):

@@ -300,10 +300,9 @@ class GrpoStage(Stage):
         }
         return rows, metrics
 
-    def _train(self, roles, rows: list[dict[str, Any]], times: dict[str, float], step: int) -> dict[str, float]:
-        g, workers = self.g, roles.policy
-        self.rollout.sleep()  # colocated: the trainer takes the GPU until the next rollout
-        pad = self.tokenizer.pad_token_id
+    def _micro_batches(self, rows: list[dict[str, Any]], loss_kl_coef: float, **extra: Any) -> list[list[dict]]:
+        """The rows as per-rank collated micro-batches carrying the loss's settings (`extra` too)."""
+        g, pad = self.g, self.tokenizer.pad_token_id
         per_rank = shard(
             rows,
             self.world,
@@ -316,13 +315,19 @@ class GrpoStage(Stage):
             "world_size": self.world,
             "clip_low": g.clip_low,
             "clip_high": g.clip_high,
-            # REINFORCE++ puts the KL penalty in the reward, not in the loss
-            "kl_coef": 0.0 if g.estimator == "reinforce_pp" else g.kl_coef,
+            "kl_coef": loss_kl_coef,
             "logits_chunk_mb": self.cfg.train.logits_chunk_mb,
+            **extra,
         }
         if g.tis_cap is not None:
             ctx["tis_cap"] = g.tis_cap
-        per_rank = [[dict(mb, **ctx) for mb in mbs] for mbs in per_rank]
+        return [[dict(mb, **ctx) for mb in mbs] for mbs in per_rank]
+
+    def _train(self, roles, rows: list[dict[str, Any]], times: dict[str, float], step: int) -> dict[str, float]:
+        g, workers = self.g, roles.policy
+        self.rollout.sleep()  # colocated: the trainer takes the GPU until the next rollout
+        # REINFORCE++ puts the KL penalty in the reward, not in the loss
+        per_rank = self._micro_batches(rows, 0.0 if g.estimator == "reinforce_pp" else g.kl_coef)
         t = time.time()
         if g.num_iterations > 1:
             for mbs, lps in zip(per_rank, workers.call_per_rank("forward_logprobs", per_rank)):

@@ -36,8 +36,6 @@ import torch
 from orchestrator.algos.advantages import gae
 from orchestrator.algos.grpo import token_weights
 from orchestrator.algos.ppo import AdaptiveKL, clipped_value_loss, kl_shaped_rewards, whiten
-from orchestrator.data.batching import shard
-from orchestrator.data.collate import rl_collate, rl_dummy
 from orchestrator.errors import ConfigError
 from orchestrator.roles import CRITIC, RoleSpec
 from orchestrator.stages.base import step_metrics, train_on_workers
@@ -156,26 +154,7 @@ class PpoStage(GrpoStage):
             return super()._train(roles, rows, times, step)
         g, policy, critic = self.g, roles.policy, roles[CRITIC]
         self.rollout.sleep()
-        pad = self.tokenizer.pad_token_id
-        per_rank = shard(
-            rows,
-            self.world,
-            self.cfg.train.micro_batch_size,
-            pad,
-            collate_fn=lambda rs: rl_collate(rs, pad),
-            dummy=rl_dummy(pad),
-        )
-        ctx = {
-            "world_size": self.world,
-            "clip_low": g.clip_low,
-            "clip_high": g.clip_high,
-            "kl_coef": 0.0,  # the KL penalty is in the reward
-            "logits_chunk_mb": self.cfg.train.logits_chunk_mb,
-            "value_clip": g.value_clip,
-        }
-        if g.tis_cap is not None:
-            ctx["tis_cap"] = g.tis_cap
-        per_rank = [[dict(mb, **ctx) for mb in mbs] for mbs in per_rank]
+        per_rank = self._micro_batches(rows, 0.0, value_clip=g.value_clip)  # the KL penalty is in the reward
 
         t = time.time()
         olds = policy.call_per_rank("forward_logprobs", per_rank)
