@@ -16,6 +16,9 @@ from typing import Optional
 
 import torch
 
+COLOCATED_GPU_SHARE = 0.25
+"""Share of a train bundle's GPU a colocated rollout actor takes (the policy the rest)."""
+
 
 @dataclass
 class SamplingParams:

@@ -12,14 +12,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.errors import ConfigError, WorkerError
-from orchestrator.rollout.base import Completion, SamplingParams
+
+# COLOCATED_GPU_SHARE lives beside the rollout interface, so that the stages read it without Ray.
+from orchestrator.rollout.base import COLOCATED_GPU_SHARE, Completion, SamplingParams
 from orchestrator.rollout.worker import RolloutWorker
 from orchestrator.workers.group import current_call_timeout, dump_stacks
 
 log = logging.getLogger("orchestrator")
-
-COLOCATED_GPU_SHARE = 0.25
-"""Share of a train bundle's GPU a colocated rollout actor takes (the policy the rest)."""
 
 
 class RolloutGroup:

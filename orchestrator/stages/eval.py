@@ -81,7 +81,7 @@ class EvalStage(Stage):
         """Frozen `candidate` and `base` roles when a task needs log-probs; none otherwise."""
         if not any(t.needs_logprobs for t in self.tasks):
             return {}
-        from orchestrator.rollout.group import COLOCATED_GPU_SHARE
+        from orchestrator.rollout.base import COLOCATED_GPU_SHARE
 
         gpu = bool(self.cfg.cluster.gpus_per_worker)
         rollout = COLOCATED_GPU_SHARE if self.cfg.rollout.placement == "colocated" else 0.0

@@ -55,8 +55,7 @@ from orchestrator.rewards.learned import LearnedReward, reward_model_spec
 from orchestrator.rewards.runner import RewardRunner
 from orchestrator.roles import REFERENCE, RoleSpec, policy_spec
 from orchestrator.rollout import get_engine_class
-from orchestrator.rollout.base import SamplingParams
-from orchestrator.rollout.group import COLOCATED_GPU_SHARE
+from orchestrator.rollout.base import COLOCATED_GPU_SHARE, SamplingParams
 from orchestrator.stages.base import Stage, step_metrics, train_on_workers
 
 log = logging.getLogger("orchestrator")

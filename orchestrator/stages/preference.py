@@ -39,7 +39,7 @@ from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.evaluation import greedy_accuracy
 from orchestrator.methods import METHODS, Reference
 from orchestrator.roles import REFERENCE, RoleSpec, policy_spec
-from orchestrator.rollout.group import COLOCATED_GPU_SHARE
+from orchestrator.rollout.base import COLOCATED_GPU_SHARE
 from orchestrator.stages.base import Stage
 
 log = logging.getLogger("orchestrator")
