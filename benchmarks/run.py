@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--only NAME ...] [--repeats N] [--smoke] [--gpu]`: run the suite.
+"""`python -m benchmarks [--only NAME ...] [--repeats N] [--smoke] [--gpu | --gpu-check]`: run the suite.
 
 Writes `<out>/cpu.json` (`gpu.json` for the GPU suite), a markdown table beside it and a
 PNG chart of the ratios, with the machine, the settings and the load average of each
@@ -132,6 +132,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--gpu", action="store_true", help="the GPU suite (skipped without CUDA)")
     p.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="the one-shot GPU check without Ray (benchmarks/gpu_check.py; --smoke: on CPU); --only picks checks",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -139,6 +144,19 @@ def main(argv=None) -> int:
     )
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     a = p.parse_args(argv)
+
+    if a.gpu_check:
+        # Before _preload: the check installs carried wheels (TRL among them) when they are missing.
+        from benchmarks import gpu_check
+
+        names = [c.name for c in gpu_check.CHECKS]
+        if a.list:
+            print("\n".join(names))
+            return 0
+        only = [n for item in a.only for n in item.split(",") if n]
+        if any(n not in names for n in only):
+            p.error(f"unknown check(s) {[n for n in only if n not in names]}; valid: {', '.join(names)}")
+        return gpu_check.main(a.smoke, a.out, only)
 
     kinds = ["gpu"] if a.gpu else (["cpu", "gpu"] if a.smoke else ["cpu"])
     suites = {k: (_gpu_suite() if k == "gpu" else _cpu_suite()) for k in kinds}
