@@ -272,10 +272,35 @@ def _hf_loop(cfg, steps: int) -> dict[str, Any]:
     return {"tokens_per_s": round(tokens / sum(times), 1), "peak_mem_gib": _peak_mem_gib()}
 
 
+def _trl(cfg, steps: int, smoke: bool) -> dict[str, Any] | str:
+    """TRL's SFTTrainer on the same rows, timed by the suite's harness in a spawned process
+    (its own CUDA context and peak): its numbers, or why it did not run."""
+    if smoke:
+        return "not in --smoke (the CPU suite's sft_step runs TRL)"
+    if importlib.util.find_spec("trl") is None:
+        return "trl missing"
+    from benchmarks import sft
+    from benchmarks.harness import interleave, result
+
+    try:
+        r = interleave({"trl": (sft.trl, {"cfg": cfg, "lora": False})}, 1, steps - 1, 1, start_method="spawn")
+    except Exception as e:  # noqa: BLE001 - a TRL failure must not lose our numbers
+        return f"TRL failed: {type(e).__name__}: {e}"[:300]
+    c = result(r["trl"])
+    tokens = cfg.data.max_seq_len * cfg.train.global_batch_size
+    return {
+        "tokens_per_s": round(tokens / c["median_s"], 1),
+        "median_s": c["median_s"],
+        "peak_mem_gib": c.get("gpu_peak_mem_gib"),
+    }
+
+
 def check_sft_mfu(smoke: bool, work: Path) -> dict[str, Any]:
     """Full SFT of the Qwen2.5-0.5B shape at seq 4096 (4 rows per step, micro-batch 1): ours
-    (the engine) vs a plain HF loop, MFU from `benchmarks.gpu.flops_per_token`. TRL's
-    SFTTrainer is `python -m benchmarks --gpu --only gpu_sft_0_5b` (it needs more time)."""
+    (the engine) vs a plain HF loop and, when TRL imports, TRL's SFTTrainer (padded rows, as
+    `benchmarks.sft.trl` sets it up); MFU from `benchmarks.gpu.flops_per_token`."""
+    import gc
+
     import torch
 
     from benchmarks.common import compose_cfg, sft_overrides, write_long_rows
@@ -291,14 +316,25 @@ def check_sft_mfu(smoke: bool, work: Path) -> dict[str, Any]:
     device = ["cluster.gpus_per_worker=1", "backend.mixed_precision=bf16"] if _cuda() else ["cluster.gpus_per_worker=0"]
     cfg = compose_cfg(sft_overrides(data, seq, batch, model, work, 1, [*device, "train.lr=1e-4"], micro=1))
     ours = _train(cfg, steps)
-    if _cuda():
+    if _cuda():  # our model and optimizer are gone: the loop's peak is its own
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     loop = _hf_loop(cfg, steps)
     out = {"seq": seq, "rows_per_step": batch, "ours": ours, "hf_loop": loop}
+    if _cuda():
+        del loop  # (its numbers stay in `out`)
+        gc.collect()
+        torch.cuda.empty_cache()
+    trl = _trl(cfg, steps, smoke)
+    if isinstance(trl, dict):
+        out["trl"] = trl
+        out["ours_over_trl_tokens_per_s"] = round(ours["tokens_per_s"] / trl["tokens_per_s"], 3)
+    else:
+        out["trl_skipped"] = trl
     name = torch.cuda.get_device_name(0) if _cuda() else ""
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    for c in (ours, loop):
+    for c in (ours, out["hf_loop"], *([trl] if isinstance(trl, dict) else [])):
         if peak:
             c["mfu"] = round(flops_per_token(s, seq) * c["tokens_per_s"] / peak, 4)
     out["ours_over_hf_loop_tokens_per_s"] = round(ours["tokens_per_s"] / loop["tokens_per_s"], 3)
@@ -417,7 +453,13 @@ def _summary(numbers: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def run_check(check: Check, smoke: bool) -> dict[str, Any]:
+def run_check(check: Check, smoke: bool, budget_s: float = math.inf) -> dict[str, Any]:
+    """Run one check in a child process, for at most its own timeout or `budget_s`."""
+    timeout = int(min(check.timeout_s, budget_s))
+    if timeout < 20:
+        doc = {"status": "skip", "note": "no time left in --budget-s"}
+        print(f"check {check.name}: skip {doc['note']} — {check.proves}", flush=True)
+        return dict(doc, name=check.name, proves=check.proves, wall_s=0.0)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--one", check.name, "--result", str(out)]
@@ -428,7 +470,7 @@ def run_check(check: Check, smoke: bool) -> dict[str, Any]:
                 cwd=REPO,
                 capture_output=True,
                 text=True,
-                timeout=check.timeout_s,
+                timeout=timeout,
                 check=False,
             )
             if out.exists():
@@ -436,7 +478,7 @@ def run_check(check: Check, smoke: bool) -> dict[str, Any]:
             else:  # killed (out of memory, a segfault in a kernel) before it could write
                 doc = {"status": "FAIL", "note": f"exit {proc.returncode}: {proc.stderr[-500:]}"}
         except subprocess.TimeoutExpired:
-            doc = {"status": "FAIL", "note": f"timed out after {check.timeout_s}s"}
+            doc = {"status": "FAIL", "note": f"timed out after {timeout}s"}
     doc.update(name=check.name, proves=check.proves, wall_s=round(time.time() - t0, 1))
     detail = _summary(doc.get("numbers", {})) if doc["status"] == "ok" else doc.get("note", "")
     print(f"check {check.name}: {doc['status']} {detail} — {check.proves}", flush=True)
@@ -488,8 +530,11 @@ def _chart(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def main(smoke: bool, out_dir: Path | None = None, only: list[str] | None = None) -> int:
-    """Run every check (or `only` those), print one line each, write the report. 0 when no check failed."""
+def main(smoke: bool, out_dir: Path | None = None, only: list[str] | None = None, budget_s: float = 540) -> int:
+    """Run every check (or `only` those) within `budget_s` seconds in all, print one line each and
+    rewrite the report after each (a run killed from outside keeps what finished). Returns 0 when
+    no check failed."""
+    t0 = time.time()
     # The CPU smoke run tests the checks, not the machine: it installs nothing.
     installed = [] if smoke else install_wheels()
     import torch
@@ -499,7 +544,6 @@ def main(smoke: bool, out_dir: Path | None = None, only: list[str] | None = None
         return 0
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke)"
     print(f"gpu check on {machine}, torch {torch.__version__}; wheels installed: {installed or 'none'}", flush=True)
-    checks = [run_check(c, smoke) for c in CHECKS if not only or c.name in only]
     not_checked = list(NOT_CHECKED)
     if importlib.util.find_spec("deepspeed") is not None:
         not_checked[2] = "DeepSpeed ZeRO-3 on GPU (deepspeed imports here, but this check does not run it)"
@@ -509,12 +553,17 @@ def main(smoke: bool, out_dir: Path | None = None, only: list[str] | None = None
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "smoke": smoke,
         "installed": installed,
-        "checks": checks,
+        "checks": [],
         "not_checked": not_checked,
     }
-    paths = write_report(doc, out_dir or (RESULTS / "smoke" if smoke else RESULTS))
+    out_dir = out_dir or (RESULTS / "smoke" if smoke else RESULTS)
+    paths: list[Path] = []
+    for check in CHECKS:
+        if not only or check.name in only:
+            doc["checks"].append(run_check(check, smoke, budget_s - (time.time() - t0)))
+            paths = write_report(doc, out_dir)
     print("results: " + ", ".join(map(str, paths)))
-    return 1 if any(c["status"] == "FAIL" for c in checks) else 0
+    return 1 if any(c["status"] == "FAIL" for c in doc["checks"]) else 0
 
 
 if __name__ == "__main__":  # a check's child process

@@ -142,6 +142,12 @@ def main(argv=None) -> int:
         default=None,
         help="results directory (default benchmarks/results, or benchmarks/results/smoke with --smoke)",
     )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=540,
+        help="--gpu-check: seconds for all checks together (a check past it is skipped or stopped)",
+    )
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     a = p.parse_args(argv)
 
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
         only = [n for item in a.only for n in item.split(",") if n]
         if any(n not in names for n in only):
             p.error(f"unknown check(s) {[n for n in only if n not in names]}; valid: {', '.join(names)}")
-        return gpu_check.main(a.smoke, a.out, only)
+        return gpu_check.main(a.smoke, a.out, only, a.budget_s)
 
     kinds = ["gpu"] if a.gpu else (["cpu", "gpu"] if a.smoke else ["cpu"])
     suites = {k: (_gpu_suite() if k == "gpu" else _cpu_suite()) for k in kinds}
