@@ -535,13 +535,13 @@ def main(smoke: bool, out_dir: Path | None = None, only: list[str] | None = None
     rewrite the report after each (a run killed from outside keeps what finished). Returns 0 when
     no check failed."""
     t0 = time.time()
-    # The CPU smoke run tests the checks, not the machine: it installs nothing.
-    installed = [] if smoke else install_wheels()
     import torch
 
     if not torch.cuda.is_available() and not smoke:
         print("GPU check skipped: no CUDA device (nothing written). `--gpu-check --smoke` runs it on CPU.")
         return 0
+    # The CPU smoke run tests the checks, not the machine: it installs nothing.
+    installed = [] if smoke else install_wheels()
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke)"
     print(f"gpu check on {machine}, torch {torch.__version__}; wheels installed: {installed or 'none'}", flush=True)
     not_checked = list(NOT_CHECKED)
