@@ -396,7 +396,12 @@ CHECKS = [
     Check("fused_ce", check_fused_ce, "Liger fused linear CE gives the chunked path's log-probs and gradients", 240),
     Check("packed_attention", check_packed_attention, "packed rows through the auto GPU kernel equal unpacked", 180),
     Check("compile", check_compile, "train.compile=true follows the eager losses on GPU", 420),
-    Check("sft_mfu", check_sft_mfu, "0.5B-shaped full SFT at seq 4096: our tokens/s and MFU vs a plain HF loop", 420),
+    Check(
+        "sft_mfu",
+        check_sft_mfu,
+        "0.5B-shaped SFT, seq 4096: our tokens/s and MFU vs a plain HF loop and TRL (if it imports)",
+        420,
+    ),
     Check("plan_memory", check_plan_memory, "the planner's memory prediction vs torch.cuda.max_memory_allocated", 240),
 ]
 
