@@ -280,15 +280,7 @@ class GrpoStage(Stage):
         flat = zero_std_groups(rw, n)
         if g.filter_zero_std_groups:
             keep &= ~flat.repeat_interleave(n)
-        rows = []
-        idx = [i for i in range(len(comps)) if keep[i] and comps[i]]
-        weights = token_weights([len(comps[i]) for i in idx], g.loss_agg, self.r.max_new_tokens)
-        for i, w in zip(idx, weights):
-            p = prompt_ids[i // n]
-            row = {"input_ids": p + comps[i], "prompt_len": len(p), "weight": w, "adv": float(adv[i])}
-            if logprobs is not None and logprobs[i] is not None:
-                row["rollout_logp"] = logprobs[i]
-            rows.append(row)
+        rows = self._train_rows(prompt_ids, comps, [bool(k) for k in keep], [float(a) for a in adv], logprobs)
         metrics: dict[str, Any] = {
             "reward_mean": float(rw[ok].mean()) if ok.any() else 0.0,
             "reward_std": float(rw[ok].std()) if ok.sum() > 1 else 0.0,
@@ -298,6 +290,28 @@ class GrpoStage(Stage):
             "accuracy": sum(1.0 for i, v in enumerate(valid) if v and rewards[i] >= 1.0) / len(valid),
         }
         return rows, metrics
+
+    def _train_rows(
+        self,
+        prompt_ids: list[list[int]],
+        comps: list[list[int]],
+        keep: list[bool],
+        adv: list[float],
+        logprobs: list[list[float] | None] | None,
+    ) -> list[dict[str, Any]]:
+        """Prompt + completion rows of the kept non-empty samples: their token weight (per
+        `stage.loss_agg`), advantage, and the rollout engine's log-probs when it sent them."""
+        n = self.r.n
+        idx = [i for i in range(len(comps)) if keep[i] and comps[i]]
+        weights = token_weights([len(comps[i]) for i in idx], self.g.loss_agg, self.r.max_new_tokens)
+        rows = []
+        for i, w in zip(idx, weights):
+            p = prompt_ids[i // n]
+            row = {"input_ids": p + comps[i], "prompt_len": len(p), "weight": w, "adv": adv[i]}
+            if logprobs is not None and logprobs[i] is not None:
+                row["rollout_logp"] = logprobs[i]
+            rows.append(row)
+        return rows
 
     def _micro_batches(self, rows: list[dict[str, Any]], loss_kl_coef: float, **extra: Any) -> list[list[dict]]:
         """The rows as per-rank collated micro-batches carrying the loss's settings (`extra` too)."""

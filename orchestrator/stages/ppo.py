@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from orchestrator.algos.advantages import gae
-from orchestrator.algos.grpo import token_weights
 from orchestrator.algos.ppo import AdaptiveKL, clipped_value_loss, kl_shaped_rewards, whiten
 from orchestrator.errors import ConfigError
 from orchestrator.roles import CRITIC, RoleSpec
@@ -130,16 +129,7 @@ class PpoStage(GrpoStage):
         carried in `adv` until GAE; token weights per `stage.loss_agg`."""
         if not self.with_critic:
             return super()._rows(prompt_ids, comps, rewards, valid, logprobs)
-        n = self.r.n
-        idx = [i for i in range(len(comps)) if valid[i] and comps[i]]
-        weights = token_weights([len(comps[i]) for i in idx], self.g.loss_agg, self.r.max_new_tokens)
-        rows = []
-        for i, w in zip(idx, weights):
-            p = prompt_ids[i // n]
-            row = {"input_ids": p + comps[i], "prompt_len": len(p), "weight": w, "adv": float(rewards[i])}
-            if logprobs is not None and logprobs[i] is not None:
-                row["rollout_logp"] = logprobs[i]
-            rows.append(row)
+        rows = self._train_rows(prompt_ids, comps, list(valid), [float(r) for r in rewards], logprobs)
         rw = torch.tensor([rewards[i] for i in range(len(comps)) if valid[i]] or [0.0])
         metrics = {
             "reward_mean": float(rw.mean()),
