@@ -64,6 +64,23 @@ REFERENCE_GPU_SHARE = 0.1
 """Share of a policy bundle's GPU a colocated frozen reference copy takes (forwards only)."""
 
 
+def global_tokens(mbs: list[dict[str, Any]], per_mb: list[torch.Tensor]) -> torch.Tensor:
+    """Per-micro-batch token tensors [B_i, w_i] (aligned with each one's `weights`) as one
+    [sum B_i, max w_i] tensor of the global batch, zero-padded on the right."""
+    width = max(mb["weights"].shape[1] for mb in mbs)
+    return torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in per_mb])
+
+
+def per_micro_batch(mbs: list[dict[str, Any]], x: torch.Tensor) -> list[torch.Tensor]:
+    """`global_tokens` undone: each micro-batch's rows of `x`, cut to its own width."""
+    out, start = [], 0
+    for mb in mbs:
+        b, w = mb["weights"].shape
+        out.append(x[start : start + b, :w].contiguous())
+        start += b
+    return out
+
+
 class GrpoStage(Stage):
     uses_rollout = True
 
@@ -385,22 +402,13 @@ class GrpoStage(Stage):
             else:
                 old = workers.call_per_rank("forward_logprobs", per_rank)
         mbs = [mb for r in per_rank for mb in r]
-        olds = [lp for r in old for lp in r] if old is not None else [None] * len(mbs)
-        width = max(mb["weights"].shape[1] for mb in mbs)
-
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-        mask = torch.cat([pad((mb["weights"] > 0).float()) for mb in mbs])
+        mask = global_tokens(mbs, [(mb["weights"] > 0).float() for mb in mbs])
         rewards = torch.cat([mb["adv"][:, 0] for mb in mbs])
-        logp = torch.cat([pad(lp) for lp in olds]) if kl else None
-        ref = torch.cat([pad(mb["ref_logp"]) for mb in mbs]) if kl else None
+        logp = global_tokens(mbs, [lp for r in old for lp in r]) if kl else None
+        ref = global_tokens(mbs, [mb["ref_logp"] for mb in mbs]) if kl else None
         adv = reinforce_pp(rewards, mask, logp, ref, kl_coef=kl)
-        start = 0
-        for mb in mbs:
-            b, w = mb["weights"].shape
-            mb["adv"] = adv[start : start + b, :w].contiguous()
-            start += b
+        for mb, a in zip(mbs, per_micro_batch(mbs, adv)):
+            mb["adv"] = a
 
     def _log_samples(self, step: int, batch, texts: list[str], rewards: list[float]) -> None:
         n = self.r.n

@@ -38,7 +38,7 @@ from orchestrator.algos.ppo import AdaptiveKL, clipped_value_loss, kl_shaped_rew
 from orchestrator.errors import ConfigError
 from orchestrator.roles import CRITIC, RoleSpec
 from orchestrator.stages.base import step_metrics, train_on_workers
-from orchestrator.stages.grpo import GrpoStage
+from orchestrator.stages.grpo import GrpoStage, global_tokens, per_micro_batch
 
 log = logging.getLogger("orchestrator")
 
@@ -199,33 +199,19 @@ class PpoStage(GrpoStage):
         g = self.g
         mbs = [mb for r in per_rank for mb in r]
         flat_old = [lp for r in olds for lp in r]
-        flat_ref = [lp for r in refs for lp in r] if refs is not None else [None] * len(mbs)
-        flat_val = [v for r in values for v in r]
-        width = max(mb["weights"].shape[1] for mb in mbs)
-
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-        mask = torch.cat([pad((mb["weights"] > 0).float()) for mb in mbs])
+        mask = global_tokens(mbs, [(mb["weights"] > 0).float() for mb in mbs])
         scores = torch.cat([mb["adv"][:, 0] for mb in mbs])
-        logp = torch.cat([pad(lp) for lp in flat_old])
-        ref = torch.cat([pad(lp) for lp in flat_ref]) if refs is not None else None
-        vals = torch.cat([pad(v) for v in flat_val]).float()
+        logp = global_tokens(mbs, flat_old)
+        ref = global_tokens(mbs, [lp for r in refs for lp in r]) if refs is not None else None
+        vals = global_tokens(mbs, [v for r in values for v in r]).float()
         rewards, kl = kl_shaped_rewards(scores, mask, logp, ref, self.kl.coef, g.kl_estimator)
         adv, returns = gae(rewards.float(), vals, mask, g.gamma, g.lam)
         if g.whiten_advantages:
             adv = whiten(adv, mask)
         n_tokens = mask.sum().clamp(min=1)
-        start = 0
-        for mb, lp in zip(mbs, flat_old):
-            b, w = mb["weights"].shape
-            sl = slice(start, start + b)
-            mb["adv"] = adv[sl, :w].contiguous()
-            mb["returns"] = returns[sl, :w].contiguous()
-            mb["old_values"] = vals[sl, :w].contiguous()
-            mb["old_logp"] = lp
-            mb["vf_weights"] = (mask[sl, :w] / n_tokens * self.world).contiguous()
-            start += b
+        parts = (per_micro_batch(mbs, t) for t in (adv, returns, vals, mask / n_tokens * self.world))
+        for mb, lp, a, ret, v, vf in zip(mbs, flat_old, *parts):
+            mb.update(adv=a, returns=ret, old_values=v, old_logp=lp, vf_weights=vf)
         seqs = max(int((mask.sum(1) > 0).sum()), 1)
         return {
             "kl": float(kl.sum()) / seqs,
