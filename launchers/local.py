@@ -12,22 +12,27 @@ def run_local(cfg, choices: dict[str, str]) -> dict[str, Any]:
 
     from orchestrator.chain import resolve_init_from
     from orchestrator.driver import Driver
+    from orchestrator.runlock import RunDirLock
 
-    started = not ray.is_initialized()
-    if started:  # tests and notebooks may already hold a Ray session: reuse it
-        ray.init(
-            address="local",
-            num_cpus=cfg.cluster.num_cpus or _cpus_needed(cfg),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
-    try:
-        cfg = resolve_init_from(cfg, choices, run_local)  # chained stages run here first
-        return Driver(cfg, choices).run()
-    finally:
-        if started:
-            ray.shutdown()
+    # The run dir's lock before Ray starts: a busy run dir is refused at once.
+    with RunDirLock(cfg.run.output_dir):
+        started = not ray.is_initialized()
+        if started:  # tests and notebooks may already hold a Ray session: reuse it
+            num_cpus = cfg.cluster.num_cpus or _cpus_needed(cfg)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+            )
+            logging.getLogger("orchestrator").info("ray: started in this process (%d logical CPUs)", num_cpus)
+        try:
+            cfg = resolve_init_from(cfg, choices, run_local)  # chained stages run here first
+            return Driver(cfg, choices).run()
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def _cpus_needed(cfg) -> int:

@@ -22,14 +22,16 @@ def run_attached(cfg, choices: dict[str, str]) -> dict[str, Any]:
 
     from orchestrator.chain import resolve_init_from
     from orchestrator.driver import Driver
+    from orchestrator.runlock import RunDirLock
 
-    if not ray.is_initialized():
-        connect(cfg.cluster.address, cfg.cluster.connect_timeout_s)
-    try:
-        cfg = resolve_init_from(cfg, choices, _run_connected)  # chained stages run here first
-        return Driver(cfg, choices).run()
-    finally:
-        ray.shutdown()
+    with RunDirLock(cfg.run.output_dir):  # before connecting: a busy run dir is refused at once
+        if not ray.is_initialized():
+            connect(cfg.cluster.address, cfg.cluster.connect_timeout_s)
+        try:
+            cfg = resolve_init_from(cfg, choices, _run_connected)  # chained stages run here first
+            return Driver(cfg, choices).run()
+        finally:
+            ray.shutdown()
 
 
 def _run_connected(cfg, choices: dict[str, str]) -> dict[str, Any]:

@@ -19,6 +19,9 @@ storage (NFS) and survives its holder being killed:
   `.run.lock.break`, taken the same way), after checking that it is still the one judged
   stale; if a fresh lock was moved all the same, it is linked back. Then the taker tries
   again.
+- Within one process the lock nests: the launchers take it before Ray starts (a busy run
+  directory is refused in a second, not after the cluster is up), and the driver's own
+  `with RunDirLock(...)` inside then holds it already.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ log = logging.getLogger("orchestrator")
 LOCK_NAME = ".run.lock"
 BREAK_STALE_S = 30.0
 """Seconds after which a taker's lock on breaking a stale lock is itself stale."""
+_HELD: dict[Path, RunDirLock] = {}
+"""The run dirs this process holds (resolved path -> the outermost lock): a nested take is a no-op."""
 
 
 def _boot_id() -> str:
@@ -112,6 +117,7 @@ class RunDirLock:
         }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._nested = False
         self.lost = False
 
     # ------------------------------------------------------------------ public
@@ -126,6 +132,10 @@ class RunDirLock:
 
     def acquire(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        key = self.run_dir.resolve()
+        if key in _HELD:  # this process holds it already (a launcher took it first)
+            self._nested = True
+            return
         mine = self.run_dir / f"{LOCK_NAME}.{self.token}"
         _write_synced(mine, json.dumps(self.record))
         try:
@@ -152,8 +162,14 @@ class RunDirLock:
             _unlink(mine)
         self._thread = threading.Thread(target=self._heartbeat, name="run-dir-lock", daemon=True)
         self._thread.start()
+        _HELD[key] = self
 
     def release(self) -> None:
+        if self._nested:
+            self._nested = False
+            return
+        if _HELD.get(self.run_dir.resolve()) is self:
+            del _HELD[self.run_dir.resolve()]
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

@@ -95,6 +95,7 @@ def test_two_runs_into_one_run_dir_the_second_refuses_naming_the_first(tmp_path)
         second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1
         assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert "ray: started" not in second.stderr  # refused before it started a Ray cluster
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
