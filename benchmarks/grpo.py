@@ -36,9 +36,22 @@ from benchmarks.harness import interleave, median_extra, result, time_ratio
 _SPLIT = ("time/rollout", "time/reward", "time/old_logprob", "time/train", "time/sync")
 
 
-def _fixed_length(model, cfg, tok) -> None:
-    """Every completion exactly max_new_tokens long: EOS and pad can never be sampled."""
-    g = model.generation_config
+def _fixed_length(engine, cfg, tok) -> None:
+    """Every completion exactly max_new_tokens long: EOS and pad can never be sampled. `hf`:
+    the model's generation config; `vllm`: each request's params (`min_tokens` holds EOS and
+    the stop ids back, a large negative logit bias the pad token)."""
+    if hasattr(engine, "llm"):  # VllmEngine
+        inner = engine._params
+
+        def fixed(sampling, seed, n):
+            p = inner(sampling, seed, n)
+            p.min_tokens = p.max_tokens
+            p.logit_bias = {tok.pad_token_id: -100.0}
+            return p
+
+        engine._params = fixed
+        return
+    g = engine.model.generation_config
     g.min_new_tokens = cfg.rollout.max_new_tokens
     g.suppress_tokens = [tok.pad_token_id]
 
@@ -55,7 +68,7 @@ def ours(ch, cfg) -> dict[str, Any]:
     # What GrpoStage.setup does, minus Ray: the rollout engine the `rollout` group names,
     # serving the policy's model, and the initial weight sync (Hugging Face names).
     rollout = RolloutWorker(cfg.rollout, cfg.model, 0, tok)
-    _fixed_length(rollout.engine.model, cfg, tok)
+    _fixed_length(rollout.engine, cfg, tok)
     stage.rollout = LocalRollout(rollout)
     stage.rollout.sync(stage.version, roles.policy.call("inference_state")[0])
     step = 0
@@ -108,8 +121,17 @@ def trl(ch, cfg) -> dict[str, Any]:
         mask_truncated_completions=False,
         generation_kwargs={"min_new_tokens": r.max_new_tokens, "suppress_tokens": [tok.pad_token_id]},
     )
+    peft_cfg = None
+    if cfg.method.name == "lora":  # the same adapters as ours: rank, alpha, every linear layer
+        from peft import LoraConfig
+
+        m = cfg.method
+        peft_cfg = LoraConfig(
+            r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     trainer = GRPOTrainer(
         model=build_model(cfg.model, master_dtype(cfg.model)),
+        peft_config=peft_cfg,
         reward_funcs=[reward],
         args=args,
         train_dataset=data,
@@ -141,7 +163,16 @@ def trl(ch, cfg) -> dict[str, Any]:
     return {}
 
 
-def grpo_cfg(work_dir: Path, w: dict[str, Any], steps: int, threads: int, model=None, extra=()):
+def grpo_cfg(
+    work_dir: Path,
+    w: dict[str, Any],
+    steps: int,
+    threads: int,
+    model=None,
+    extra=(),
+    rollout: str = "hf",
+    method: tuple[str, ...] = ("method=full",),
+):
     model = model or [
         "model=tiny_llama",
         f"model.hidden_size={w['hidden']}",
@@ -153,7 +184,7 @@ def grpo_cfg(work_dir: Path, w: dict[str, Any], steps: int, threads: int, model=
     return compose_cfg(
         [
             "stage=grpo",
-            "method=full",
+            *method,
             "data=arithmetic",
             "logger=console",
             *model,
@@ -161,7 +192,7 @@ def grpo_cfg(work_dir: Path, w: dict[str, Any], steps: int, threads: int, model=
             "data.shuffle=false",
             "cluster.num_workers=1",
             f"cluster.cpus_per_worker={threads}",
-            "rollout=hf",
+            f"rollout={rollout}",
             f"rollout.cpus_per_worker={threads}",
             f"stage.prompts_per_step={w['prompts']}",
             f"rollout.n={w['n']}",
@@ -218,3 +249,80 @@ def grpo_iteration(work_dir: Path, warmup: int, repeats: int, threads: int, smok
         "contenders": out,
         "ratios": [time_ratio("ours/trl", out, "ours", "trl", 0.8)],
     }
+
+
+# ------------------------------------------------- ours with `rollout=vllm` (standalone)
+_TINY = {"hidden": 256, "intermediate": 1024, "layers": 4, "heads": 4, "prompts": 2, "n": 8, "completion": 32}
+_SMOLLM2 = {"prompts": 4, "n": 8, "completion": 32, "micro": 8}
+_LORA = ("method=lora", "method.r=16", "method.alpha=32", "method.dropout=0.0")
+
+
+def grpo_iteration_vllm(work_dir: Path, warmup: int, repeats: int, threads: int, model: str) -> dict[str, Any]:
+    """Ours with `rollout=vllm` vs TRL `GRPOTrainer` (HF generate): the tiny Llama (full
+    fine-tuning, as `grpo_iteration`), or SmolLM2-135M-Instruct with LoRA r=16 on every
+    linear layer on both sides (ours syncs the merged weights into vLLM)."""
+    if model == "smollm2":
+        w, spec, method = _SMOLLM2, ["model=smollm2_135m"], _LORA
+        title = "GRPO iteration, ours (rollout=vllm) vs TRL GRPOTrainer (HF generate), SmolLM2-135M LoRA r=16"
+    else:
+        w, spec, method = _TINY, None, ("method=full",)
+        title = "GRPO iteration, ours (rollout=vllm) vs TRL GRPOTrainer (HF generate), tiny Llama"
+    extra = ["rollout.cpu_kv_cache_gib=0.5"]
+    cfg = grpo_cfg(work_dir, w, warmup + repeats + 2, threads, spec, extra, rollout="vllm", method=method)
+    out = run_grpo(cfg, w, warmup, repeats, threads)
+    return {
+        "title": title,
+        "unit": "s/iteration",
+        "work": {
+            **w,
+            "samples_per_iteration": w["prompts"] * w["n"],
+            "method": "lora r=16 alpha=32 all-linear" if model == "smollm2" else "full",
+            "reward": cfg.stage.rewards[0].name,
+            "dtype": "float32",
+        },
+        "contenders": out,
+        "ratios": [time_ratio("ours(vllm)/trl", out, "ours", "trl", 0.6)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.grpo [--models smollm2 tiny] [--warmup 1] [--repeats 3]`: ours
+    with `rollout=vllm` against TRL's GRPOTrainer, written to `results/grpo_vllm.{json,md,png}`."""
+    import argparse
+    import os
+    import tempfile
+
+    ap = argparse.ArgumentParser(description="GRPO iteration: ours (rollout=vllm) vs TRL GRPOTrainer")
+    ap.add_argument("--models", nargs="+", choices=("smollm2", "tiny"), default=["smollm2", "tiny"])
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per contender")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args(argv)
+
+    from benchmarks.harness import machine_info
+    from benchmarks.report import write_results
+    from benchmarks.run import _preload
+
+    _preload()
+    settings = {"warmup": args.warmup, "repeats": args.repeats, "threads": args.threads, "smoke": False}
+    for model in args.models:
+        load_before = os.getloadavg()
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="bench-grpo-vllm-") as work:
+            entry = grpo_iteration_vllm(Path(work), args.warmup, args.repeats, args.threads, model)
+        entry["wall_s"] = round(time.perf_counter() - t, 1)
+        entry["loadavg_before"] = [round(x, 2) for x in load_before]
+        name = f"grpo_iteration_vllm_{model}"
+        write_results(args.out, "grpo_vllm", machine_info(), settings, {name: entry})
+        c, r = entry["contenders"], entry["ratios"][0]
+        print(
+            f"{name}: ours {c['ours']['median_s']:.2f} s, trl {c['trl']['median_s']:.2f} s, "
+            f"ratio {r['value']:.3f} (CPU time {r.get('cpu_value')}); ours split {c['ours']['split_median_s']}; "
+            f"trl split {c['trl']['split_median_s']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":  # spawned helpers (the reward pool) re-import this module
+    raise SystemExit(main())
