@@ -11,6 +11,18 @@
   fuses q/k/v and gate/up projections: a sync that sends part of a fused layer would leave
   the rest of it undefined, so the engine keeps a host copy of the current weights and
   always reloads all of them (the partial update merged in).
+* **LoRA: merged, not served as an adapter.** A LoRA policy reaches vLLM as merged weights
+  (W + s B A for every adapted layer), reloaded in place like full weights; vLLM's own LoRA
+  serving (`enable_lora`, a `LoRARequest` with a new id per policy version) is not used,
+  because the merged round is faster. Measured on SmolLM2-135M with rank-16 adapters on every
+  linear layer, 8 prompts x 8 samples x 64 tokens, fp32, 2 CPU cores
+  (`python -m benchmarks.lora_sync`, benchmarks/results/lora_sync.md): the merge and in-place
+  reload take 1.09 s against 0.11 s to save the adapter and add it to vLLM, but the rollout
+  then takes 25.4 s on the merged model against 111.6 s through vLLM's LoRA path, which
+  applies the low-rank product in every adapted layer at every decoding step: 26.5 s against
+  111.8 s per sync + rollout (0.24x; 0.26x in CPU time). The sync is 4% of the merged round,
+  so no cheaper sync could win back the adapter's rollout cost here. On GPU (vLLM's fused
+  LoRA kernels) the balance may differ; it has not been measured.
 * **Sampling.** n per prompt, temperature, top-p, top-k, max tokens, stop strings (the completion
   includes the stop text, as with `hf`) and EOS. Each prompt gets its own seed, derived
   from the call's seed and the prompt's position in the call, so its samples do not depend
