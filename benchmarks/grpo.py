@@ -13,6 +13,12 @@ role spec) and a RolloutWorker wrapping the `hf` rollout engine in-process (the 
 actors' classes, called directly), the weight sync in Hugging Face names, and its reward
 process pool; the time split comes from the stage's own `time/*` metrics. TRL's split is
 measured by wrapping its `_generate` and `_calculate_rewards` methods with timers.
+
+`python -m benchmarks.grpo` (standalone, not in the suite) runs the same comparison with ours
+on `rollout=vllm` (vLLM's CPU build, in-process; fixed length there by `min_tokens` and a
+pad logit bias) against TRL's default HF generation: on the tiny Llama (full fine-tuning),
+and on SmolLM2-135M-Instruct (`model=smollm2_135m`) with LoRA r=16 on every linear layer on
+both sides (ours syncs the merged weights), 4 prompts x 8 samples x 32 tokens.
 """
 
 from __future__ import annotations
