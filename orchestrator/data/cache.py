@@ -161,17 +161,23 @@ def _row_value(batch: dict[str, list[Any]], k: int) -> dict[str, Any]:
 
 
 def tokenize_batch(
-    batch: dict[str, list[Any]], indices: list[int], parse: Any, names: list[str], columns: list[str]
+    batch: dict[str, list[Any]], indices: list[int], parse_many: Any, names: list[str], columns: list[str]
 ) -> dict[str, list[Any]]:
-    """`datasets.map` function: raw rows -> examples (a bad row -> one entry with its reason)."""
-    out: dict[str, list[Any]] = {c: [] for c in [*columns, "_bad", "_where"]}
-    for k, i in enumerate(indices):
+    """`datasets.map` function: raw rows -> examples (a bad row -> one entry with its reason).
+    `parse_many` (`RowKind.parser_many`) takes the whole batch, so a kind can tokenize it in
+    one call."""
+    rows: list[Any] = []
+    for k in range(len(indices)):
         try:
-            examples = parse(_row_value(batch, k))
+            rows.append(_row_value(batch, k))
         except ValueError as exc:
+            rows.append(exc)
+    out: dict[str, list[Any]] = {c: [] for c in [*columns, "_bad", "_where"]}
+    for k, (i, examples) in enumerate(zip(indices, parse_many(rows))):
+        if isinstance(examples, ValueError):
             src = batch["__src"][k] if "__src" in batch else 0
             line = batch["__line"][k] if "__line" in batch else i + 1
-            examples = [{**dict.fromkeys(columns), "_bad": str(exc), "_where": f"{names[src]}:row {line}"}]
+            examples = [{**dict.fromkeys(columns), "_bad": str(examples), "_where": f"{names[src]}:row {line}"}]
         for ex in examples:
             for c in out:
                 out[c].append(ex.get(c))
@@ -196,7 +202,7 @@ def _build(d: DataConfig, kind: RowKind, opts: dict[str, Any], tok: Any, tmp: Pa
         tokenize_batch,
         with_indices=True,
         batched=True,
-        fn_kwargs={"parse": kind.build(tok, d, opts), "names": names, "columns": list(kind.columns)},
+        fn_kwargs={"parse_many": kind.parser_many(tok, d, opts), "names": names, "columns": list(kind.columns)},
         remove_columns=raw.column_names,
         features=_features(kind),
         num_proc=procs if procs > 1 else None,

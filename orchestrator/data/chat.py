@@ -10,7 +10,8 @@ Completion tokens are located by rendering: an assistant turn `i` spans
 `[len(render(msgs[:i], generation prompt)), len(render(msgs[:i + 1])))`. That needs a
 prefix-stable template (rendering k messages is a prefix of rendering k+1), which holds
 for ChatML, Llama-3 and Qwen templates; a template that breaks it is reported instead of
-silently mis-masking.
+silently mis-masking. Preparing many rows renders the same texts and tokenizes them all in
+one batched call (`tokenize_texts`), which gives the same ids.
 
 Row-shape checks raise `ValueError` with the reason alone (also for a wrong type: that
 is a bad row, not a caller's bug); `data/bad_rows.py` adds the file and row number and
@@ -19,7 +20,7 @@ applies `data.on_bad_rows`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from orchestrator.errors import DataError
@@ -84,10 +85,25 @@ def as_messages(value: Any, field: str, role: str) -> list[Any]:
     return value
 
 
+def render_text(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+    """The chat template's text of `messages`."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
 def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> list[int]:
     """Chat template -> text -> ids, with no special tokens beyond the template's own."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(render_text(tokenizer, messages, add_generation_prompt), add_special_tokens=False)["input_ids"]
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """The ids `render` gives for each text, from one batched tokenizer call (a fast
+    tokenizer encodes the batch in Rust, without the per-call overhead of one call per
+    text). A repeated text is tokenized once: the last prefix `assistant_prefixes` asks for
+    is usually the whole conversation. Repeats share one list; callers copy before changing."""
+    unique = list(dict.fromkeys(texts))
+    ids = tokenizer(unique, add_special_tokens=False, return_attention_mask=False)["input_ids"] if unique else []
+    by_text = dict(zip(unique, ids))
+    return [by_text[t] for t in texts]
 
 
 def encode_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -95,20 +111,43 @@ def encode_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[in
     return render(tokenizer, messages, True)
 
 
-def assistant_labels(tokenizer: Any, messages: Sequence[dict[str, str]], ids: Sequence[int]) -> list[int]:
-    """Labels for `ids = render(messages, False)`: the ids on every assistant turn
-    (its content and end-of-turn tokens), IGNORE elsewhere."""
+def assistant_prefixes(messages: Sequence[dict[str, str]]) -> list[tuple[Sequence[dict[str, str]], bool]]:
+    """The renders (messages, add_generation_prompt) that locate the assistant turns, in the
+    order `labels_from_prefixes` reads them: for each assistant turn `i`, `messages[:i]`
+    with the generation prompt (where the turn starts; none for `i == 0`), then
+    `messages[:i + 1]` (where it ends)."""
+    out: list[tuple[Sequence[dict[str, str]], bool]] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            if i:
+                out.append((messages[:i], True))
+            out.append((messages[: i + 1], False))
+    return out
+
+
+def labels_from_prefixes(
+    messages: Sequence[dict[str, str]], ids: Sequence[int], prefix_ids: Iterator[Sequence[int]]
+) -> list[int]:
+    """Labels for `ids = render(messages, False)` from the ids of its `assistant_prefixes`
+    (consumed from `prefix_ids`): the ids on every assistant turn, IGNORE elsewhere."""
     labels = [IGNORE] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(render(tokenizer, messages[:i], True)) if i else 0
-        upto = render(tokenizer, messages[: i + 1], False)
+        start = len(next(prefix_ids)) if i else 0
+        upto = next(prefix_ids)
         end = len(upto)
         if upto != list(ids[:end]):
             raise DataError(_NOT_PREFIX_STABLE)
         labels[start:end] = ids[start:end]
     return labels
+
+
+def assistant_labels(tokenizer: Any, messages: Sequence[dict[str, str]], ids: Sequence[int]) -> list[int]:
+    """Labels for `ids = render(messages, False)`: the ids on every assistant turn
+    (its content and end-of-turn tokens), IGNORE elsewhere."""
+    prefixes = (render(tokenizer, msgs, gen) for msgs, gen in assistant_prefixes(messages))
+    return labels_from_prefixes(messages, ids, prefixes)
 
 
 def split_completion(

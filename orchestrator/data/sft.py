@@ -19,9 +19,13 @@ from orchestrator.data.chat import (
     ROLES,
     as_messages,
     assistant_labels,
+    assistant_prefixes,
     check_messages,
+    labels_from_prefixes,
     render,
+    render_text,
     require_chat_template,
+    tokenize_texts,
 )
 from orchestrator.data.sources import RawRow
 
@@ -65,13 +69,50 @@ class SftTokenizer:
     def __call__(self, msgs: Sequence[dict[str, str]]) -> dict[str, list[int]]:
         ids = self._ids(msgs, False)
         labels = list(ids) if self.train_on_prompt else assistant_labels(self.tok, msgs, ids)
+        return self._example(ids, labels)
+
+    def encode_many(self, convs: Sequence[Sequence[dict[str, str]] | ValueError]) -> list[dict[str, Any] | ValueError]:
+        """`self(msgs)` of each conversation (a bad row -> its ValueError, in its place), with
+        every render of the batch tokenized in one batched call: the same examples, without
+        one tokenizer call per render (a row with k assistant turns renders up to 2k + 1
+        texts to locate them)."""
+        out: list[Any] = list(convs)
+        texts: list[str] = []
+        counts: list[int] = []  # texts per conversation (0: a bad row)
+        for k, msgs in enumerate(convs):
+            counts.append(0)
+            if isinstance(msgs, ValueError):
+                continue
+            asks = [(msgs, False)] if self.train_on_prompt else [(msgs, False), *assistant_prefixes(msgs)]
+            try:
+                rendered = [render_text(self.tok, m, gen) for m, gen in asks]
+            except ValueError as exc:  # a template that rejects the row (as `render` would)
+                out[k] = exc
+                continue
+            texts += rendered
+            counts[-1] = len(rendered)
+        ids = iter(tokenize_texts(self.tok, texts))
+        for k, (msgs, n) in enumerate(zip(convs, counts)):
+            if not n:
+                continue
+            full = next(ids)
+            labels = list(full) if self.train_on_prompt else labels_from_prefixes(msgs, full, ids)
+            try:
+                out[k] = self._example(full, labels)
+            except ValueError as exc:
+                out[k] = exc
+        return out
+
+    def _example(self, ids: list[int], labels: list[int]) -> dict[str, list[int]]:
+        """Truncate (or reject) an encoded conversation; reject one with nothing to train on."""
         if len(ids) > self.max_len:
             if not self.truncate:
                 raise ValueError(
                     f"{len(ids)} tokens exceed data.max_seq_len={self.max_len} (set data.truncate=true to cut them)"
                 )
             ids, labels = ids[: self.max_len], labels[: self.max_len]
-        if all(label == IGNORE for label in labels[1:]):
+        rest = labels[1:]
+        if rest.count(IGNORE) == len(rest):  # all IGNORE (`count` runs in C: rows are long)
             raise ValueError(
                 f"the prompt fills data.max_seq_len={self.max_len} tokens, leaving no "
                 "completion tokens to train on (raise data.max_seq_len or shorten it)"

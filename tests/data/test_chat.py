@@ -58,3 +58,40 @@ def test_template_that_is_not_prefix_stable_is_reported(tok):
     with pytest.raises(DataError, match="not prefix-stable"):
         convo = msgs + [{"role": "user", "content": "again"}]
         assistant_labels(bad, convo, render(bad, convo, False))
+    with pytest.raises(DataError, match="not prefix-stable"):
+        SftTokenizer(bad, 512, True, False).encode_many([convo])
+
+
+def test_encoding_a_batch_gives_the_examples_of_encoding_each_row(tok):
+    """Preparation encodes a batch with one tokenizer call: the same ids and labels as one
+    row at a time, and a bad row's error in its place (the others unaffected)."""
+    u, a, s = "user", "assistant", "system"
+    convs = [
+        [{"role": u, "content": "2+2?"}, {"role": a, "content": "4"}],
+        [{"role": s, "content": "Be brief."}, {"role": u, "content": "hi"}, {"role": a, "content": "hello"}],
+        [
+            {"role": u, "content": "x"},
+            {"role": a, "content": "y"},
+            {"role": u, "content": "z"},
+            {"role": a, "content": "w"},
+        ],
+        [{"role": u, "content": "long " * 20}, {"role": a, "content": "cut"}],  # the prompt fills max_seq_len
+        ValueError("not a conversation"),
+        [{"role": u, "content": "2+2?"}, {"role": a, "content": "4"}],  # a repeated row
+    ]
+    for train_on_prompt in (False, True):
+        for truncate in (True, False):
+            enc = SftTokenizer(tok, 40, truncate, train_on_prompt)
+            want = []
+            for msgs in convs:
+                try:
+                    want.append(msgs if isinstance(msgs, ValueError) else enc(msgs))
+                except ValueError as exc:
+                    want.append(exc)
+            got = enc.encode_many(convs)
+            assert [str(x) if isinstance(x, ValueError) else x for x in got] == [
+                str(x) if isinstance(x, ValueError) else x for x in want
+            ]
+            assert isinstance(got[4], ValueError) and isinstance(got[3], ValueError) == (
+                not train_on_prompt or not truncate
+            )
