@@ -1,13 +1,14 @@
 """Data preparation at scale: time to the first batch and the driver's peak memory.
 
-    python -m benchmarks.data_prep --rows 100000 [--rows 1000000] [--trl] [--num-proc N]
+    python -m benchmarks.data_prep --rows 100000 [--rows 1000000] [--trl] [--num-proc N] [--skip in_memory]
 
 For each size, a generated chat JSONL (`benchmarks/gen_chat.py`) goes through the SFT
 data path of `+experiment=sft_tiny` (byte tokenizer, completion-only masks, packing to
 `--seq` tokens) up to the first global batch, each contender in a fresh process:
 
 * `in_memory`: `data.cache=false`, the path before prepared data (rows and tokens in
-  Python lists in the driver);
+  Python lists in the driver; `--skip in_memory` leaves it out, as at 1M rows, where those
+  lists take more memory than a small machine has);
 * `prepared_first`: an empty cache: prepared by `datasets.map` in `data.num_proc`
   processes into Arrow files, then memory-mapped;
 * `prepared_cached`: the same command again (a cache hit);
@@ -136,8 +137,10 @@ def _run_child(args: list[str]) -> dict[str, Any]:
     return json.loads(lines[-1][7:])
 
 
-def measure(rows: int, work: Path, seq: int, num_proc: int, with_trl: bool) -> dict[str, Any]:
-    """All contenders on `rows` generated rows."""
+def measure(
+    rows: int, work: Path, seq: int, num_proc: int, with_trl: bool, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """All contenders (but `skip`) on `rows` generated rows."""
     from benchmarks.gen_chat import write_chat_jsonl
 
     data = work / f"chat_{rows}.jsonl"
@@ -147,9 +150,12 @@ def measure(rows: int, work: Path, seq: int, num_proc: int, with_trl: bool) -> d
     shutil.rmtree(cache_dir, ignore_errors=True)
     out: dict[str, Any] = {"rows": rows, "file_mb": round(data.stat().st_size / 1e6, 1), "contenders": {}}
     for name in CONTENDERS + (("trl",) if with_trl else ()):
+        if name in skip:
+            continue
         print(f"[{rows} rows] {name} ...", flush=True)
+        before = list(os.getloadavg())
         out["contenders"][name] = _run_child([name, str(data), str(cache_dir), str(seq), str(num_proc)])
-        out["contenders"][name]["loadavg_1_5_15"] = list(os.getloadavg())
+        out["contenders"][name].update(loadavg_start_1_5_15=before, loadavg_1_5_15=list(os.getloadavg()))
         print(f"  {json.dumps(out['contenders'][name])[:300]}", flush=True)
     return out
 
@@ -238,18 +244,31 @@ def _markdown(doc: dict[str, Any]) -> str:
         "",
         f"{doc['machine']}; `data.num_proc={doc['num_proc']}`, max_seq_len {doc['seq']}.",
         "",
-        "| rows | contender | wall s | CPU s | driver peak RSS MB | children peak RSS MB | load avg (1 min) |",
-        "|---|---|---|---|---|---|---|",
+        "| rows | contender | to first batch s | process wall s | CPU s | driver peak RSS MB | children peak RSS MB "
+        "| load avg (1, 5, 15 min) at start -> end |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for size in doc["sizes"]:
         for name, c in size["contenders"].items():
             if "error" in c:
-                lines.append(f"| {size['rows']} | {name} | error | | | | |")
+                lines.append(f"| {size['rows']} | {name} | error | | | | | |")
                 continue
             lines.append(
-                f"| {size['rows']} | {name} | {c['wall_s']:.1f} | {c['cpu_s']:.1f} | {c['peak_rss_mb']:.0f} | "
-                f"{c['children_peak_rss_mb']:.0f} | {c['loadavg_1_5_15'][0]:.1f} |"
+                f"| {size['rows']} | {name} | {c['seconds']:.2f} | {c['wall_s']:.1f} | {c['cpu_s']:.1f} | "
+                f"{c['peak_rss_mb']:.0f} | {c['children_peak_rss_mb']:.0f} | "
+                + " -> ".join(", ".join(f"{x:.1f}" for x in c[k]) for k in ("loadavg_start_1_5_15", "loadavg_1_5_15"))
+                + " |"
             )
+    lines.append("")
+    for size in doc["sizes"]:
+        first, trl = size["contenders"].get("prepared_first", {}), size["contenders"].get("trl", {})
+        if "wall_s" in first and "wall_s" in trl:
+            lines.append(
+                f"{size['rows']} rows, prepared_first/trl: {first['seconds'] / trl['seconds']:.2f}x to the first "
+                f"batch, {first['cpu_s'] / trl['cpu_s']:.2f}x CPU (whole processes, imports included)."
+            )
+    if doc.get("command"):
+        lines += ["", f"`{doc['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +279,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--num-proc", type=int, default=0, help="data.num_proc (0: the cores of this machine)")
     ap.add_argument("--trl", action="store_true")
+    ap.add_argument("--skip", action="append", default=[], choices=CONTENDERS, help="leave a contender out")
     ap.add_argument("--work", type=Path, default=Path("outputs/bench_data"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     a = ap.parse_args()
@@ -273,7 +293,8 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
         "num_proc": procs,
         "seq": a.seq,
-        "sizes": [measure(n, a.work.resolve(), a.seq, procs, a.trl) for n in (a.rows or [100_000])],
+        "command": "python -m benchmarks.data_prep " + " ".join(sys.argv[1:]),
+        "sizes": [measure(n, a.work.resolve(), a.seq, procs, a.trl, tuple(a.skip)) for n in (a.rows or [100_000])],
     }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "data_prep.json").write_text(json.dumps(doc, indent=1) + "\n")
