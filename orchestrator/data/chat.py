@@ -10,8 +10,10 @@ Completion tokens are located by rendering: an assistant turn `i` spans
 `[len(render(msgs[:i], generation prompt)), len(render(msgs[:i + 1])))`. That needs a
 prefix-stable template (rendering k messages is a prefix of rendering k+1), which holds
 for ChatML, Llama-3 and Qwen templates; a template that breaks it is reported instead of
-silently mis-masking. Preparing many rows renders the same texts and tokenizes them all in
-one batched call (`tokenize_texts`), which gives the same ids.
+silently mis-masking. Preparing many rows (`encode_labeled_many`) renders the same texts
+but tokenizes only the conversations, in one batched call, and reads each turn's edges
+from their tokens' character spans; it tokenizes the prefixes, as above, only for a
+conversation where a token crosses an edge, so the ids and labels are the same.
 
 Row-shape checks raise `ValueError` with the reason alone (also for a wrong type: that
 is a bad row, not a caller's bug); `data/bad_rows.py` adds the file and row number and
@@ -141,6 +143,62 @@ def labels_from_prefixes(
             raise DataError(_NOT_PREFIX_STABLE)
         labels[start:end] = ids[start:end]
     return labels
+
+
+def _token_edge(enc: Any, b: int, text: str, prefix: str, n_ids: int) -> int | None:
+    """How many tokens of `text` (row `b` of the batch encoding `enc`) come before the end
+    of `prefix`, when `prefix` starts `text` and ends where one token ends and the next
+    begins; None otherwise (not a prefix, or a token crosses its end)."""
+    c = len(prefix)
+    if not text.startswith(prefix):
+        return None
+    if c == len(text):
+        return n_ids
+    t = enc.char_to_token(b, c)
+    if t is None or enc.token_to_chars(b, t).start != c or (t and enc.token_to_chars(b, t - 1).end > c):
+        return None
+    return t
+
+
+def encode_labeled_many(
+    tokenizer: Any, convs: Sequence[tuple[Messages, str, list[str]]]
+) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) as `render(msgs, False)` and `assistant_labels` give them, for each
+    conversation given as (messages, its text, the texts of its `assistant_prefixes`), with
+    one batched tokenizer call for the conversations instead of one per prefix.
+
+    Each turn's edges are found in the conversation's own tokens (their character spans):
+    a prefix that starts the text and ends where a token ends and the next begins tokenizes
+    to the text's first tokens (a tokenizer's model merges nothing across an edge that no
+    token crosses), so its length is that token count. A conversation with an edge that a
+    token crosses, a prefix that does not start its text (a template that is not
+    prefix-stable) or a slow tokenizer (no character spans) has its prefixes tokenized, as
+    `assistant_labels` does, and fails in the same way."""
+    if not convs:
+        return []
+    enc = tokenizer([text for _, text, _ in convs], add_special_tokens=False, return_attention_mask=False)
+    fast = getattr(enc, "is_fast", False)
+    out: list[tuple[list[int], list[int]]] = []
+    exact: list[int] = []  # conversations whose prefixes are tokenized
+    for b, ((msgs, text, prefixes), ids) in enumerate(zip(convs, enc["input_ids"])):
+        edges = [_token_edge(enc, b, text, p, len(ids)) for p in prefixes] if fast else [None]
+        labels = [IGNORE] * len(ids)
+        if None in edges:
+            exact.append(b)
+        else:  # edges: (start, end) of each assistant turn, start 0 (not rendered) for turn 0
+            turns = iter(edges)
+            for i, m in enumerate(msgs):
+                if m["role"] == "assistant":
+                    start = next(turns) if i else 0
+                    end = next(turns)
+                    labels[start:end] = ids[start:end]
+        out.append((ids, labels))
+    if exact:
+        prefix_ids = iter(tokenize_texts(tokenizer, [p for b in exact for p in convs[b][2]]))
+        for b in exact:
+            ids = out[b][0]
+            out[b] = (ids, labels_from_prefixes(convs[b][0], ids, prefix_ids))
+    return out
 
 
 def assistant_labels(tokenizer: Any, messages: Sequence[dict[str, str]], ids: Sequence[int]) -> list[int]:

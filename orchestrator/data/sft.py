@@ -21,7 +21,7 @@ from orchestrator.data.chat import (
     assistant_labels,
     assistant_prefixes,
     check_messages,
-    labels_from_prefixes,
+    encode_labeled_many,
     render,
     render_text,
     require_chat_template,
@@ -73,32 +73,36 @@ class SftTokenizer:
 
     def encode_many(self, convs: Sequence[Sequence[dict[str, str]] | ValueError]) -> list[dict[str, Any] | ValueError]:
         """`self(msgs)` of each conversation (a bad row -> its ValueError, in its place), with
-        every render of the batch tokenized in one batched call: the same examples, without
-        one tokenizer call per render (a row with k assistant turns renders up to 2k + 1
-        texts to locate them)."""
+        the conversations of the batch tokenized in one batched call and their assistant
+        turns located in their own tokens (`chat.encode_labeled_many`): the same examples,
+        without one tokenizer call per render (a row with k assistant turns renders up to
+        2k + 1 texts to locate them)."""
         out: list[Any] = list(convs)
-        texts: list[str] = []
-        counts: list[int] = []  # texts per conversation (0: a bad row)
+        rendered: list[tuple[Any, str, list[str]]] = []
+        where: list[int] = []
         for k, msgs in enumerate(convs):
-            counts.append(0)
             if isinstance(msgs, ValueError):
                 continue
-            asks = [(msgs, False)] if self.train_on_prompt else [(msgs, False), *assistant_prefixes(msgs)]
-            try:
-                rendered = [render_text(self.tok, m, gen) for m, gen in asks]
-            except ValueError as exc:  # a template that rejects the row (as `render` would)
+            try:  # a template may reject a row (as `render` would)
+                text = render_text(self.tok, msgs, False)
+                # the last prefix of a conversation that ends with its assistant turn is the
+                # conversation itself: its text is not rendered twice
+                prefixes = [
+                    text if len(m) == len(msgs) and not g else render_text(self.tok, m, g)
+                    for m, g in ([] if self.train_on_prompt else assistant_prefixes(msgs))
+                ]
+            except ValueError as exc:
                 out[k] = exc
                 continue
-            texts += rendered
-            counts[-1] = len(rendered)
-        ids = iter(tokenize_texts(self.tok, texts))
-        for k, (msgs, n) in enumerate(zip(convs, counts)):
-            if not n:
-                continue
-            full = next(ids)
-            labels = list(full) if self.train_on_prompt else labels_from_prefixes(msgs, full, ids)
+            rendered.append((msgs, text, prefixes))
+            where.append(k)
+        if self.train_on_prompt:
+            encoded = [(ids, list(ids)) for ids in tokenize_texts(self.tok, [text for _, text, _ in rendered])]
+        else:
+            encoded = encode_labeled_many(self.tok, rendered)
+        for k, (ids, labels) in zip(where, encoded):
             try:
-                out[k] = self._example(full, labels)
+                out[k] = self._example(ids, labels)
             except ValueError as exc:
                 out[k] = exc
         return out

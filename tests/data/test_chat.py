@@ -95,3 +95,47 @@ def test_encoding_a_batch_gives_the_examples_of_encoding_each_row(tok):
             assert isinstance(got[4], ValueError) and isinstance(got[3], ValueError) == (
                 not train_on_prompt or not truncate
             )
+
+
+def test_batch_encoding_with_merges_across_turn_edges_matches_row_by_row(tok, monkeypatch):
+    """BPE tokenizers with merges and a one-letter role header: where no token crosses a
+    turn's edge, the batch path takes the edge from the conversation's tokens; where one
+    does (a merge spans the header and the reply: with the regex split they are one word),
+    it tokenizes the prefixes. Both give the ids and labels of encoding one row at a time."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import orchestrator.data.chat as chat
+    from benchmarks.gen_chat import chat_row
+
+    rng = random.Random(0)
+    convs = [chat_row(rng)["messages"] for _ in range(60)]
+    template = (
+        "{% for m in messages %}{{ m['role'][0] + m['content'] + '<|im_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}a{% endif %}"
+    )
+    texts = ["".join(m["role"][0] + m["content"] + "<|im_end|>" for m in msgs) for msgs in convs]
+    exact: list[int] = []
+    real = chat.labels_from_prefixes
+    monkeypatch.setattr(chat, "labels_from_prefixes", lambda *a: exact.append(1) or real(*a))
+    for use_regex in (True, False):
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+        bpe.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        bpe.train_from_iterator(
+            texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|im_end|>"], initial_alphabet=alphabet)
+        )
+        merged = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")
+        merged.chat_template = template
+        assert merged.apply_chat_template(convs[0], tokenize=False) == texts[0]
+        enc = SftTokenizer(merged, 4096, True, False)
+        want = [enc(m) for m in convs]
+        exact.clear()
+        assert enc.encode_many(convs) == want
+        if use_regex:
+            assert len(exact) == len(convs)  # every row has a merge across an edge: all exact
+        else:
+            assert not exact  # no merge across an edge: every edge read from the tokens
