@@ -269,6 +269,7 @@ def _markdown(doc: dict[str, Any]) -> str:
             )
     if doc.get("command"):
         lines += ["", f"`{doc['command']}`"]
+    lines += [f"\n{n}" for n in doc.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 

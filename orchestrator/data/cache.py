@@ -2,7 +2,8 @@
 
 Preparing one source: its raw rows are streamed into an Arrow file (`data/files.py`),
 tokenized by `datasets.map` in `data.num_proc` processes with the row kind's parser
-(`data/kinds.py`: the very function the in-memory path applies), and written as Arrow
+(`data/kinds.py`: the in-memory path's function, or a batched one that gives the same
+examples, as SFT's, which tokenizes a batch in one call), and written as Arrow
 shards, bad rows kept as a reason (`_bad`) and a place (`_where`). Loading memory-maps the
 shards and applies `data.on_bad_rows` with the usual `file:row N: reason` messages, so a
 changed bad-row setting needs no new preparation.
