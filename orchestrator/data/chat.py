@@ -100,8 +100,8 @@ def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_pr
 def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """The ids `render` gives for each text, from one batched tokenizer call (a fast
     tokenizer encodes the batch in Rust, without the per-call overhead of one call per
-    text). A repeated text is tokenized once: the last prefix `assistant_prefixes` asks for
-    is usually the whole conversation. Repeats share one list; callers copy before changing."""
+    text). A repeated text (a repeated row's prefixes) is tokenized once; repeats share one
+    list, so callers copy before changing one."""
     unique = list(dict.fromkeys(texts))
     ids = tokenizer(unique, add_special_tokens=False, return_attention_mask=False)["input_ids"] if unique else []
     by_text = dict(zip(unique, ids))
