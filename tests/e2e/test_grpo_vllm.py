@@ -24,26 +24,35 @@ pytestmark = [
 ]
 
 
-def test_grpo_with_vllm_rollout_trains_and_tracks_the_policy_version(run_main):
+def test_grpo_with_vllm_rollout_trains_tracks_the_policy_version_and_recovers_a_killed_engine(run_main):
+    """GRPO with vLLM rollouts; the vLLM actor is SIGKILLed after step 2, so step 3's
+    generation fails and the run takes the worker-failure path: a new vLLM engine, the
+    step-2 weights synced into it, and step 3 run on them."""
     rc, run_dir = run_main(
         "+experiment=grpo_math",
         "debug=cpu",
         "rollout=vllm",
         "rollout.cpu_kv_cache_gib=0.25",
         "run.init_from=null",
-        "train.max_steps=2",
+        "train.max_steps=3",
         "stage.prompts_per_step=4",
         "rollout.n=4",
         "eval.samples=8",
-        "checkpoint.every_steps=0",
+        "checkpoint.every_steps=1",
+        "run.callbacks=[tests.helpers:KillRolloutWorkerAtStep]",
+        "+extra.kill_rollout_at_step=2",
         # A random-init model writes random bytes: "contains a digit" gives mixed rewards.
         "stage.rewards=[{name:format,kwargs:{pattern:'[0-9]'}}]",
         "train.lr=1e-2",
         "stage.tis_cap=2.0",
     )
     assert rc == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == 1
+    log = (run_dir / "train.log").read_text()
+    assert "worker failure at step 3: rollout generation failed" in log and "step_00000002" in log
     steps = read_metrics(run_dir)
-    assert [m["step"] for m in steps] == [1, 2]
+    assert [m["step"] for m in steps] == [1, 2, 3]
     for m in steps:
         assert m["rollout_version"] == m["step"] - 1 and m["policy_version"] == m["step"]
         assert m["time/sync"] > 0 and m["completion_len"] > 0
@@ -51,7 +60,6 @@ def test_grpo_with_vllm_rollout_trains_and_tracks_the_policy_version(run_main):
         # no token's importance ratio comes near the cap.
         assert 0 <= m["rollout/logprob_diff_mean"] < 1e-3 and m["rollout/logprob_diff_max"] < 1e-2
         assert m["rollout/tis_clip_frac"] == 0
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert {"eval_before", "eval_after"} <= set(summary)
     from orchestrator.config.schema import ModelConfig
     from orchestrator.models import build_model
