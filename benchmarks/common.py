@@ -102,6 +102,55 @@ def sft_overrides(
     ]
 
 
+def rollout_overrides(w: dict[str, Any], threads: int, kv_cache_gib: float, work_dir: Path) -> list[str]:
+    """Overrides of a rollout benchmark's work: `w["prompts"]` prompts in file order, `w["n"]`
+    samples of `w["completion"]` tokens each at temperature 1 and top-p 1, `threads` torch
+    threads for the rollout worker, vLLM's CPU KV cache size."""
+    return [
+        f"data.num_samples={max(64, w['prompts'])}",
+        "data.shuffle=false",
+        f"rollout.n={w['n']}",
+        f"rollout.max_new_tokens={w['completion']}",
+        "rollout.temperature=1.0",
+        "rollout.top_p=1.0",
+        f"rollout.cpus_per_worker={threads}",
+        f"rollout.cpu_kv_cache_gib={kv_cache_gib:g}",
+        f"run.output_dir={work_dir}",
+    ]
+
+
+def fix_vllm_length(engine, pad_id: int | None = None) -> None:
+    """Every completion of a `VllmEngine` exactly `max_new_tokens` long: each request's params
+    get `min_tokens = max_tokens` (EOS and the stop ids are held back) and, with `pad_id`, a
+    large negative logit bias on the pad token."""
+    inner = engine._params
+
+    def fixed(sampling, seed, n):
+        p = inner(sampling, seed, n)
+        p.min_tokens = p.max_tokens
+        if pad_id is not None:
+            p.logit_bias = {pad_id: -100.0}
+        return p
+
+    engine._params = fixed
+
+
+def standalone_entry(prefix: str, run: Any) -> dict[str, Any]:
+    """`run(work_dir)` of a standalone benchmark command in a temporary directory: its result
+    entry, with the wall time (`wall_s`) and the load average before it (`loadavg_before`)."""
+    import os
+    import tempfile
+    import time
+
+    load_before = os.getloadavg()
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        entry = run(Path(work))
+    entry["wall_s"] = round(time.perf_counter() - t, 1)
+    entry["loadavg_before"] = [round(x, 2) for x in load_before]
+    return entry
+
+
 def policy_spec_of(stage):
     """The policy's role spec, as the stage declares it to the driver (model, method,
     backend, optimizer and the stage's loss)."""

@@ -31,6 +31,7 @@ from benchmarks.common import (
     LocalRollout,
     channel_callback,
     compose_cfg,
+    fix_vllm_length,
     local_roles,
     local_worker,
     policy_spec_of,
@@ -47,15 +48,7 @@ def _fixed_length(engine, cfg, tok) -> None:
     the model's generation config; `vllm`: each request's params (`min_tokens` holds EOS and
     the stop ids back, a large negative logit bias the pad token)."""
     if hasattr(engine, "llm"):  # VllmEngine
-        inner = engine._params
-
-        def fixed(sampling, seed, n):
-            p = inner(sampling, seed, n)
-            p.min_tokens = p.max_tokens
-            p.logit_bias = {tok.pad_token_id: -100.0}
-            return p
-
-        engine._params = fixed
+        fix_vllm_length(engine, tok.pad_token_id)
         return
     g = engine.model.generation_config
     g.min_new_tokens = cfg.rollout.max_new_tokens
@@ -295,8 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.grpo [--models smollm2 tiny] [--warmup 1] [--repeats 3]`: ours
     with `rollout=vllm` against TRL's GRPOTrainer, written to `results/grpo_vllm.{json,md,png}`."""
     import argparse
-    import os
-    import tempfile
 
     ap = argparse.ArgumentParser(description="GRPO iteration: ours (rollout=vllm) vs TRL GRPOTrainer")
     ap.add_argument("--models", nargs="+", choices=("smollm2", "tiny"), default=["smollm2", "tiny"])
@@ -306,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
 
+    from benchmarks.common import standalone_entry
     from benchmarks.harness import machine_info
     from benchmarks.report import write_results
     from benchmarks.run import _preload
@@ -313,12 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     _preload()
     settings = {"warmup": args.warmup, "repeats": args.repeats, "threads": args.threads, "smoke": False}
     for model in args.models:
-        load_before = os.getloadavg()
-        t = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="bench-grpo-vllm-") as work:
-            entry = grpo_iteration_vllm(Path(work), args.warmup, args.repeats, args.threads, model)
-        entry["wall_s"] = round(time.perf_counter() - t, 1)
-        entry["loadavg_before"] = [round(x, 2) for x in load_before]
+        entry = standalone_entry(
+            "bench-grpo-vllm-",
+            lambda work, model=model: grpo_iteration_vllm(work, args.warmup, args.repeats, args.threads, model),
+        )
         name = f"grpo_iteration_vllm_{model}"
         write_results(args.out, "grpo_vllm", machine_info(), settings, {name: entry})
         c, r = entry["contenders"], entry["ratios"][0]

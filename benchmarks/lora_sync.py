@@ -44,7 +44,7 @@ _CHECK_TOKENS = 24
 
 
 def _cfg(work_dir: Path, w: dict[str, Any], threads: int):
-    from benchmarks.common import compose_cfg
+    from benchmarks.common import compose_cfg, rollout_overrides
 
     return compose_cfg(
         [
@@ -56,15 +56,7 @@ def _cfg(work_dir: Path, w: dict[str, Any], threads: int):
             "method.alpha=32",
             "method.dropout=0.0",
             "rollout=vllm",
-            f"data.num_samples={max(64, w['prompts'])}",
-            "data.shuffle=false",
-            f"rollout.n={w['n']}",
-            f"rollout.max_new_tokens={w['completion']}",
-            "rollout.temperature=1.0",
-            "rollout.top_p=1.0",
-            f"rollout.cpus_per_worker={threads}",
-            "rollout.cpu_kv_cache_gib=0.5",
-            f"run.output_dir={work_dir}",
+            *rollout_overrides(w, threads, 0.5, work_dir),
         ]
     )
 
@@ -119,25 +111,14 @@ def _sampling_params(eos: int, n: int, temperature: float, max_tokens: int, seed
     ]
 
 
-def _fix_length(engine) -> None:
-    """Our engine's vLLM params with `min_tokens = max_tokens` (no early EOS)."""
-    inner = engine._params
-
-    def fixed(sampling, seed, n):
-        p = inner(sampling, seed, n)
-        p.min_tokens = p.max_tokens
-        return p
-
-    engine._params = fixed
-
-
 def merge(ch, cfg, prompts: int) -> dict[str, Any]:
+    from benchmarks.common import fix_vllm_length
     from orchestrator.rollout.base import SamplingParams
     from orchestrator.rollout.worker import RolloutWorker
 
     tok, ids, method, model = _setup(cfg, prompts)
     worker = RolloutWorker(cfg.rollout, cfg.model, 0, tok)
-    _fix_length(worker.engine)
+    fix_vllm_length(worker.engine)  # no early EOS, as `_sampling_params` for the adapter
     r = cfg.rollout
     sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
     version = 0
@@ -272,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
+    from benchmarks.common import standalone_entry
     from benchmarks.harness import machine_info
     from benchmarks.report import write_results
 
@@ -279,12 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     import orchestrator.rollout.worker  # noqa: F401  (imported once, before the children fork)
 
     w = {"prompts": args.prompts, "n": args.n, "completion": args.completion}
-    load_before = os.getloadavg()
-    t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-lora-sync-") as work:
-        entry = lora_sync(Path(work), args.warmup, args.repeats, args.threads, w)
-    entry["wall_s"] = round(time.perf_counter() - t, 1)
-    entry["loadavg_before"] = [round(x, 2) for x in load_before]
+    entry = standalone_entry(
+        "bench-lora-sync-", lambda work: lora_sync(work, args.warmup, args.repeats, args.threads, w)
+    )
     machine = machine_info()
     settings = {"warmup": args.warmup, "repeats": args.repeats, "threads": args.threads, "smoke": False}
     for path in write_results(args.out, "lora_sync", machine, settings, {"lora_sync": entry}):

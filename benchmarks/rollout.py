@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import compose_cfg
+from benchmarks.common import compose_cfg, rollout_overrides
 from benchmarks.harness import interleave, median_extra, ratio, result
 
 
@@ -65,15 +65,7 @@ def rollout_engines(work_dir: Path, warmup: int, repeats: int, threads: int, smo
         f"model.num_layers={w['layers']}",
         f"model.num_heads={w['heads']}",
         f"model.num_kv_heads={w['heads']}",
-        f"data.num_samples={max(64, w['prompts'])}",
-        "data.shuffle=false",
-        f"rollout.n={w['n']}",
-        f"rollout.max_new_tokens={w['completion']}",
-        "rollout.temperature=1.0",
-        "rollout.top_p=1.0",
-        f"rollout.cpus_per_worker={threads}",
-        "rollout.cpu_kv_cache_gib=0.25",
-        f"run.output_dir={work_dir}",
+        *rollout_overrides(w, threads, 0.25, work_dir),
     ]
     cfgs = {e: compose_cfg([*common, f"rollout={e}"]) for e in ("vllm", "hf")}
     res = interleave(
