@@ -30,6 +30,16 @@ class Spec:
         ("", "68", 0.0),
         ("no idea", "68", 0.0),
         ("\\boxed{1/2}", "0.5", 1.0),
+        ("3/4", "0.75", 1.0),
+        ("-7", "-7", 1.0),
+        ("84 + 1 = 85.", "85", 1.0),
+        # A restated calculation equals the answer once evaluated, but states no result.
+        ("To add 88 + 5, we combine them: 88 + 5 equals 88 + 5.", "93", 0.0),
+        ("20 + 3 = 20 + 3 = ", "23", 0.0),
+        ("\\boxed{9 \\times 10 + 3}", "93", 0.0),
+        ("2^3", "8", 0.0),
+        # A symbolic gold answer still accepts an equivalent expression.
+        ("\\boxed{x + 1}", "$1 + x$", 1.0),
     ],
 )
 def test_math_verify(completion, answer, expected):
