@@ -210,7 +210,7 @@ def test_lora_grpo_with_vllm_rollouts_on_the_real_model_exports_what_vllm_and_tr
     assert rc == 0
     steps = read_metrics(run_dir)
     assert [m["step"] for m in steps] == [1, 2] and all("reward_mean" in m for m in steps)
-    _assert_adapter_loads(run_dir, converted)
+    adapted = _assert_adapter_loads(run_dir, converted)
 
     merged = run_dir / "export" / "merged"
     base = ["+experiment=grpo_math", "debug=cpu_real", f"model.pretrained={merged}"]
@@ -229,9 +229,7 @@ def test_lora_grpo_with_vllm_rollouts_on_the_real_model_exports_what_vllm_and_tr
     ids = [[c["token_ids"] for c in r["completions"]] for r in (served, local)]
     assert ids[0] == ids[1] and all(len(t) > 1 for t in ids[0]), [tok.decode(t) for t in ids[0] + ids[1]]
     # The merged export is the trained model: base + the exported adapter, merged by PEFT.
-    from peft import AutoPeftModelForCausalLM
-
-    trained = AutoPeftModelForCausalLM.from_pretrained(run_dir / "export" / "adapter").merge_and_unload()
+    trained = adapted.merge_and_unload()
     exported = AutoModelForCausalLM.from_pretrained(merged)
     x = torch.tensor([prompts[0]])
     with torch.no_grad():
@@ -253,8 +251,9 @@ def test_lora_dpo_on_the_real_model_runs_and_exports(run_main, cache_dir, conver
     _assert_adapter_loads(run_dir, converted)
 
 
-def _assert_adapter_loads(run_dir: Path, converted: Path) -> None:
-    """The exported adapter loads onto the converted base with `transformers` + PEFT."""
+def _assert_adapter_loads(run_dir: Path, converted: Path) -> torch.nn.Module:
+    """The exported adapter loads onto the converted base with `transformers` + PEFT; returns
+    that model."""
     from peft import AutoPeftModelForCausalLM
 
     adapter = run_dir / "export" / "adapter"
@@ -264,6 +263,7 @@ def _assert_adapter_loads(run_dir: Path, converted: Path) -> None:
     assert tok.pad_token == "<|endoftext|>"
     with torch.no_grad():
         assert model(torch.tensor([[1, 2]])).logits.shape == (1, 2, 49152)
+    return model
 
 
 @pytest.mark.parametrize(
